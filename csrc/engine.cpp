@@ -1,0 +1,269 @@
+// Plans regions into tasks (large regions split into chunks moved in place, runs of
+// small regions gathered into one vectored call) and runs them on the thread pool.
+#include "engine.hpp"
+
+#include <sys/mman.h>
+#include <sys/uio.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+
+#include "crc32c.hpp"
+#include "errors.hpp"
+#include "file.hpp"
+#include "thread_pool.hpp"
+
+namespace tensorfile {
+
+namespace {
+
+// Regions below this size are gathered with their neighbours; above it a region is
+// moved in place, one task per task_nbytes chunk.
+constexpr uint64_t kGatherBelow = uint64_t{256} << 10;
+// Each gathered region takes two iovecs (data, padding).
+constexpr size_t kMaxGatherRegions = (IOV_MAX > 2048 ? 1024 : IOV_MAX / 2) - 1;
+constexpr size_t kPadding = 4096;  // the format's alignment; gaps are shorter
+
+alignas(64) const unsigned char kZeros[kPadding] = {};
+
+struct Task {
+  enum Kind { kChunk, kGather, kGap } kind;
+  // kChunk: bytes [offset, offset + nbytes) of region `first`, CRC into chunk slot `slot`.
+  // kGather: regions [first, last), file bytes [begin, end).
+  // kGap: file bytes [begin, end) that must be zero.
+  size_t first = 0, last = 0, slot = 0;
+  uint64_t offset = 0, nbytes = 0, begin = 0, end = 0;
+};
+
+struct Plan {
+  std::vector<Task> tasks;
+  std::vector<size_t> chunk_begin;  // per region: first chunk slot (chunked regions)
+  std::vector<size_t> chunk_count;  // per region: number of chunks (0 if gathered)
+  size_t nchunks = 0;
+};
+
+void check_sorted(const std::vector<Region>& regions) {
+  for (size_t i = 1; i < regions.size(); i++) {
+    const Region& a = regions[i - 1];
+    if (regions[i].file_offset < a.file_offset || regions[i].file_offset - a.file_offset < a.nbytes) {
+      throw std::invalid_argument("regions must be sorted by file_offset and must not overlap");
+    }
+  }
+}
+
+// gap_end == 0 means "no gap checking": gathered spans cover only the regions.
+Plan make_plan(const std::vector<Region>& regions, uint64_t task_nbytes, bool check_gaps, uint64_t gap_begin,
+               uint64_t gap_end) {
+  Plan plan;
+  const size_t n = regions.size();
+  plan.chunk_begin.assign(n, 0);
+  plan.chunk_count.assign(n, 0);
+  if (task_nbytes < kPadding) task_nbytes = kPadding;
+  // Where the bytes owned by region i end: its padding runs to the next region.
+  auto padded_end = [&](size_t i) -> uint64_t {
+    uint64_t end = regions[i].file_offset + regions[i].nbytes;
+    if (!check_gaps) return end;
+    return i + 1 < n ? regions[i + 1].file_offset : std::max(end, gap_end);
+  };
+  if (check_gaps) {
+    uint64_t first_offset = n ? regions[0].file_offset : gap_end;
+    for (uint64_t b = gap_begin; b < first_offset; b += task_nbytes) {
+      Task t{Task::kGap};
+      t.begin = b;
+      t.end = std::min(first_offset, b + task_nbytes);
+      plan.tasks.push_back(t);
+    }
+  }
+  size_t i = 0;
+  while (i < n) {
+    if (regions[i].nbytes >= kGatherBelow) {
+      plan.chunk_begin[i] = plan.nchunks;
+      for (uint64_t off = 0; off < regions[i].nbytes; off += task_nbytes) {
+        Task t{Task::kChunk};
+        t.first = i;
+        t.offset = off;
+        t.nbytes = std::min(task_nbytes, regions[i].nbytes - off);
+        t.slot = plan.nchunks++;
+        plan.tasks.push_back(t);
+        plan.chunk_count[i]++;
+      }
+      uint64_t end = regions[i].file_offset + regions[i].nbytes;
+      if (padded_end(i) > end) {
+        Task t{Task::kGap};
+        t.begin = end;
+        t.end = padded_end(i);
+        plan.tasks.push_back(t);
+      }
+      i++;
+      continue;
+    }
+    Task t{Task::kGather};
+    t.first = i;
+    t.begin = regions[i].file_offset;
+    while (i < n && regions[i].nbytes < kGatherBelow && i - t.first < kMaxGatherRegions &&
+           (i == t.first || padded_end(i) - t.begin <= task_nbytes)) {
+      i++;
+    }
+    t.last = i;
+    t.end = padded_end(i - 1);
+    plan.tasks.push_back(t);
+  }
+  return plan;
+}
+
+std::vector<uint32_t> fold_chunks(const std::vector<Region>& regions, const Plan& plan,
+                                  const std::vector<uint32_t>& chunk_crcs, std::vector<uint32_t> crcs,
+                                  uint64_t task_nbytes) {
+  if (task_nbytes < kPadding) task_nbytes = kPadding;
+  for (size_t i = 0; i < regions.size(); i++) {
+    if (plan.chunk_count[i] == 0) continue;
+    uint32_t crc = chunk_crcs[plan.chunk_begin[i]];
+    for (size_t c = 1; c < plan.chunk_count[i]; c++) {
+      uint64_t len = std::min(task_nbytes, regions[i].nbytes - c * task_nbytes);
+      crc = crc32c_combine(crc, chunk_crcs[plan.chunk_begin[i] + c], len);
+    }
+    crcs[i] = crc;
+  }
+  return crcs;
+}
+
+void require_zero(const unsigned char* p, size_t nbytes, uint64_t file_offset, const std::string& path) {
+  for (size_t k = 0; k < nbytes; k++) {
+    if (p[k] != 0) {
+      throw FormatError(path + ": padding byte at offset " + std::to_string(file_offset + k) +
+                        " is not zero (the file is damaged or was not written by tensorfile)");
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, const TransferOptions& options,
+                                    const std::string& path) {
+  check_sorted(regions);
+  const Plan plan = make_plan(regions, options.task_nbytes, /*check_gaps=*/false, 0, 0);
+  std::vector<uint32_t> crcs(regions.size(), 0), chunk_crcs(plan.nchunks, 0);
+  default_pool().parallel_for(plan.tasks.size(), options.num_threads, [&](size_t, size_t k) {
+    const Task& t = plan.tasks[k];
+    if (t.kind == Task::kGap) return;  // holes in a fresh file read as zeros
+    if (t.kind == Task::kChunk) {
+      const auto* src = reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset;
+      if (options.checksum) chunk_crcs[t.slot] = crc32c(src, t.nbytes);
+      pwrite_full(fd, src, t.nbytes, regions[t.first].file_offset + t.offset, path);
+      return;
+    }
+    std::vector<iovec> iov;
+    iov.reserve(2 * (t.last - t.first));
+    uint64_t cursor = t.begin;
+    for (size_t i = t.first; i < t.last; i++) {
+      const Region& r = regions[i];
+      if (r.file_offset > cursor) iov.push_back({const_cast<unsigned char*>(kZeros), r.file_offset - cursor});
+      if (r.nbytes) iov.push_back({reinterpret_cast<void*>(r.ptr), r.nbytes});
+      if (options.checksum) crcs[i] = crc32c(reinterpret_cast<const void*>(r.ptr), r.nbytes);
+      cursor = r.file_offset + r.nbytes;
+    }
+    pwritev_full(fd, iov, t.begin, path);
+  });
+  return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options.task_nbytes);
+}
+
+std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, const TransferOptions& options,
+                                   bool check_gaps, uint64_t gap_begin, uint64_t gap_end, const std::string& path) {
+  check_sorted(regions);
+  for (const Region& r : regions) advise_hugepages(r.ptr, r.nbytes);
+  const Plan plan = make_plan(regions, options.task_nbytes, check_gaps, gap_begin, gap_end);
+  std::vector<uint32_t> crcs(regions.size(), 0), chunk_crcs(plan.nchunks, 0);
+  default_pool().parallel_for(plan.tasks.size(), options.num_threads, [&](size_t, size_t k) {
+    const Task& t = plan.tasks[k];
+    if (t.kind == Task::kGap) {
+      unsigned char buf[kPadding];
+      for (uint64_t b = t.begin; b < t.end; b += kPadding) {
+        size_t len = static_cast<size_t>(std::min<uint64_t>(kPadding, t.end - b));
+        pread_full(fd, buf, len, b, path);
+        require_zero(buf, len, b, path);
+      }
+      return;
+    }
+    if (t.kind == Task::kChunk) {
+      auto* dst = reinterpret_cast<unsigned char*>(regions[t.first].ptr) + t.offset;
+      pread_full(fd, dst, t.nbytes, regions[t.first].file_offset + t.offset, path);
+      if (options.checksum) chunk_crcs[t.slot] = crc32c(dst, t.nbytes);
+      return;
+    }
+    // Gaps inside a gathered span land in `pad`, one slot per gap, and are checked after.
+    std::vector<iovec> iov;
+    iov.reserve(2 * (t.last - t.first) + 1);
+    std::vector<unsigned char> pad;
+    std::vector<std::pair<uint64_t, size_t>> gaps;  // (file offset, pad index)
+    uint64_t cursor = t.begin;
+    auto add_gap = [&](uint64_t upto) {
+      if (upto <= cursor) return;
+      gaps.emplace_back(cursor, pad.size());
+      pad.resize(pad.size() + (upto - cursor));
+    };
+    for (size_t i = t.first; i < t.last; i++) {
+      add_gap(regions[i].file_offset);
+      cursor = regions[i].file_offset + regions[i].nbytes;
+    }
+    add_gap(t.end);
+    size_t g = 0;
+    cursor = t.begin;
+    for (size_t i = t.first; i < t.last; i++) {
+      const Region& r = regions[i];
+      if (r.file_offset > cursor) {
+        iov.push_back({pad.data() + gaps[g].second, r.file_offset - cursor});
+        g++;
+      }
+      if (r.nbytes) iov.push_back({reinterpret_cast<void*>(r.ptr), r.nbytes});
+      cursor = r.file_offset + r.nbytes;
+    }
+    if (t.end > cursor) iov.push_back({pad.data() + gaps[g].second, t.end - cursor});
+    preadv_full(fd, iov, t.begin, path);
+    if (check_gaps) {
+      for (size_t j = 0; j < gaps.size(); j++) {
+        size_t len = (j + 1 < gaps.size() ? gaps[j + 1].second : pad.size()) - gaps[j].second;
+        require_zero(pad.data() + gaps[j].second, len, gaps[j].first, path);
+      }
+    }
+    if (options.checksum) {
+      for (size_t i = t.first; i < t.last; i++) crcs[i] = crc32c(reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
+    }
+  });
+  return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options.task_nbytes);
+}
+
+std::vector<uint32_t> checksum_regions(const std::vector<Region>& input, const TransferOptions& options) {
+  // Give the regions disjoint virtual offsets so the planner can treat them like a file.
+  std::vector<Region> regions(input);
+  uint64_t cursor = 0;
+  for (Region& r : regions) {
+    r.file_offset = cursor;
+    cursor += r.nbytes;
+  }
+  const Plan plan = make_plan(regions, options.task_nbytes, false, 0, 0);
+  std::vector<uint32_t> crcs(regions.size(), 0), chunk_crcs(plan.nchunks, 0);
+  default_pool().parallel_for(plan.tasks.size(), options.num_threads, [&](size_t, size_t k) {
+    const Task& t = plan.tasks[k];
+    if (t.kind == Task::kChunk) {
+      chunk_crcs[t.slot] = crc32c(reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset, t.nbytes);
+    } else if (t.kind == Task::kGather) {
+      for (size_t i = t.first; i < t.last; i++) crcs[i] = crc32c(reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
+    }
+  });
+  return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options.task_nbytes);
+}
+
+void advise_hugepages(uintptr_t ptr, uint64_t nbytes) noexcept {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  uintptr_t begin = (ptr + kHuge - 1) & ~(kHuge - 1);
+  uintptr_t end = (ptr + nbytes) & ~(kHuge - 1);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)ptr;
+  (void)nbytes;
+#endif
+}
+
+}  // namespace tensorfile

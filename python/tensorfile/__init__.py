@@ -1,0 +1,10 @@
+"""tensorfile: fast, safe save and load of tensors and checkpoints, a drop-in for torch.save/torch.load."""
+
+from __future__ import annotations
+
+from ._errors import ChecksumError, FormatError
+from .api import TensorFile, clean, load, open, save
+
+__version__ = "0.1.0"
+
+__all__ = ["ChecksumError", "FormatError", "TensorFile", "__version__", "clean", "load", "open", "save"]

@@ -1,0 +1,414 @@
+"""Object graph <-> JSON-ready tree with flat tensor leaves, and the tensors' key paths.
+
+Every node is one of: JSON null/true/false, a string, an int of at most 53 bits, a
+finite float, or a list whose first item is a tag naming the type (see docs/format.md,
+"The object tree"). Tensors and arrays become ["tensor", i] / ["ndarray", i], indexes
+into the flat leaf list; the same object twice becomes the same index twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import math
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from ._dtypes import numpy_name
+from ._errors import FormatError
+
+MAX_DEPTH = 200  # containers nested deeper than this are refused on save and on load
+_SAFE_INT = 2**53
+
+_KEY_TYPES = (int, float, bool, type(None), complex, bytes, tuple)
+
+
+def _float_node(x: float) -> Any:
+    if math.isfinite(x):
+        return x
+    return ["float", "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")]
+
+
+def _torch_module() -> Any:
+    return sys.modules.get("torch")
+
+
+def _path_str(path: list[Any]) -> str:
+    return ".".join(str(p) for p in path) or "<root>"
+
+
+class Flattener:
+    """Walks an object once, producing the tree and the leaf list (tensors and arrays)."""
+
+    def __init__(self) -> None:
+        self.leaves: list[Any] = []
+        self.leaf_paths: list[list[Any]] = []
+        self._leaf_index: dict[int, int] = {}
+        self._active: set[int] = set()
+        self._path: list[Any] = []
+        self._in_key = False
+        torch = _torch_module()
+        self._tensor_type = torch.Tensor if torch is not None else None
+        self._torch = torch
+
+    def error(self, message: str) -> TypeError:
+        return TypeError(f"tensorfile.save: cannot save the object at key path {_path_str(self._path)!r}: {message}")
+
+    def flatten(self, obj: Any) -> Any:
+        return self._node(obj, 0)
+
+    def _leaf(self, obj: Any, tag: str) -> list[Any]:
+        if self._in_key:
+            raise self.error("a tensor or array inside a dict key is not supported")
+        key = id(obj)
+        index = self._leaf_index.get(key)
+        if index is None:
+            index = len(self.leaves)
+            self._leaf_index[key] = index
+            self.leaves.append(obj)
+            self.leaf_paths.append(list(self._path))
+        return [tag, index]
+
+    def _children(self, tag: str, items: Any, depth: int, head: list[Any] | None = None) -> list[Any]:
+        out = [tag] if head is None else [tag, *head]
+        path = self._path
+        for i, item in enumerate(items):
+            path.append(i)
+            out.append(self._node(item, depth + 1))
+            path.pop()
+        return out
+
+    def _dict(self, tag: str, obj: dict[Any, Any], depth: int, head: list[Any] | None = None) -> list[Any]:
+        out = [tag] if head is None else [tag, *head]
+        path = self._path
+        for k, v in obj.items():
+            path.append(k)
+            out.append(self._key(k))
+            out.append(self._node(v, depth + 1))
+            path.pop()
+        return out
+
+    def _key(self, k: Any) -> Any:
+        if type(k) is str:
+            return k
+        if type(k) not in _KEY_TYPES and not isinstance(k, np.generic) and type(k).__module__ != "torch":
+            raise self.error(f"dict keys of type {type(k).__qualname__} are not supported")
+        self._in_key = True
+        try:
+            return self._node(k, MAX_DEPTH - 8)
+        finally:
+            self._in_key = False
+
+    def _node(self, obj: Any, depth: int) -> Any:
+        t = type(obj)
+        if t is str or obj is None or t is bool:
+            return obj
+        if t is int:
+            return obj if -_SAFE_INT <= obj <= _SAFE_INT else ["int", str(obj)]
+        if t is float:
+            return _float_node(obj)
+        if self._tensor_type is not None and isinstance(obj, self._tensor_type):
+            return self._leaf(obj, "tensor")
+        if t is np.ndarray:
+            return self._leaf(obj, "ndarray")
+        if depth >= MAX_DEPTH:
+            raise self.error(f"containers are nested more than {MAX_DEPTH} deep")
+        if t in (dict, list, tuple, collections.OrderedDict):
+            key = id(obj)
+            if key in self._active:
+                raise self.error("the object contains itself (a reference cycle)")
+            self._active.add(key)
+            try:
+                if t is dict:
+                    return self._dict("dict", obj, depth)
+                if t is list:
+                    return self._children("list", obj, depth)
+                if t is tuple:
+                    return self._children("tuple", obj, depth)
+                attrs = getattr(obj, "__dict__", None) or None
+                if attrs is not None:
+                    bad = [a for a in attrs if type(a) is not str or a.startswith("__")]
+                    if bad:
+                        raise self.error(f"OrderedDict attribute {bad[0]!r} cannot be saved")
+                    self._path.append("@attrs")
+                    attrs_node = self._dict("dict", attrs, depth)
+                    self._path.pop()
+                else:
+                    attrs_node = None
+                return self._dict("odict", obj, depth, [attrs_node])
+            finally:
+                self._active.discard(key)
+        if t is complex:
+            return ["complex", _float_node(obj.real), _float_node(obj.imag)]
+        if t is bytes:
+            return ["bytes", base64.b64encode(obj).decode("ascii")]
+        if t is bytearray:
+            return ["bytearray", base64.b64encode(bytes(obj)).decode("ascii")]
+        if isinstance(obj, np.generic) and not isinstance(obj, np.ndarray):
+            name = numpy_name(obj.dtype)
+            if name is None:
+                raise self.error(f"numpy scalar of dtype {obj.dtype} is not supported")
+            return ["npscalar", name, obj.tobytes().hex()]
+        torch = self._torch
+        if torch is not None:
+            if t is torch.dtype:
+                return ["dtype", str(obj).removeprefix("torch.")]
+            if t is torch.Size:
+                return ["size", *(int(d) for d in obj)]
+            if t is torch.device:
+                return ["device", str(obj)]
+        raise self.error(
+            f"objects of type {t.__module__}.{t.__qualname__} are not supported "
+            "(tensorfile saves tensors, arrays, dict/list/tuple/OrderedDict and plain values; "
+            "there is no pickle)"
+        )
+
+
+def _bad(message: str) -> FormatError:
+    return FormatError(f"invalid object tree: {message}")
+
+
+def _decode_float(node: Any) -> float:
+    if type(node) is float:
+        return node
+    if type(node) is int:
+        return float(node)
+    if type(node) is list and len(node) == 2 and node[0] == "float" and node[1] in ("nan", "inf", "-inf"):
+        return float(node[1])
+    raise _bad(f"expected a float, got {node!r:.80}")
+
+
+def _b64(s: Any) -> bytes:
+    if type(s) is not str:
+        raise _bad("bytes payload must be a base64 string")
+    try:
+        return base64.b64decode(s.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as e:
+        raise _bad(f"bad base64 in bytes payload: {e}") from None
+
+
+class Builder:
+    """Rebuilds objects from a validated tree; `leaf(tag, index)` supplies tensors."""
+
+    def __init__(self, leaf: Callable[[str, int], Any]) -> None:
+        self._leaf = leaf
+
+    def build(self, node: Any, depth: int = 0) -> Any:
+        t = type(node)
+        if t is not list:
+            return node  # validate() guarantees only JSON scalars get here
+        tag = node[0]
+        if tag == "tensor" or tag == "ndarray":
+            return self._leaf(tag, node[1])
+        if tag == "list":
+            return [self.build(c, depth + 1) for c in node[1:]]
+        if tag == "tuple":
+            return tuple(self.build(c, depth + 1) for c in node[1:])
+        if tag == "dict":
+            return {self.build(node[i], depth + 1): self.build(node[i + 1], depth + 1) for i in range(1, len(node), 2)}
+        if tag == "odict":
+            out: collections.OrderedDict[Any, Any] = collections.OrderedDict(
+                (self.build(node[i], depth + 1), self.build(node[i + 1], depth + 1)) for i in range(2, len(node), 2)
+            )
+            if node[1] is not None:
+                for name, value in self.build(node[1], depth + 1).items():
+                    setattr(out, name, value)
+            return out
+        return decode_scalar(node)
+
+
+def decode_scalar(node: list[Any]) -> Any:
+    tag = node[0]
+    if tag == "int":
+        return int(node[1])
+    if tag == "float":
+        return float(node[1])
+    if tag == "complex":
+        return complex(_decode_float(node[1]), _decode_float(node[2]))
+    if tag == "bytes":
+        return _b64(node[1])
+    if tag == "bytearray":
+        return bytearray(_b64(node[1]))
+    if tag == "npscalar":
+        return np.frombuffer(bytes.fromhex(node[2]), dtype=np.dtype(node[1]).newbyteorder("<"))[0].copy()
+    torch = _torch_module()
+    if torch is None:
+        import torch  # the file holds torch values: loading them needs torch
+    if tag == "dtype":
+        return getattr(torch, node[1])
+    if tag == "size":
+        return torch.Size(node[1:])
+    if tag == "device":
+        return torch.device(node[1])
+    raise _bad(f"unknown tag {tag!r:.40}")
+
+
+def validate(tree: Any, ntensors: int, kinds: list[str]) -> list[int]:
+    """Checks every node of a decoded tree (types, tags, arities, leaf indexes, dict key
+    uniqueness) without building anything; returns the leaf indexes in tree order.
+    `kinds[i]` is "torch" or "numpy" for tensor row i."""
+    from ._dtypes import NUMPY_ITEMSIZE, TORCH_ITEMSIZE
+
+    order: list[int] = []
+    stack: list[tuple[Any, int, bool]] = [(tree, 0, False)]
+    while stack:
+        node, depth, in_key = stack.pop()
+        t = type(node)
+        if node is None or t is bool or t is str:
+            continue
+        if t is int:
+            if not -_SAFE_INT <= node <= _SAFE_INT:
+                raise _bad("plain ints must fit in 53 bits; larger ones are written as [\"int\", \"digits\"]")
+            continue
+        if t is float:
+            if not math.isfinite(node):
+                raise _bad("plain floats must be finite; nan and inf are written as [\"float\", ...]")
+            continue
+        if t is not list or not node or type(node[0]) is not str:
+            raise _bad(f"unexpected node {node!r:.80}")
+        if depth > MAX_DEPTH:
+            raise _bad(f"containers nested more than {MAX_DEPTH} deep")
+        tag = node[0]
+        n = len(node)
+        if in_key and tag not in _KEY_TAGS:
+            raise _bad(f"a {tag} node cannot be a dict key")
+        if tag in ("tensor", "ndarray"):
+            if n != 2 or type(node[1]) is not int or not 0 <= node[1] < ntensors:
+                raise _bad(f"bad {tag} reference {node!r:.80}")
+            want = "torch" if tag == "tensor" else "numpy"
+            if kinds[node[1]] != want:
+                raise _bad(f"{tag} reference {node[1]} points at a {kinds[node[1]]} row")
+            order.append(node[1])
+        elif tag in ("list", "tuple"):
+            stack.extend((c, depth + 1, in_key) for c in reversed(node[1:]))
+        elif tag in ("dict", "odict"):
+            first = 1 if tag == "dict" else 2
+            if tag == "odict":
+                if n < 2:
+                    raise _bad("odict node without its attribute slot")
+                attrs = node[1]
+                if attrs is not None:
+                    if type(attrs) is not list or not attrs or attrs[0] != "dict":
+                        raise _bad("odict attributes must be null or a dict node")
+                    names = attrs[1::2]
+                    if any(type(a) is not str or a.startswith("__") for a in names):
+                        raise _bad("odict attribute names must be strings not starting with '__'")
+                    stack.append((attrs, depth + 1, False))
+            if (n - first) % 2:
+                raise _bad(f"{tag} node with an odd number of key/value items")
+            keys = node[first::2]
+            try:
+                hashed = {_key_identity(k) for k in keys}
+            except Exception:
+                raise _bad(f"malformed or unhashable dict key in {node!r:.80}") from None
+            if len(hashed) != len(keys):
+                raise _bad("duplicate dict key")
+            for i in range(n - 1, first - 1, -1):
+                stack.append((node[i], depth + 1, (i - first) % 2 == 0))
+        elif tag == "int":
+            if n != 2 or type(node[1]) is not str or not node[1].lstrip("-").isdigit() or not node[1].isascii():
+                raise _bad(f"bad int node {node!r:.80}")
+            if len(node[1]) > 4000:
+                raise _bad("int literal longer than 4000 digits")
+            if -_SAFE_INT <= int(node[1]) <= _SAFE_INT:
+                raise _bad("ints that fit in 53 bits must be written as plain JSON numbers")
+        elif tag == "float":
+            if n != 2 or node[1] not in ("nan", "inf", "-inf"):
+                raise _bad(f"bad float node {node!r:.80}")
+        elif tag == "complex":
+            if n != 3:
+                raise _bad("complex node needs two parts")
+            _decode_float(node[1])
+            _decode_float(node[2])
+        elif tag in ("bytes", "bytearray"):
+            if n != 2:
+                raise _bad(f"bad {tag} node")
+            _b64(node[1])
+        elif tag == "npscalar":
+            if n != 3 or node[1] not in NUMPY_ITEMSIZE or type(node[2]) is not str:
+                raise _bad(f"bad npscalar node {node!r:.80}")
+            try:
+                raw = bytes.fromhex(node[2])
+            except ValueError:
+                raise _bad("npscalar payload is not hex") from None
+            if len(raw) != NUMPY_ITEMSIZE[node[1]]:
+                raise _bad("npscalar payload has the wrong width")
+        elif tag == "dtype":
+            if n != 2 or node[1] not in TORCH_ITEMSIZE:
+                raise _bad(f"unknown torch dtype {node[1:]!r:.80}")
+        elif tag == "size":
+            if any(type(d) is not int or d < 0 for d in node[1:]):
+                raise _bad("torch.Size entries must be non-negative ints")
+        elif tag == "device":
+            if n != 2 or type(node[1]) is not str or not _valid_device(node[1]):
+                raise _bad(f"bad device {node[1:]!r:.80}")
+        else:
+            raise _bad(f"unknown tag {tag!r:.40}")
+    return order
+
+
+_KEY_TAGS = ("tuple", "int", "float", "complex", "bytes", "npscalar", "dtype", "size", "device")
+
+
+def _key_identity(k: Any) -> Any:
+    """A hashable stand-in for a dict key node that equals another iff the rebuilt keys
+    would be equal (1, 1.0, True and numpy's 1 collide in a Python dict, and so here)."""
+    if type(k) is list:
+        tag = k[0]
+        if tag == "tuple":
+            return tuple(_key_identity(c) for c in k[1:])
+        if tag == "size":
+            return tuple(k[1:])  # torch.Size equals the tuple of its entries
+        if tag == "float" and k[1] == "nan":
+            return ("nan", id(k))  # nan != nan: two nan keys never collide
+        if tag in ("dtype", "device"):
+            return (tag, k[1])
+        return decode_scalar(k)
+    return k
+
+
+def _valid_device(s: str) -> bool:
+    kind, _, index = s.partition(":")
+    if kind not in ("cpu", "cuda", "meta", "mps", "xpu"):
+        return False
+    return index == "" or (index.isdigit() and index.isascii() and len(index) < 6)
+
+
+def key_paths(tree: Any) -> Iterator[tuple[str, int]]:
+    """(key path, tensor index) for every leaf reference, in tree order. Dict keys and
+    list positions join with "."; the first reference to a tensor names it."""
+    stack: list[tuple[Any, str]] = [(tree, "")]
+    while stack:
+        node, prefix = stack.pop()
+        if type(node) is not list:
+            continue
+        tag = node[0]
+        if tag in ("tensor", "ndarray"):
+            yield prefix, node[1]
+            continue
+        if tag in ("list", "tuple"):
+            children = [(c, f"{prefix}.{i}" if prefix else str(i)) for i, c in enumerate(node[1:])]
+        elif tag in ("dict", "odict"):
+            first = 1 if tag == "dict" else 2
+            children = []
+            for i in range(first, len(node), 2):
+                k = node[i]
+                name = k if type(k) is str else str(decode_key_for_path(k))
+                children.append((node[i + 1], f"{prefix}.{name}" if prefix else name))
+        else:
+            continue
+        stack.extend(reversed(children))
+
+
+def decode_key_for_path(k: Any) -> Any:
+    if type(k) is list:
+        if k[0] == "tuple":
+            return tuple(decode_key_for_path(c) for c in k[1:])
+        try:
+            return decode_scalar(k)
+        except Exception:
+            return k
+    return k

@@ -1,0 +1,619 @@
+"""save, load and open: argument handling, paths versus file-like objects, atomic replace."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap as _mmap
+import os
+import secrets
+import socket
+import sys
+from collections.abc import Iterator
+from typing import IO, Any, Callable, Union
+
+import numpy as np
+
+from . import _config, _engine
+from ._errors import ChecksumError, FormatError
+from ._plan import plan_save
+from ._tree import Builder, Flattener, _path_str, key_paths
+from .formats import native
+
+PathLike = Union[str, "os.PathLike[str]"]
+FileLike = Union[PathLike, IO[bytes]]
+
+_TMP_MARK = ".tftmp"
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save(
+    obj: Any,
+    f: FileLike,
+    *,
+    durable: bool = True,
+    num_threads: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Saves `obj` (tensors, arrays, containers of them, plain values) to `f`.
+
+    `f` is a path or a writable binary file-like object. For a path, the file is written
+    beside the target under a temporary name, then renamed over it, so `f` holds the
+    old file or the new one and never a mix; with `durable=True` (the default) the data
+    and the rename are fsynced before this returns, so the file survives power loss.
+    `metadata` is a str -> str dict stored in the header. Raises TypeError naming the key
+    path of anything that cannot be saved; on any error the target is left as it was.
+    Releases the GIL while bytes move; `num_threads` defaults to TENSORFILE_NUM_THREADS
+    or the core count.
+    """
+    meta = _check_metadata(metadata)
+    flattener = Flattener()
+    tree = flattener.flatten(obj)
+    plan = plan_save(
+        flattener.leaves,
+        lambda i, m: TypeError(
+            f"tensorfile.save: cannot save the object at key path {_path_str(flattener.leaf_paths[i])!r}: {m}"
+        ),
+    )
+    header, crc_pos = native.encode_header(tree, plan.tensors, plan.storages, meta)
+    if len(header) > native.MAX_HEADER_NBYTES:
+        raise ValueError(f"tensorfile.save: the header would be {len(header)} bytes, over the format's limit")
+    sizes = [row[1] for row in plan.storages]
+    offsets = [row[0] for row in plan.storages]
+    total = native.file_nbytes(len(header), offsets, sizes)
+    base = np.uint64(native.data_start(len(header)))
+    threads = _config.num_threads(num_threads)
+    task = _config.task_nbytes()
+    if isinstance(f, (str, os.PathLike)):
+        _save_path(os.fspath(f), plan, header, crc_pos, total, base, threads, task, durable)
+    else:
+        _save_stream(f, plan, header, crc_pos, base, threads, task)
+
+
+def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(type(k) is str and type(v) is str for k, v in metadata.items()):
+        raise TypeError("tensorfile.save: metadata must be a dict of str to str")
+    return dict(metadata)
+
+
+def _tmp_name(target: str) -> str:
+    directory, base = os.path.split(target)
+    host = socket.gethostname().replace(".", "_")[:32]
+    return os.path.join(directory, f".{base}.{host}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_MARK}")
+
+
+def is_stale_tmp(name: str, host: str | None = None) -> bool:
+    """True for a temporary file that a save on this host left behind when its process
+    died (names end in .tftmp and carry the host and the writer's pid)."""
+    if not name.endswith(_TMP_MARK) or not name.startswith("."):
+        return False
+    parts = name[: -len(_TMP_MARK)].rsplit(".", 3)
+    if len(parts) != 4 or not parts[2].isdigit():
+        return False
+    if parts[1] != (host or socket.gethostname().replace(".", "_")[:32]):
+        return False
+    pid = int(parts[2])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def clean(directory: PathLike) -> list[str]:
+    """Removes temporary files left in `directory` by saves whose process died; returns
+    the paths removed. Files of live writers and of other hosts are left alone."""
+    removed = []
+    host = socket.gethostname().replace(".", "_")[:32]
+    with os.scandir(directory) as it:
+        for entry in it:
+            if is_stale_tmp(entry.name, host):
+                try:
+                    os.unlink(entry.path)
+                    removed.append(entry.path)
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def _save_path(
+    path: str,
+    plan: Any,
+    header: bytearray,
+    crc_pos: int,
+    total: int,
+    base: np.uint64,
+    threads: int,
+    task: int,
+    durable: bool,
+) -> None:
+    target = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
+    directory = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise IsADirectoryError(21, f"tensorfile.save: {path} is a directory", path)
+    existed = os.path.exists(target)
+    try:
+        clean(directory)
+    except OSError:
+        pass  # cleaning is a courtesy; the save itself reports real problems
+    tmp = _tmp_name(target)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except FileNotFoundError:
+        raise FileNotFoundError(2, f"tensorfile.save: directory {directory} does not exist", path) from None
+    try:
+        try:
+            _engine.preallocate(fd, total, path)
+            crcs = _engine.write_regions(
+                fd, plan.ptrs, plan.nbytes, plan.offsets + base, threads, task, True, path
+            )
+            native.set_checksums(header, crc_pos, crcs)
+            head = native.make_preamble(header, total) + bytes(header)
+            _pwrite_all(fd, head, 0)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.errno is not None:
+            state = "the previous file is intact" if existed else "no file was created"
+            raise OSError(e.errno, f"{os.strerror(e.errno)} while writing {path}; {state}", path) from e
+        raise
+    if durable:
+        _fsync_dir(directory)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _fsync_dir(directory: str) -> None:
+    # The rename is durable only once the directory entry is on disk (rename(2), fsync(2)).
+    try:
+        dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(dfd)
+
+
+def _raw_view(ptr: int, nbytes: int) -> memoryview:
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(ptr)).cast("B")
+
+
+def _save_stream(
+    f: IO[bytes], plan: Any, header: bytearray, crc_pos: int, base: np.uint64, threads: int, task: int
+) -> None:
+    if not hasattr(f, "write"):
+        raise TypeError(f"tensorfile.save: f must be a path or a writable binary file object, got {type(f).__name__}")
+    crcs = _engine.checksum_regions(plan.ptrs, plan.nbytes, threads, task)
+    native.set_checksums(header, crc_pos, crcs)
+    sizes = plan.nbytes.tolist()
+    offsets = plan.offsets.tolist()
+    total = native.file_nbytes(len(header), offsets, sizes)
+    f.write(native.make_preamble(header, total))
+    f.write(bytes(header))
+    cursor = native.PREAMBLE_NBYTES + len(header)
+    zeros = bytes(native.ALIGN)
+    for ptr, nb, off in zip(plan.ptrs.tolist(), sizes, offsets):
+        if nb == 0:
+            continue
+        at = int(base) + off
+        if at > cursor:
+            f.write(zeros[: at - cursor])
+        f.write(_raw_view(ptr, nb))
+        cursor = at + nb
+
+
+# --------------------------------------------------------------------------- load
+
+
+class _Source:
+    """An open file: a descriptor read with pread, or a sequential stream."""
+
+    def __init__(self, f: FileLike) -> None:
+        self.fd: int | None = None
+        self.stream: IO[bytes] | None = None
+        self.owns_fd = False
+        if isinstance(f, (str, os.PathLike)):
+            self.name = os.fspath(f)
+            try:
+                self.fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except IsADirectoryError:
+                raise IsADirectoryError(21, f"tensorfile: {self.name} is a directory, not a file", self.name) from None
+            self.owns_fd = True
+            if not os.path.isfile(self.name):
+                self.close()
+                raise FormatError(f"{self.name}: not a regular file")
+        elif hasattr(f, "read"):
+            self.name = str(getattr(f, "name", "<stream>"))
+            self.stream = f
+        else:
+            raise TypeError(f"tensorfile: expected a path or a readable binary file object, got {type(f).__name__}")
+        self.nbytes: int | None = os.fstat(self.fd).st_size if self.fd is not None else None
+        self.consumed = 0
+
+    def read(self, nbytes: int, offset: int) -> bytes:
+        if self.fd is not None:
+            out = bytearray()
+            while len(out) < nbytes:
+                chunk = os.pread(self.fd, nbytes - len(out), offset + len(out))
+                if not chunk:
+                    break
+                out += chunk
+            return bytes(out)
+        assert self.stream is not None
+        if offset != self.consumed:
+            raise AssertionError("streams are read in order")
+        out = self.stream.read(nbytes) or b""
+        while len(out) < nbytes:
+            more = self.stream.read(nbytes - len(out))
+            if not more:
+                break
+            out += more
+        self.consumed += len(out)
+        return out
+
+    def close(self) -> None:
+        if self.owns_fd and self.fd is not None:
+            os.close(self.fd)
+        self.fd = None
+
+
+class _Reader:
+    """An open, validated tensorfile: the header is trusted, storages are read on demand."""
+
+    def __init__(self, f: FileLike, *, verify: bool = True) -> None:
+        self.src = _Source(f)
+        try:
+            self.name = self.src.name
+            raw = self.src.read(native.PREAMBLE_NBYTES, 0)
+            pre = native.parse_preamble(raw, self.src.nbytes, self.name)
+            header_end = native.PREAMBLE_NBYTES + pre.header_nbytes
+            upto = min(native.data_start(pre.header_nbytes), pre.file_nbytes)
+            blob = self.src.read(upto - native.PREAMBLE_NBYTES, native.PREAMBLE_NBYTES)
+            if len(blob) != upto - native.PREAMBLE_NBYTES:
+                raise FormatError(f"{self.name}: the file ends inside its header (truncated)")
+            header = memoryview(blob)[: pre.header_nbytes]
+            self.layout = native.parse_header(header, pre, raw, self.name, verify)
+            if any(blob[pre.header_nbytes :]):
+                raise FormatError(f"{self.name}: nonzero padding after the header")
+            self.header_end = header_end
+        except BaseException:
+            self.src.close()
+            raise
+        self._keys: dict[str, int] | None = None
+
+    # Key paths -----------------------------------------------------------------
+    def key_index(self) -> dict[str, int]:
+        if self._keys is None:
+            keys: dict[str, int] = {}
+            for path, i in key_paths(self.layout.tree):
+                keys.setdefault(path, i)
+            self._keys = keys
+        return self._keys
+
+    def storage_keys(self, s: int) -> list[str]:
+        by_tensor: dict[int, str] = {}
+        for path, i in self.key_index().items():
+            by_tensor.setdefault(i, path)
+        return [by_tensor.get(i, f"tensor {i}") for i in self.layout.storage_tensors[s]]
+
+    # Storages ------------------------------------------------------------------
+    def read_storages(
+        self, which: list[int] | None, map_location: Any, verify: bool, threads: int, use_mmap: bool
+    ) -> dict[int, Any]:
+        """Reads storages (all when `which` is None) into fresh memory, checks them, and
+        returns {storage index: torch UntypedStorage or numpy uint8 array}."""
+        lay = self.layout
+        idx = list(range(len(lay.storage_kind))) if which is None else which
+        if use_mmap:
+            raw = self._map_storages(idx, verify, check_gaps=which is None)
+        elif self.src.fd is not None:
+            raw = self._pread_storages(idx, verify, threads, check_gaps=which is None)
+        else:
+            raw = self._stream_storages(idx, verify, threads)
+        return {s: _place(self, s, raw[s], map_location) for s in idx}
+
+    def _allocate(self, idx: list[int]) -> tuple[dict[int, Any], np.ndarray]:
+        lay = self.layout
+        torch = _torch_for(self) if any(lay.storage_kind[s] == "torch" for s in idx) else None
+        bufs: dict[int, Any] = {}
+        ptrs = np.zeros(len(idx), dtype=np.uint64)
+        for j, s in enumerate(idx):
+            nb = int(lay.storage_nbytes[s])
+            if lay.storage_kind[s] == "torch":
+                assert torch is not None
+                t = torch.empty(nb, dtype=torch.uint8)
+                bufs[s] = t
+                ptrs[j] = t.data_ptr()
+            else:
+                a = np.empty(nb, dtype=np.uint8)
+                bufs[s] = a
+                ptrs[j] = a.ctypes.data
+        return bufs, ptrs
+
+    def _check_crcs(self, idx: list[int], got: np.ndarray) -> None:
+        want = self.layout.storage_crcs[idx]
+        bad = np.nonzero(got != want)[0]
+        if len(bad):
+            s = idx[int(bad[0])]
+            keys = ", ".join(self.storage_keys(s)[:4])
+            raise ChecksumError(
+                f"{self.name}: storage {s} ({keys}) checksum mismatch (file damaged after it was written); "
+                "re-save it, or pass verify=False to read anyway"
+            )
+
+    def _pread_storages(self, idx: list[int], verify: bool, threads: int, check_gaps: bool) -> dict[int, Any]:
+        lay = self.layout
+        bufs, ptrs = self._allocate(idx)
+        assert self.src.fd is not None
+        crcs = _engine.read_regions(
+            self.src.fd,
+            ptrs,
+            lay.storage_nbytes[idx],
+            lay.storage_offsets[idx],
+            threads,
+            _config.task_nbytes(),
+            verify,
+            check_gaps,
+            int(lay.storage_offsets[0]) if len(lay.storage_offsets) else lay.file_nbytes,
+            lay.file_nbytes,
+            self.name,
+        )
+        if verify:
+            self._check_crcs(idx, crcs)
+        return bufs
+
+    def _stream_storages(self, idx: list[int], verify: bool, threads: int) -> dict[int, Any]:
+        lay = self.layout
+        bufs, ptrs = self._allocate(idx)
+        cursor = min(native.data_start(lay.header_end - native.PREAMBLE_NBYTES), lay.file_nbytes)
+        for j, s in enumerate(idx):
+            off = int(lay.storage_offsets[s])
+            nb = int(lay.storage_nbytes[s])
+            if nb == 0:
+                continue
+            if off > cursor:
+                pad = self.src.read(off - cursor, cursor)
+                if len(pad) != off - cursor:
+                    raise FormatError(f"{self.name}: unexpected end of file at offset {cursor} (truncated)")
+                if any(pad):
+                    raise FormatError(f"{self.name}: nonzero padding before storage {s}")
+            view = _raw_view(int(ptrs[j]), nb)
+            got = self.src.read(nb, off)
+            if len(got) != nb:
+                raise FormatError(f"{self.name}: unexpected end of file in storage {s} (truncated)")
+            view[:] = got
+            cursor = off + nb
+        if self.src.stream is not None and self.src.stream.read(1):
+            raise FormatError(f"{self.name}: trailing bytes after the last storage")
+        if verify:
+            self._check_crcs(idx, _engine.checksum_regions(ptrs, lay.storage_nbytes[idx], threads, _config.task_nbytes()))
+        return bufs
+
+    def _map_storages(self, idx: list[int], verify: bool, check_gaps: bool) -> dict[int, Any]:
+        lay = self.layout
+        if self.src.fd is None:
+            raise ValueError("tensorfile.load: mmap=True needs a path, not a stream")
+        mm = _mmap.mmap(self.src.fd, 0, access=_mmap.ACCESS_COPY)
+        whole = np.frombuffer(mm, dtype=np.uint8)
+        if check_gaps:
+            cursor = int(lay.storage_offsets[0]) if len(idx) else lay.file_nbytes
+            for s in range(len(lay.storage_kind)):
+                off = int(lay.storage_offsets[s])
+                if off > cursor and whole[cursor:off].any():
+                    raise FormatError(f"{self.name}: nonzero padding before storage {s}")
+                cursor = max(cursor, off + int(lay.storage_nbytes[s]))
+        if verify and idx:
+            base = whole.ctypes.data
+            ptrs = lay.storage_offsets[idx] + np.uint64(base)
+            self._check_crcs(idx, _engine.checksum_regions(ptrs, lay.storage_nbytes[idx], _config.num_threads(), _config.task_nbytes()))
+        out: dict[int, Any] = {}
+        torch = _torch_for(self) if any(lay.storage_kind[s] == "torch" for s in idx) else None
+        for s in idx:
+            off = int(lay.storage_offsets[s])
+            nb = int(lay.storage_nbytes[s])
+            if lay.storage_kind[s] == "torch":
+                assert torch is not None
+                out[s] = torch.frombuffer(mm, dtype=torch.uint8, count=nb, offset=off) if nb else torch.empty(0, dtype=torch.uint8)
+            else:
+                out[s] = whole[off : off + nb]
+        return out
+
+    # Objects -------------------------------------------------------------------
+    def build_tensor(self, i: int, storages: dict[int, Any], cache: dict[int, Any] | None = None) -> Any:
+        if cache is not None and i in cache:
+            return cache[i]
+        kind, s, dtype, shape, strides, off, flags = self.layout.tensors[i]
+        if kind == "numpy":
+            buf = storages[s]
+            out = np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=buf, offset=off, strides=tuple(strides))
+            if dtype == "bool":
+                _check_bool(self.name, out.view(np.uint8), i)
+        else:
+            torch = _torch_for(self)
+            storage = storages[s]
+            dt = getattr(torch, dtype)
+            itemsize = dt.itemsize
+            out = torch.empty(0, dtype=dt, device=storage.device).set_(storage, off // itemsize, shape, strides)
+            if dtype == "bool":
+                raw = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, off, shape, strides)
+                if bool((raw > 1).any()):
+                    raise FormatError(f"{self.name}: bool tensor {i} holds bytes other than 0 and 1")
+            if flags & native.FLAG_PARAMETER:
+                out = torch.nn.Parameter(out, requires_grad=bool(flags & native.FLAG_REQUIRES_GRAD))
+            elif flags & native.FLAG_REQUIRES_GRAD:
+                out.requires_grad_(True)
+        if cache is not None:
+            cache[i] = out
+        return out
+
+    def build(self, storages: dict[int, Any]) -> Any:
+        cache: dict[int, Any] = {}
+        return Builder(lambda tag, i: self.build_tensor(i, storages, cache)).build(self.layout.tree)
+
+    def close(self) -> None:
+        self.src.close()
+
+
+def _check_bool(name: str, raw: np.ndarray, i: int) -> None:
+    if raw.size and int(raw.max()) > 1:
+        raise FormatError(f"{name}: bool tensor {i} holds bytes other than 0 and 1")
+
+
+def _torch_for(reader: _Reader) -> Any:
+    torch = sys.modules.get("torch")
+    if torch is None:
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(f"{reader.name} holds torch tensors: install torch to load it") from None
+    return torch
+
+
+def _place(reader: _Reader, s: int, buf: Any, map_location: Any) -> Any:
+    """Turns a filled host buffer into the storage the tensors will view, on the device
+    that map_location (torch.load's semantics) picks for it."""
+    lay = reader.layout
+    if lay.storage_kind[s] == "numpy":
+        return buf
+    torch = _torch_for(reader)
+    storage = buf.untyped_storage() if isinstance(buf, torch.Tensor) else buf
+    saved = lay.storage_device[s]
+    if callable(map_location) and not isinstance(map_location, (str, dict, torch.device)):
+        result = map_location(storage, saved)
+        if result is None:
+            return _to_device(reader, storage, buf, saved, torch, explicit=False)
+        if isinstance(result, torch.TypedStorage):
+            result = result.untyped()
+        if not isinstance(result, torch.UntypedStorage):
+            raise TypeError(f"map_location callable returned {type(result).__name__}, expected a storage")
+        return result
+    if map_location is None:
+        return _to_device(reader, storage, buf, saved, torch, explicit=False)
+    if isinstance(map_location, dict):
+        target = map_location.get(saved, saved)
+    else:
+        target = map_location
+    return _to_device(reader, storage, buf, str(torch.device(target)), torch, explicit=True)
+
+
+def _to_device(reader: _Reader, storage: Any, buf: Any, target: str, torch: Any, explicit: bool) -> Any:
+    dev = torch.device(target)
+    if dev.type == "cpu":
+        return storage
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"{reader.name}: a storage was saved from {target} but CUDA is not available here; "
+                "pass map_location='cpu' (or a dict or callable) to load it on the CPU"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"{reader.name}: a storage belongs on {target} but only {torch.cuda.device_count()} CUDA "
+                "device(s) exist; pass map_location to put it elsewhere"
+            )
+    return buf.to(dev).untyped_storage() if isinstance(buf, torch.Tensor) else storage.to(device=dev)
+
+
+def load(
+    f: FileLike,
+    map_location: Any = None,
+    *,
+    mmap: bool = False,
+    verify: bool = True,
+    num_threads: int | None = None,
+) -> Any:
+    """Loads what `save` wrote: the same containers, tensors, sharing and plain values.
+
+    `map_location` works as in torch.load (None, a device string, a torch.device, a dict
+    remapping saved devices, or a callable(storage, location)). `mmap=True` returns
+    tensors backed by a private copy-on-write mapping of the file. `verify=False` skips
+    the checksums, never the structural checks. Raises FormatError (ChecksumError for
+    damaged bytes) naming the file; no code in the file is ever executed. Releases the
+    GIL while bytes move.
+    """
+    reader = _Reader(f, verify=verify)
+    try:
+        storages = reader.read_storages(None, map_location, verify, _config.num_threads(num_threads), mmap)
+        return reader.build(storages)
+    finally:
+        reader.close()
+
+
+class TensorFile:
+    """A lazily read file: `keys()`, `get(key)`, `metadata()`, `load()`; reads only the
+    bytes asked for. Use as a context manager, or call close()."""
+
+    def __init__(self, f: FileLike, *, verify: bool = True) -> None:
+        self._reader = _Reader(f, verify=verify)
+        self._verify = verify
+
+    def keys(self) -> list[str]:
+        """Key paths of the tensors, such as "model.0.weight", in the order saved."""
+        return list(self._reader.key_index())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._reader.key_index()
+
+    def __len__(self) -> int:
+        return len(self._reader.key_index())
+
+    def get(self, key: str, map_location: Any = None) -> Any:
+        """Reads one tensor (and only the storage it views)."""
+        index = self._reader.key_index().get(key)
+        if index is None:
+            raise KeyError(f"{self._reader.name}: no tensor at key path {key!r}")
+        s = self._reader.layout.tensors[index][1]
+        storages = self._reader.read_storages([s], map_location, self._verify, _config.num_threads(), False)
+        return self._reader.build_tensor(index, storages)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._reader.layout.metadata)
+
+    def load(self, map_location: Any = None, *, num_threads: int | None = None) -> Any:
+        storages = self._reader.read_storages(
+            None, map_location, self._verify, _config.num_threads(num_threads), False
+        )
+        return self._reader.build(storages)
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open(f: FileLike, *, verify: bool = True) -> TensorFile:  # noqa: A001 - mirrors safetensors.safe_open
+    """Opens a file for lazy reading; see TensorFile."""
+    return TensorFile(f, verify=verify)
+
+
+_unused: Callable[..., Any] | None = None

@@ -1,0 +1,328 @@
+"""The tensorfile format v1: preamble, JSON header and aligned storage regions.
+
+`encode_header` and `make_preamble` write it; `parse_preamble` and `parse_header` are the
+pure "parse, then trust" validator from header bytes to a `Layout` that the loader may
+use without further checks. docs/format.md is the normative description.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import _engine
+from .._dtypes import ITEMSIZE
+from .._errors import ChecksumError, FormatError
+from .._tree import validate as validate_tree
+
+MAGIC = b"TNSRFILE"
+MAJOR = 1
+MINOR = 0
+PREAMBLE = struct.Struct("<8sHHIQQ")  # magic, major, minor, header crc32c, header nbytes, file nbytes
+PREAMBLE_NBYTES = PREAMBLE.size  # 32
+ALIGN = 4096
+MAX_HEADER_NBYTES = 64 << 20
+MAX_NDIM = 64
+MAX_INT = 2**63 - 1
+FLAG_REQUIRES_GRAD = 1
+FLAG_PARAMETER = 2
+
+_HEADER_KEYS = ("tree", "tensors", "storages", "metadata", "crc32c")
+_CRC_PLACEHOLDER = "0"
+
+
+def align_up(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def storage_offsets(nbytes: list[int]) -> list[int]:
+    """The canonical offset of each storage, relative to the start of the data section."""
+    out = []
+    cursor = 0
+    for n in nbytes:
+        out.append(cursor)
+        cursor = align_up(cursor + n)
+    return out
+
+
+def data_start(header_nbytes: int) -> int:
+    return align_up(PREAMBLE_NBYTES + header_nbytes)
+
+
+def file_nbytes(header_nbytes: int, offsets: list[int], nbytes: list[int]) -> int:
+    end = max((o + n for o, n in zip(offsets, nbytes) if n), default=0)
+    return data_start(header_nbytes) + end if end else PREAMBLE_NBYTES + header_nbytes
+
+
+def encode_header(
+    tree: Any, tensors: list[list[Any]], storages: list[list[Any]], metadata: dict[str, str]
+) -> tuple[bytearray, int]:
+    """The header with every checksum zero; returns it and where the checksum hex begins,
+    so `set_checksums` can fill them in once the data has been written. The checksum
+    field is fixed-width, so the header's length never depends on the checksums."""
+    body = json.dumps(
+        {"tree": tree, "tensors": tensors, "storages": storages, "metadata": metadata},
+        separators=(",", ":"),
+        ensure_ascii=True,
+        allow_nan=False,
+    )
+    head = body[:-1] + ',"crc32c":"'
+    header = bytearray((head + _CRC_PLACEHOLDER * (8 * len(storages)) + '"}').encode("ascii"))
+    return header, len(head)
+
+
+def set_checksums(header: bytearray, crc_pos: int, crcs: np.ndarray) -> None:
+    hexed = crcs.astype(">u4").tobytes().hex().encode("ascii")
+    header[crc_pos : crc_pos + len(hexed)] = hexed
+
+
+def header_crc(preamble_wo_crc: bytes, header: bytes | bytearray | memoryview) -> int:
+    crc = _engine.crc32c(preamble_wo_crc[:12])
+    crc = _engine.crc32c(preamble_wo_crc[16:32], crc)
+    return int(_engine.crc32c(header, crc))
+
+
+def make_preamble(header: bytes | bytearray, total_nbytes: int) -> bytes:
+    draft = PREAMBLE.pack(MAGIC, MAJOR, MINOR, 0, len(header), total_nbytes)
+    return PREAMBLE.pack(MAGIC, MAJOR, MINOR, header_crc(draft, header), len(header), total_nbytes)
+
+
+@dataclass
+class Preamble:
+    major: int
+    minor: int
+    header_crc: int
+    header_nbytes: int
+    file_nbytes: int
+
+
+def sniff(head: bytes) -> str:
+    """Names the format of a file from its first bytes: tensorfile, zip, safetensors or unknown."""
+    if head.startswith(MAGIC):
+        return "tensorfile"
+    if head.startswith(b"PK\x03\x04"):
+        return "torch.save zip"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "unknown"
+
+
+def parse_preamble(raw: bytes, actual_nbytes: int | None, name: str) -> Preamble:
+    if len(raw) < PREAMBLE_NBYTES:
+        if len(raw) == 0:
+            raise FormatError(f"{name}: the file is empty (not a tensorfile)")
+        raise FormatError(f"{name}: the file is {len(raw)} bytes, shorter than the {PREAMBLE_NBYTES}-byte preamble")
+    magic, major, minor, hcrc, hlen, flen = PREAMBLE.unpack_from(raw)
+    if magic != MAGIC:
+        kind = sniff(raw)
+        hint = f" (it looks like a {kind} file)" if kind != "unknown" else ""
+        raise FormatError(f"{name}: not a tensorfile: bad magic {magic!r}{hint}")
+    if major != MAJOR:
+        raise FormatError(
+            f"{name}: tensorfile format version {major}.{minor} is not supported by this reader "
+            f"(it reads version {MAJOR}.x); upgrade tensorfile"
+        )
+    if hlen > MAX_HEADER_NBYTES:
+        raise FormatError(f"{name}: header of {hlen} bytes exceeds the {MAX_HEADER_NBYTES}-byte limit")
+    if flen < PREAMBLE_NBYTES + hlen:
+        raise FormatError(f"{name}: recorded file size {flen} is smaller than its header")
+    if actual_nbytes is not None and flen != actual_nbytes:
+        what = "truncated" if actual_nbytes < flen else "followed by trailing bytes"
+        raise FormatError(f"{name}: the file is {actual_nbytes} bytes but records {flen}: it is {what}")
+    return Preamble(major, minor, hcrc, hlen, flen)
+
+
+@dataclass
+class Layout:
+    """A fully validated header: everything the loader needs, safe to trust."""
+
+    tree: Any
+    tensors: list[list[Any]]  # [kind, storage, dtype, shape, strides, offset, flags]
+    storage_kind: list[str]  # "torch" or "numpy" per storage
+    storage_device: list[str]
+    storage_nbytes: np.ndarray  # uint64
+    storage_offsets: np.ndarray  # uint64, absolute file offsets
+    storage_crcs: np.ndarray  # uint32
+    storage_tensors: list[list[int]]  # tensor rows of each storage
+    metadata: dict[str, str]
+    header_end: int  # first byte after the header
+    file_nbytes: int
+    minor: int
+
+
+def _bad(name: str, message: str) -> FormatError:
+    return FormatError(f"{name}: invalid header: {message}")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise FormatError(f"duplicate key {k!r:.60} in a JSON object")
+            seen.add(k)
+    return out
+
+
+def _is_index(x: Any) -> bool:
+    return type(x) is int and 0 <= x <= MAX_INT
+
+
+def parse_header(raw: bytes | bytearray | memoryview, pre: Preamble, preamble_raw: bytes, name: str, verify: bool) -> Layout:
+    """Validates header bytes completely before anything is allocated (docs/format.md,
+    "Validation"); raises FormatError (ChecksumError for a checksum) naming `name`."""
+    if verify and header_crc(preamble_raw, raw) != pre.header_crc:
+        raise ChecksumError(
+            f"{name}: header checksum mismatch (the file was damaged after it was written); "
+            "re-save it, or pass verify=False to skip checksums"
+        )
+    try:
+        text = bytes(raw).decode("utf-8")
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except FormatError as e:
+        raise _bad(name, str(e)) from None
+    except RecursionError:
+        raise _bad(name, "JSON nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _bad(name, f"not valid UTF-8 JSON ({str(e)[:120]})") from None
+    if type(doc) is not dict or tuple(doc) != _HEADER_KEYS:
+        got = list(doc)[:8] if type(doc) is dict else type(doc).__name__
+        raise _bad(name, f"the header must be an object with keys {list(_HEADER_KEYS)} in that order, got {got}")
+    tensors, storages, metadata, crc_hex = doc["tensors"], doc["storages"], doc["metadata"], doc["crc32c"]
+    if type(metadata) is not dict or any(type(v) is not str for v in metadata.values()):
+        raise _bad(name, "metadata must map strings to strings")
+    if type(storages) is not list or type(tensors) is not list:
+        raise _bad(name, "tensors and storages must be arrays")
+    nstorage = len(storages)
+    if type(crc_hex) is not str or len(crc_hex) != 8 * nstorage:
+        raise _bad(name, f"crc32c must be {8 * nstorage} hex digits, one group of 8 per storage")
+    try:
+        crcs = np.frombuffer(bytes.fromhex(crc_hex), dtype=">u4").astype(np.uint32)
+    except ValueError:
+        raise _bad(name, "crc32c is not hexadecimal") from None
+
+    # Storages: [offset, nbytes, device], laid out canonically.
+    offsets: list[int] = []
+    sizes: list[int] = []
+    devices: list[str] = []
+    cursor = 0
+    for i, row in enumerate(storages):
+        if type(row) is not list or len(row) != 3:
+            raise _bad(name, f"storage {i} must be [offset, nbytes, device]")
+        off, nb, dev = row
+        if not _is_index(off) or not _is_index(nb):
+            raise _bad(name, f"storage {i}: offset and nbytes must be integers in [0, 2^63)")
+        if off != cursor:
+            why = "overlaps the previous one" if off < cursor else "is not where the layout puts it"
+            raise _bad(name, f"storage {i} at data offset {off} {why} (expected {cursor}; offsets are 4096-aligned and in order)")
+        if type(dev) is not str or not _valid_device(dev):
+            raise _bad(name, f"storage {i}: bad device {dev!r:.40}")
+        offsets.append(off)
+        sizes.append(nb)
+        devices.append(dev)
+        cursor = align_up(off + nb)
+        if cursor > MAX_INT:
+            raise _bad(name, f"storage {i} ends beyond 2^63 bytes")
+    expected_end = file_nbytes(pre.header_nbytes, offsets, sizes)
+    if expected_end != pre.file_nbytes:
+        raise _bad(name, f"the storages end at byte {expected_end} but the preamble records {pre.file_nbytes}")
+
+    # Tensors: [kind, storage, dtype, shape, strides, offset, flags].
+    ntensors = len(tensors)
+    kinds: list[str] = []
+    storage_kind: list[str | None] = [None] * nstorage
+    storage_tensors: list[list[int]] = [[] for _ in range(nstorage)]
+    storage_need = [0] * nstorage
+    for i, row in enumerate(tensors):
+        if type(row) is not list or len(row) != 7:
+            raise _bad(name, f"tensor {i} must be [kind, storage, dtype, shape, strides, offset, flags]")
+        kind, s, dtype, shape, strides, off, flags = row
+        sizes_of = ITEMSIZE.get(kind) if type(kind) is str else None
+        if sizes_of is None:
+            raise _bad(name, f"tensor {i}: unknown kind {kind!r:.40}")
+        if type(s) is not int or not 0 <= s < nstorage:
+            raise _bad(name, f"tensor {i}: storage index {s!r:.40} out of range")
+        itemsize = sizes_of.get(dtype) if type(dtype) is str else None
+        if itemsize is None:
+            raise _bad(name, f"tensor {i}: unknown {kind} dtype {dtype!r:.40}")
+        if type(shape) is not list or type(strides) is not list or len(shape) != len(strides) or len(shape) > MAX_NDIM:
+            raise _bad(name, f"tensor {i}: shape and strides must be arrays of equal length at most {MAX_NDIM}")
+        if not _is_index(off) or type(flags) is not int or not 0 <= flags <= 3 or (kind == "numpy" and flags):
+            raise _bad(name, f"tensor {i}: bad offset or flags")
+        numel = 1
+        lo = hi = 0
+        for d, st in zip(shape, strides):
+            if not _is_index(d):
+                raise _bad(name, f"tensor {i}: shape entries must be non-negative integers, got {d!r:.40}")
+            if type(st) is not int or abs(st) > MAX_INT or (kind == "torch" and st < 0):
+                raise _bad(name, f"tensor {i}: bad stride {st!r:.40}")
+            numel *= d
+            if d:
+                reach = (d - 1) * st
+                if reach < 0:
+                    lo += reach
+                else:
+                    hi += reach
+        if numel > MAX_INT:
+            raise _bad(name, f"tensor {i}: shape {shape} has more than 2^63 elements")
+        if kind == "torch":
+            if off % itemsize:
+                raise _bad(name, f"tensor {i}: byte offset {off} is not a multiple of the element size {itemsize}")
+            lo, hi = lo * itemsize, hi * itemsize
+        end = off + hi + itemsize if numel else off
+        if numel and off + lo < 0:
+            raise _bad(name, f"tensor {i}: its strides reach before the start of storage {s}")
+        if end > sizes[s]:
+            raise _bad(name, f"tensor {i} needs {end} bytes of storage {s}, which holds {sizes[s]}")
+        if storage_kind[s] is None:
+            storage_kind[s] = kind
+        elif storage_kind[s] != kind:
+            raise _bad(name, f"storage {s} is shared by torch and numpy tensors")
+        if numel and end > storage_need[s]:
+            storage_need[s] = end
+        storage_tensors[s].append(i)
+        kinds.append(kind)
+    for s in range(nstorage):
+        if storage_kind[s] is None:
+            raise _bad(name, f"storage {s} is not used by any tensor")
+        if storage_need[s] != sizes[s]:
+            raise _bad(name, f"storage {s} holds {sizes[s]} bytes but its tensors use {storage_need[s]}")
+
+    try:
+        order = validate_tree(doc["tree"], ntensors, kinds)
+    except FormatError as e:
+        raise FormatError(f"{name}: {e}") from None
+    if len(set(order)) != ntensors:
+        raise _bad(name, "every tensor row must be referenced by the object tree")
+
+    base = data_start(pre.header_nbytes)
+    return Layout(
+        tree=doc["tree"],
+        tensors=tensors,
+        storage_kind=storage_kind,  # type: ignore[arg-type]
+        storage_device=devices,
+        storage_nbytes=np.array(sizes, dtype=np.uint64),
+        storage_offsets=np.array(offsets, dtype=np.uint64) + np.uint64(base),
+        storage_crcs=crcs,
+        storage_tensors=storage_tensors,
+        metadata=metadata,
+        header_end=PREAMBLE_NBYTES + pre.header_nbytes,
+        file_nbytes=pre.file_nbytes,
+        minor=pre.minor,
+    )
+
+
+def _reject_constant(token: str) -> Any:
+    raise FormatError(f"JSON constant {token} is not allowed")
+
+
+def _valid_device(s: str) -> bool:
+    kind, _, index = s.partition(":")
+    if kind not in ("cpu", "cuda"):
+        return False
+    return index == "" or (index.isascii() and index.isdigit() and len(index) < 6)
