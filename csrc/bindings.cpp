@@ -92,8 +92,8 @@ PYBIND11_MODULE(_engine, m) {
         std::vector<uint32_t> crcs;
         {
           py::gil_scoped_release release;
-          crcs = read_regions(fd, regions, options(num_threads, task_nbytes, checksum), check_gaps, gap_begin,
-                              gap_end, path);
+          crcs = read_regions(fd, regions, options(num_threads, task_nbytes, checksum), check_gaps, gap_begin, gap_end,
+                              path);
         }
         return to_array(crcs);
       },

@@ -227,7 +227,8 @@ std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, c
       }
     }
     if (options.checksum) {
-      for (size_t i = t.first; i < t.last; i++) crcs[i] = crc32c(reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
+      for (size_t i = t.first; i < t.last; i++)
+        crcs[i] = crc32c(reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
     }
   });
   return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options.task_nbytes);
@@ -248,7 +249,8 @@ std::vector<uint32_t> checksum_regions(const std::vector<Region>& input, const T
     if (t.kind == Task::kChunk) {
       chunk_crcs[t.slot] = crc32c(reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset, t.nbytes);
     } else if (t.kind == Task::kGather) {
-      for (size_t i = t.first; i < t.last; i++) crcs[i] = crc32c(reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
+      for (size_t i = t.first; i < t.last; i++)
+        crcs[i] = crc32c(reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
     }
   });
   return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options.task_nbytes);

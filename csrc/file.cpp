@@ -20,7 +20,9 @@ std::atomic<int> g_fault_errno{0};
 constexpr size_t kMaxTransfer = size_t{1} << 30;
 
 [[noreturn]] void throw_io(int err, const std::string& verb, const std::string& path, uint64_t offset) {
-  throw IoError(err, path, std::string(std::strerror(err)) + " while " + verb + " " + path + " at offset " + std::to_string(offset));
+  throw IoError(
+      err, path,
+      std::string(std::strerror(err)) + " while " + verb + " " + path + " at offset " + std::to_string(offset));
 }
 }  // namespace
 
@@ -88,7 +90,8 @@ size_t advance(std::vector<iovec>& iov, size_t first, size_t done) {
 void preadv_full(int fd, std::vector<iovec>& iov, uint64_t file_offset, const std::string& path) {
   size_t first = advance(iov, 0, 0);
   while (first < iov.size()) {
-    ssize_t got = ::preadv(fd, iov.data() + first, static_cast<int>(iov.size() - first), static_cast<off_t>(file_offset));
+    ssize_t got =
+        ::preadv(fd, iov.data() + first, static_cast<int>(iov.size() - first), static_cast<off_t>(file_offset));
     if (got < 0) {
       if (errno == EINTR) continue;
       throw_io(errno, "reading", path, file_offset);
@@ -108,7 +111,8 @@ void pwritev_full(int fd, std::vector<iovec>& iov, uint64_t file_offset, const s
   }
   size_t first = advance(iov, 0, 0);
   while (first < iov.size()) {
-    ssize_t put = ::pwritev(fd, iov.data() + first, static_cast<int>(iov.size() - first), static_cast<off_t>(file_offset));
+    ssize_t put =
+        ::pwritev(fd, iov.data() + first, static_cast<int>(iov.size() - first), static_cast<off_t>(file_offset));
     if (put < 0) {
       if (errno == EINTR) continue;
       throw_io(errno, "writing", path, file_offset);

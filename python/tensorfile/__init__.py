@@ -7,4 +7,13 @@ from .api import TensorFile, clean, load, open, save
 
 __version__ = "0.1.0"
 
-__all__ = ["ChecksumError", "FormatError", "TensorFile", "__version__", "clean", "load", "open", "save"]
+__all__ = [
+    "ChecksumError",
+    "FormatError",
+    "TensorFile",
+    "__version__",
+    "clean",
+    "load",
+    "open",
+    "save",
+]

@@ -38,6 +38,15 @@ TORCH_ITEMSIZE: dict[str, int] = {
     **{f"int{n}": 1 for n in range(1, 8)},
 }
 
+# torch dtypes that may carry requires_grad (torch's own rule: floating and complex).
+TORCH_GRAD_DTYPES = frozenset(
+    n for n in TORCH_ITEMSIZE if n.startswith(("float", "bfloat", "complex"))
+)
+
+# Every torch dtype name a dtype *value* in the object tree may have: the storable ones
+# and the quantized ones, which are fine as values even though their tensors are refused.
+TORCH_DTYPE_VALUES = frozenset(TORCH_ITEMSIZE) | {"qint8", "quint8", "qint32", "quint4x2", "quint2x4"}
+
 # numpy dtype name -> bytes per element: every numeric and bool type with a fixed,
 # platform-independent width (little-endian in the file).
 NUMPY_ITEMSIZE: dict[str, int] = {

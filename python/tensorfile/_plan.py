@@ -8,11 +8,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _torch
 from ._dtypes import numpy_name
+from ._torch import describe
 from .formats.native import storage_offsets
 
 _SPAN_ALIGN = 16  # the widest element; keeps every tensor's offset a multiple of its size
+
+
+class _Refused(Exception):
+    pass
+
+
+def _raise(message: str) -> TypeError:
+    raise _Refused(message)
 
 
 @dataclass
@@ -40,16 +48,24 @@ def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> S
     np_owner: dict[int, Any] = {}
     for i, leaf in enumerate(leaves):
         if tensor_type is not None and isinstance(leaf, tensor_type):
-            key, storage, ptr, first, end, dtype, shape, strides, flags = _torch.describe(
-                torch, leaf, lambda m, i=i: error_at(i, m)
-            )
+            try:
+                key, storage, ptr, first, end, dtype, shape, strides, flags = describe(
+                    torch, leaf, _raise
+                )
+            except _Refused as e:
+                raise error_at(i, str(e)) from None
             g = groups.get(key)
             if g is None:
                 g = groups[key] = [storage, leaf.device, ptr, None, None, []]
                 order.append(key)
             if end > first:
-                g[3] = first if g[3] is None else min(g[3], first)
-                g[4] = end if g[4] is None else max(g[4], end)
+                if g[3] is None:
+                    g[3], g[4] = first, end
+                else:
+                    if first < g[3]:
+                        g[3] = first
+                    if end > g[4]:
+                        g[4] = end
             g[5].append(i)
             rows.append(["torch", 0, dtype, shape, strides, 0, flags])
             firsts.append(first)
@@ -57,11 +73,18 @@ def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> S
             a = leaf
             name = numpy_name(a.dtype)
             if name is None:
-                raise error_at(i, f"numpy dtype {a.dtype} is not supported (numeric and bool types, native byte order)")
+                raise error_at(
+                    i,
+                    f"numpy dtype {a.dtype} is not supported (numeric and bool types, native byte order)",
+                )
             addr = a.__array_interface__["data"][0]
             if a.size:
                 lo = addr + sum((d - 1) * s for d, s in zip(a.shape, a.strides) if s < 0)
-                hi = addr + a.itemsize + sum((d - 1) * s for d, s in zip(a.shape, a.strides) if s > 0)
+                hi = (
+                    addr
+                    + a.itemsize
+                    + sum((d - 1) * s for d, s in zip(a.shape, a.strides) if s > 0)
+                )
             else:
                 lo = hi = addr
             rows.append(["numpy", 0, name, list(a.shape), list(a.strides), 0, 0])
@@ -92,7 +115,9 @@ def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> S
             dev = "cpu"
             for i in members:
                 rows[i][1] = s
-                rows[i][5] = firsts[i] - base if (hi > lo and rows[i][3] and _numel(rows[i][3])) else 0
+                rows[i][5] = (
+                    firsts[i] - base if (hi > lo and rows[i][3] and _numel(rows[i][3])) else 0
+                )
             keepalive.append(owner)
         else:
             if lo is None:
@@ -109,7 +134,12 @@ def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> S
                 keepalive.append(owner)
             else:
                 # Device memory is staged through a host copy of the referenced span.
-                host = torch.empty(0, dtype=torch.uint8, device=device).set_(owner, lo, (nbytes,)).cpu()
+                assert torch is not None
+                host = (
+                    torch.empty(0, dtype=torch.uint8, device=device)
+                    .set_(owner, lo, (nbytes,))
+                    .cpu()
+                )
                 keepalive.append(host)
                 base = host.data_ptr()
         storages.append([0, nbytes, dev])

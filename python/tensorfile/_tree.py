@@ -11,13 +11,14 @@ from __future__ import annotations
 import base64
 import collections
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from ._dtypes import numpy_name
+from ._dtypes import NUMPY_ITEMSIZE, TORCH_DTYPE_VALUES, numpy_name
 from ._errors import FormatError
 
 MAX_DEPTH = 200  # containers nested deeper than this are refused on save and on load
@@ -55,7 +56,9 @@ class Flattener:
         self._torch = torch
 
     def error(self, message: str) -> TypeError:
-        return TypeError(f"tensorfile.save: cannot save the object at key path {_path_str(self._path)!r}: {message}")
+        return TypeError(
+            f"tensorfile.save: cannot save the object at key path {_path_str(self._path)!r}: {message}"
+        )
 
     def flatten(self, obj: Any) -> Any:
         return self._node(obj, 0)
@@ -72,7 +75,9 @@ class Flattener:
             self.leaf_paths.append(list(self._path))
         return [tag, index]
 
-    def _children(self, tag: str, items: Any, depth: int, head: list[Any] | None = None) -> list[Any]:
+    def _children(
+        self, tag: str, items: Any, depth: int, head: list[Any] | None = None
+    ) -> list[Any]:
         out = [tag] if head is None else [tag, *head]
         path = self._path
         for i, item in enumerate(items):
@@ -81,24 +86,30 @@ class Flattener:
             path.pop()
         return out
 
-    def _dict(self, tag: str, obj: dict[Any, Any], depth: int, head: list[Any] | None = None) -> list[Any]:
+    def _dict(
+        self, tag: str, obj: dict[Any, Any], depth: int, head: list[Any] | None = None
+    ) -> list[Any]:
         out = [tag] if head is None else [tag, *head]
         path = self._path
         for k, v in obj.items():
             path.append(k)
-            out.append(self._key(k))
+            out.append(self._key(k, depth + 1))
             out.append(self._node(v, depth + 1))
             path.pop()
         return out
 
-    def _key(self, k: Any) -> Any:
+    def _key(self, k: Any, depth: int) -> Any:
         if type(k) is str:
             return k
-        if type(k) not in _KEY_TYPES and not isinstance(k, np.generic) and type(k).__module__ != "torch":
+        if (
+            type(k) not in _KEY_TYPES
+            and not isinstance(k, np.generic)
+            and type(k).__module__ != "torch"
+        ):
             raise self.error(f"dict keys of type {type(k).__qualname__} are not supported")
         self._in_key = True
         try:
-            return self._node(k, MAX_DEPTH - 8)
+            return self._node(k, depth)
         finally:
             self._in_key = False
 
@@ -155,10 +166,15 @@ class Flattener:
         torch = self._torch
         if torch is not None:
             if t is torch.dtype:
-                return ["dtype", str(obj).removeprefix("torch.")]
+                name = str(obj).removeprefix("torch.")
+                if name not in TORCH_DTYPE_VALUES:
+                    raise self.error(f"dtype value {obj} is not supported")
+                return ["dtype", name]
             if t is torch.Size:
                 return ["size", *(int(d) for d in obj)]
             if t is torch.device:
+                if not _valid_device(str(obj)):
+                    raise self.error(f"device value {obj} is not supported")
                 return ["device", str(obj)]
         raise self.error(
             f"objects of type {t.__module__}.{t.__qualname__} are not supported "
@@ -173,10 +189,15 @@ def _bad(message: str) -> FormatError:
 
 def _decode_float(node: Any) -> float:
     if type(node) is float:
+        if not math.isfinite(node):
+            raise _bad("plain floats must be finite")
         return node
-    if type(node) is int:
-        return float(node)
-    if type(node) is list and len(node) == 2 and node[0] == "float" and node[1] in ("nan", "inf", "-inf"):
+    if (
+        type(node) is list
+        and len(node) == 2
+        and node[0] == "float"
+        and node[1] in ("nan", "inf", "-inf")
+    ):
         return float(node[1])
     raise _bad(f"expected a float, got {node!r:.80}")
 
@@ -185,9 +206,12 @@ def _b64(s: Any) -> bytes:
     if type(s) is not str:
         raise _bad("bytes payload must be a base64 string")
     try:
-        return base64.b64decode(s.encode("ascii"), validate=True)
+        out = base64.b64decode(s.encode("ascii"), validate=True)
     except (ValueError, UnicodeEncodeError) as e:
         raise _bad(f"bad base64 in bytes payload: {e}") from None
+    if base64.b64encode(out).decode("ascii") != s:
+        raise _bad("bytes payload is not canonical base64")
+    return out
 
 
 class Builder:
@@ -208,10 +232,14 @@ class Builder:
         if tag == "tuple":
             return tuple(self.build(c, depth + 1) for c in node[1:])
         if tag == "dict":
-            return {self.build(node[i], depth + 1): self.build(node[i + 1], depth + 1) for i in range(1, len(node), 2)}
+            return {
+                self.build(node[i], depth + 1): self.build(node[i + 1], depth + 1)
+                for i in range(1, len(node), 2)
+            }
         if tag == "odict":
             out: collections.OrderedDict[Any, Any] = collections.OrderedDict(
-                (self.build(node[i], depth + 1), self.build(node[i + 1], depth + 1)) for i in range(2, len(node), 2)
+                (self.build(node[i], depth + 1), self.build(node[i + 1], depth + 1))
+                for i in range(2, len(node), 2)
             )
             if node[1] is not None:
                 for name, value in self.build(node[1], depth + 1).items():
@@ -233,7 +261,9 @@ def decode_scalar(node: list[Any]) -> Any:
     if tag == "bytearray":
         return bytearray(_b64(node[1]))
     if tag == "npscalar":
-        return np.frombuffer(bytes.fromhex(node[2]), dtype=np.dtype(node[1]).newbyteorder("<"))[0].copy()
+        return np.frombuffer(bytes.fromhex(node[2]), dtype=np.dtype(node[1]).newbyteorder("<"))[
+            0
+        ].copy()
     torch = _torch_module()
     if torch is None:
         import torch  # the file holds torch values: loading them needs torch
@@ -246,14 +276,12 @@ def decode_scalar(node: list[Any]) -> Any:
     raise _bad(f"unknown tag {tag!r:.40}")
 
 
-def validate(tree: Any, ntensors: int, kinds: list[str]) -> list[int]:
+def validate(tree: Any, ntensors: int, kinds: list[str], *, _depth: int = 0, _in_key: bool = False) -> list[int]:
     """Checks every node of a decoded tree (types, tags, arities, leaf indexes, dict key
     uniqueness) without building anything; returns the leaf indexes in tree order.
     `kinds[i]` is "torch" or "numpy" for tensor row i."""
-    from ._dtypes import NUMPY_ITEMSIZE, TORCH_ITEMSIZE
-
     order: list[int] = []
-    stack: list[tuple[Any, int, bool]] = [(tree, 0, False)]
+    stack: list[tuple[Any, int, bool]] = [(tree, _depth, _in_key)]
     while stack:
         node, depth, in_key = stack.pop()
         t = type(node)
@@ -261,11 +289,13 @@ def validate(tree: Any, ntensors: int, kinds: list[str]) -> list[int]:
             continue
         if t is int:
             if not -_SAFE_INT <= node <= _SAFE_INT:
-                raise _bad("plain ints must fit in 53 bits; larger ones are written as [\"int\", \"digits\"]")
+                raise _bad(
+                    'plain ints must fit in 53 bits; larger ones are written as ["int", "digits"]'
+                )
             continue
         if t is float:
             if not math.isfinite(node):
-                raise _bad("plain floats must be finite; nan and inf are written as [\"float\", ...]")
+                raise _bad('plain floats must be finite; nan and inf are written as ["float", ...]')
             continue
         if t is not list or not node or type(node[0]) is not str:
             raise _bad(f"unexpected node {node!r:.80}")
@@ -300,16 +330,23 @@ def validate(tree: Any, ntensors: int, kinds: list[str]) -> list[int]:
             if (n - first) % 2:
                 raise _bad(f"{tag} node with an odd number of key/value items")
             keys = node[first::2]
+            for k in keys:
+                _check_key(k, depth + 1)
             try:
                 hashed = {_key_identity(k) for k in keys}
             except Exception:
                 raise _bad(f"malformed or unhashable dict key in {node!r:.80}") from None
             if len(hashed) != len(keys):
                 raise _bad("duplicate dict key")
-            for i in range(n - 1, first - 1, -1):
-                stack.append((node[i], depth + 1, (i - first) % 2 == 0))
+            for i in range(n - 1, first, -2):
+                stack.append((node[i], depth + 1, False))
         elif tag == "int":
-            if n != 2 or type(node[1]) is not str or not node[1].lstrip("-").isdigit() or not node[1].isascii():
+            if (
+                n != 2
+                or type(node[1]) is not str
+                or not node[1].lstrip("-").isdigit()
+                or not node[1].isascii()
+            ):
                 raise _bad(f"bad int node {node!r:.80}")
             if len(node[1]) > 4000:
                 raise _bad("int literal longer than 4000 digits")
@@ -328,20 +365,18 @@ def validate(tree: Any, ntensors: int, kinds: list[str]) -> list[int]:
                 raise _bad(f"bad {tag} node")
             _b64(node[1])
         elif tag == "npscalar":
-            if n != 3 or node[1] not in NUMPY_ITEMSIZE or type(node[2]) is not str:
+            if n != 3 or type(node[1]) is not str or node[1] not in NUMPY_ITEMSIZE or type(node[2]) is not str:
                 raise _bad(f"bad npscalar node {node!r:.80}")
-            try:
-                raw = bytes.fromhex(node[2])
-            except ValueError:
-                raise _bad("npscalar payload is not hex") from None
-            if len(raw) != NUMPY_ITEMSIZE[node[1]]:
-                raise _bad("npscalar payload has the wrong width")
+            if len(node[2]) != 2 * NUMPY_ITEMSIZE[node[1]] or not _HEX_RE.fullmatch(node[2]):
+                raise _bad("npscalar payload must be lowercase hex of the dtype's width")
+            if node[1] == "bool" and node[2] not in ("00", "01"):
+                raise _bad("a bool npscalar must be 00 or 01")
         elif tag == "dtype":
-            if n != 2 or node[1] not in TORCH_ITEMSIZE:
+            if n != 2 or type(node[1]) is not str or node[1] not in TORCH_DTYPE_VALUES:
                 raise _bad(f"unknown torch dtype {node[1:]!r:.80}")
         elif tag == "size":
-            if any(type(d) is not int or d < 0 for d in node[1:]):
-                raise _bad("torch.Size entries must be non-negative ints")
+            if any(type(d) is not int or not 0 <= d < 2**63 for d in node[1:]):
+                raise _bad("torch.Size entries must be ints in [0, 2^63)")
         elif tag == "device":
             if n != 2 or type(node[1]) is not str or not _valid_device(node[1]):
                 raise _bad(f"bad device {node[1:]!r:.80}")
@@ -350,7 +385,16 @@ def validate(tree: Any, ntensors: int, kinds: list[str]) -> list[int]:
     return order
 
 
+_MARK = object()
+_INT_RE = re.compile(r"-?[1-9][0-9]*")
+_HEX_RE = re.compile(r"[0-9a-f]*")
 _KEY_TAGS = ("tuple", "int", "float", "complex", "bytes", "npscalar", "dtype", "size", "device")
+
+
+def _check_key(k: Any, depth: int) -> None:
+    """Validates a dict key node fully (a key may hold only plain values) so that
+    _key_identity can rebuild it safely."""
+    validate(k, 0, [], _depth=depth, _in_key=True)
 
 
 def _key_identity(k: Any) -> Any:
@@ -365,21 +409,23 @@ def _key_identity(k: Any) -> Any:
         if tag == "float" and k[1] == "nan":
             return ("nan", id(k))  # nan != nan: two nan keys never collide
         if tag in ("dtype", "device"):
-            return (tag, k[1])
+            return (_MARK, tag, k[1])  # _MARK keeps them apart from any user tuple
         return decode_scalar(k)
     return k
 
 
+_DEVICE_RE = re.compile(r"[a-z][a-z_]{0,31}(:(0|[1-9][0-9]{0,4}))?")
+
+
 def _valid_device(s: str) -> bool:
-    kind, _, index = s.partition(":")
-    if kind not in ("cpu", "cuda", "meta", "mps", "xpu"):
-        return False
-    return index == "" or (index.isdigit() and index.isascii() and len(index) < 6)
+    """A torch device string: a lowercase type, optionally ':' and an index."""
+    return _DEVICE_RE.fullmatch(s) is not None
 
 
 def key_paths(tree: Any) -> Iterator[tuple[str, int]]:
-    """(key path, tensor index) for every leaf reference, in tree order. Dict keys and
-    list positions join with "."; the first reference to a tensor names it."""
+    """(key path, tensor index) for every reference to a tensor, in tree order: a tensor
+    reached by two paths is listed under both. Dict keys (str() of non-string keys) and
+    list positions join with "."; OrderedDict attributes are not walked."""
     stack: list[tuple[Any, str]] = [(tree, "")]
     while stack:
         node, prefix = stack.pop()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import mmap as _mmap
 import os
 import secrets
 import socket
 import sys
 from collections.abc import Iterator
-from typing import IO, Any, Callable, Union
+from typing import IO, Any, Union
 
 import numpy as np
 
@@ -23,6 +25,30 @@ PathLike = Union[str, "os.PathLike[str]"]
 FileLike = Union[PathLike, IO[bytes]]
 
 _TMP_MARK = ".tftmp"
+
+
+# Test hook for the crash tests: with TENSORFILE_TEST_PHASE_FD set, a save writes the name
+# of each step it reaches to that descriptor, so a parent can kill it at a known moment.
+_PHASE_FD = int(os.environ["TENSORFILE_TEST_PHASE_FD"]) if os.environ.get("TENSORFILE_TEST_PHASE_FD") else None
+
+
+def _phase(name: str) -> None:
+    if _PHASE_FD is not None:
+        os.write(_PHASE_FD, name.encode() + b"\n")
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pauses the cyclic garbage collector: planning and building allocate one small
+    object per tensor and create no cycles, and with 20,000 tensors the collector's
+    repeated passes cost more than the work itself."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 # --------------------------------------------------------------------------- save
@@ -47,6 +73,13 @@ def save(
     Releases the GIL while bytes move; `num_threads` defaults to TENSORFILE_NUM_THREADS
     or the core count.
     """
+    with _no_gc():
+        _save(obj, f, durable, num_threads, metadata)
+
+
+def _save(
+    obj: Any, f: FileLike, durable: bool, num_threads: int | None, metadata: dict[str, str] | None
+) -> None:
     meta = _check_metadata(metadata)
     flattener = Flattener()
     tree = flattener.flatten(obj)
@@ -58,7 +91,9 @@ def save(
     )
     header, crc_pos = native.encode_header(tree, plan.tensors, plan.storages, meta)
     if len(header) > native.MAX_HEADER_NBYTES:
-        raise ValueError(f"tensorfile.save: the header would be {len(header)} bytes, over the format's limit")
+        raise ValueError(
+            f"tensorfile.save: the header would be {len(header)} bytes, over the format's limit"
+        )
     sizes = [row[1] for row in plan.storages]
     offsets = [row[0] for row in plan.storages]
     total = native.file_nbytes(len(header), offsets, sizes)
@@ -74,7 +109,9 @@ def save(
 def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     if metadata is None:
         return {}
-    if not isinstance(metadata, dict) or not all(type(k) is str and type(v) is str for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        type(k) is str and type(v) is str for k, v in metadata.items()
+    ):
         raise TypeError("tensorfile.save: metadata must be a dict of str to str")
     return dict(metadata)
 
@@ -82,7 +119,9 @@ def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
 def _tmp_name(target: str) -> str:
     directory, base = os.path.split(target)
     host = socket.gethostname().replace(".", "_")[:32]
-    return os.path.join(directory, f".{base}.{host}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_MARK}")
+    return os.path.join(
+        directory, f".{base}.{host}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_MARK}"
+    )
 
 
 def is_stale_tmp(name: str, host: str | None = None) -> bool:
@@ -147,20 +186,29 @@ def _save_path(
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     except FileNotFoundError:
-        raise FileNotFoundError(2, f"tensorfile.save: directory {directory} does not exist", path) from None
+        raise FileNotFoundError(
+            2, f"tensorfile.save: directory {directory} does not exist", path
+        ) from None
     try:
         try:
+            _phase("created")
             _engine.preallocate(fd, total, path)
-            crcs = _engine.write_regions(
-                fd, plan.ptrs, plan.nbytes, plan.offsets + base, threads, task, True, path
+            _phase("writing")
+            crcs = np.zeros(len(plan.nbytes), dtype=np.uint32)
+            full = plan.nbytes > 0  # empty storages have no bytes, no padding, CRC 0
+            crcs[full] = _engine.write_regions(
+                fd, plan.ptrs[full], plan.nbytes[full], plan.offsets[full] + base, threads, task, True, path
             )
             native.set_checksums(header, crc_pos, crcs)
             head = native.make_preamble(header, total) + bytes(header)
+            _phase("header")
             _pwrite_all(fd, head, 0)
             if durable:
+                _phase("fsync")
                 os.fsync(fd)
         finally:
             os.close(fd)
+        _phase("rename")
         os.replace(tmp, target)
     except BaseException as e:
         try:
@@ -169,10 +217,14 @@ def _save_path(
             pass
         if isinstance(e, OSError) and e.errno is not None:
             state = "the previous file is intact" if existed else "no file was created"
-            raise OSError(e.errno, f"{os.strerror(e.errno)} while writing {path}; {state}", path) from e
+            raise OSError(
+                e.errno, f"{os.strerror(e.errno)} while writing {path}; {state}", path
+            ) from e
         raise
     if durable:
+        _phase("fsync-dir")
         _fsync_dir(directory)
+    _phase("done")
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -202,10 +254,18 @@ def _raw_view(ptr: int, nbytes: int) -> memoryview:
 
 
 def _save_stream(
-    f: IO[bytes], plan: Any, header: bytearray, crc_pos: int, base: np.uint64, threads: int, task: int
+    f: IO[bytes],
+    plan: Any,
+    header: bytearray,
+    crc_pos: int,
+    base: np.uint64,
+    threads: int,
+    task: int,
 ) -> None:
     if not hasattr(f, "write"):
-        raise TypeError(f"tensorfile.save: f must be a path or a writable binary file object, got {type(f).__name__}")
+        raise TypeError(
+            f"tensorfile.save: f must be a path or a writable binary file object, got {type(f).__name__}"
+        )
     crcs = _engine.checksum_regions(plan.ptrs, plan.nbytes, threads, task)
     native.set_checksums(header, crc_pos, crcs)
     sizes = plan.nbytes.tolist()
@@ -240,7 +300,9 @@ class _Source:
             try:
                 self.fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except IsADirectoryError:
-                raise IsADirectoryError(21, f"tensorfile: {self.name} is a directory, not a file", self.name) from None
+                raise IsADirectoryError(
+                    21, f"tensorfile: {self.name} is a directory, not a file", self.name
+                ) from None
             self.owns_fd = True
             if not os.path.isfile(self.name):
                 self.close()
@@ -249,19 +311,23 @@ class _Source:
             self.name = str(getattr(f, "name", "<stream>"))
             self.stream = f
         else:
-            raise TypeError(f"tensorfile: expected a path or a readable binary file object, got {type(f).__name__}")
+            raise TypeError(
+                f"tensorfile: expected a path or a readable binary file object, got {type(f).__name__}"
+            )
         self.nbytes: int | None = os.fstat(self.fd).st_size if self.fd is not None else None
         self.consumed = 0
 
     def read(self, nbytes: int, offset: int) -> bytes:
         if self.fd is not None:
-            out = bytearray()
-            while len(out) < nbytes:
-                chunk = os.pread(self.fd, nbytes - len(out), offset + len(out))
+            parts = []
+            got = 0
+            while got < nbytes:
+                chunk = os.pread(self.fd, nbytes - got, offset + got)
                 if not chunk:
                     break
-                out += chunk
-            return bytes(out)
+                parts.append(chunk)
+                got += len(chunk)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
         assert self.stream is not None
         if offset != self.consumed:
             raise AssertionError("streams are read in order")
@@ -273,6 +339,25 @@ class _Source:
             out += more
         self.consumed += len(out)
         return out
+
+    def readinto(self, view: memoryview, offset: int) -> int:
+        """Fills `view` from the stream at `offset` without an intermediate copy;
+        returns the bytes read (fewer only at end of file)."""
+        assert self.stream is not None and offset == self.consumed
+        readinto = getattr(self.stream, "readinto", None)
+        got = 0
+        while got < len(view):
+            if readinto is not None:
+                n = readinto(view[got:])
+            else:
+                chunk = self.stream.read(len(view) - got)
+                n = len(chunk)
+                view[got : got + n] = chunk
+            if not n:
+                break
+            got += n
+        self.consumed += got
+        return got
 
     def close(self) -> None:
         if self.owns_fd and self.fd is not None:
@@ -303,14 +388,18 @@ class _Reader:
             self.src.close()
             raise
         self._keys: dict[str, int] | None = None
+        self.ambiguous: set[str] = set()
 
     # Key paths -----------------------------------------------------------------
     def key_index(self) -> dict[str, int]:
         if self._keys is None:
             keys: dict[str, int] = {}
+            ambiguous: set[str] = set()
             for path, i in key_paths(self.layout.tree):
-                keys.setdefault(path, i)
+                if keys.setdefault(path, i) != i:
+                    ambiguous.add(path)  # e.g. {"a.b": t1, "a": {"b": t2}}
             self._keys = keys
+            self.ambiguous = ambiguous
         return self._keys
 
     def storage_keys(self, s: int) -> list[str]:
@@ -328,12 +417,13 @@ class _Reader:
         lay = self.layout
         idx = list(range(len(lay.storage_kind))) if which is None else which
         if use_mmap:
-            raw = self._map_storages(idx, verify, check_gaps=which is None)
+            raw = self._map_storages(idx, verify, threads, check_gaps=which is None)
         elif self.src.fd is not None:
             raw = self._pread_storages(idx, verify, threads, check_gaps=which is None)
         else:
             raw = self._stream_storages(idx, verify, threads)
-        return {s: _place(self, s, raw[s], map_location) for s in idx}
+        place = _placer(self, map_location)
+        return {s: place(s, raw[s]) for s in idx}
 
     def _allocate(self, idx: list[int]) -> tuple[dict[int, Any], np.ndarray]:
         lay = self.layout
@@ -344,9 +434,9 @@ class _Reader:
             nb = int(lay.storage_nbytes[s])
             if lay.storage_kind[s] == "torch":
                 assert torch is not None
-                t = torch.empty(nb, dtype=torch.uint8)
-                bufs[s] = t
-                ptrs[j] = t.data_ptr()
+                st = torch.UntypedStorage(nb)
+                bufs[s] = st
+                ptrs[j] = st.data_ptr()
             else:
                 a = np.empty(nb, dtype=np.uint8)
                 bufs[s] = a
@@ -364,15 +454,20 @@ class _Reader:
                 "re-save it, or pass verify=False to read anyway"
             )
 
-    def _pread_storages(self, idx: list[int], verify: bool, threads: int, check_gaps: bool) -> dict[int, Any]:
+    def _pread_storages(
+        self, idx: list[int], verify: bool, threads: int, check_gaps: bool
+    ) -> dict[int, Any]:
         lay = self.layout
         bufs, ptrs = self._allocate(idx)
         assert self.src.fd is not None
-        crcs = _engine.read_regions(
+        nbytes = lay.storage_nbytes[idx]
+        full = nbytes > 0  # empty storages have no bytes and no padding: no I/O
+        crcs = np.zeros(len(idx), dtype=np.uint32)
+        crcs[full] = _engine.read_regions(
             self.src.fd,
-            ptrs,
-            lay.storage_nbytes[idx],
-            lay.storage_offsets[idx],
+            ptrs[full],
+            nbytes[full],
+            lay.storage_offsets[idx][full],
             threads,
             _config.task_nbytes(),
             verify,
@@ -397,22 +492,26 @@ class _Reader:
             if off > cursor:
                 pad = self.src.read(off - cursor, cursor)
                 if len(pad) != off - cursor:
-                    raise FormatError(f"{self.name}: unexpected end of file at offset {cursor} (truncated)")
+                    raise FormatError(
+                        f"{self.name}: unexpected end of file at offset {cursor} (truncated)"
+                    )
                 if any(pad):
                     raise FormatError(f"{self.name}: nonzero padding before storage {s}")
-            view = _raw_view(int(ptrs[j]), nb)
-            got = self.src.read(nb, off)
-            if len(got) != nb:
+            if self.src.readinto(_raw_view(int(ptrs[j]), nb), off) != nb:
                 raise FormatError(f"{self.name}: unexpected end of file in storage {s} (truncated)")
-            view[:] = got
             cursor = off + nb
         if self.src.stream is not None and self.src.stream.read(1):
             raise FormatError(f"{self.name}: trailing bytes after the last storage")
         if verify:
-            self._check_crcs(idx, _engine.checksum_regions(ptrs, lay.storage_nbytes[idx], threads, _config.task_nbytes()))
+            self._check_crcs(
+                idx,
+                _engine.checksum_regions(
+                    ptrs, lay.storage_nbytes[idx], threads, _config.task_nbytes()
+                ),
+            )
         return bufs
 
-    def _map_storages(self, idx: list[int], verify: bool, check_gaps: bool) -> dict[int, Any]:
+    def _map_storages(self, idx: list[int], verify: bool, threads: int, check_gaps: bool) -> dict[int, Any]:
         lay = self.layout
         if self.src.fd is None:
             raise ValueError("tensorfile.load: mmap=True needs a path, not a stream")
@@ -428,7 +527,12 @@ class _Reader:
         if verify and idx:
             base = whole.ctypes.data
             ptrs = lay.storage_offsets[idx] + np.uint64(base)
-            self._check_crcs(idx, _engine.checksum_regions(ptrs, lay.storage_nbytes[idx], _config.num_threads(), _config.task_nbytes()))
+            self._check_crcs(
+                idx,
+                _engine.checksum_regions(
+                    ptrs, lay.storage_nbytes[idx], threads, _config.task_nbytes()
+                ),
+            )
         out: dict[int, Any] = {}
         torch = _torch_for(self) if any(lay.storage_kind[s] == "torch" for s in idx) else None
         for s in idx:
@@ -436,31 +540,47 @@ class _Reader:
             nb = int(lay.storage_nbytes[s])
             if lay.storage_kind[s] == "torch":
                 assert torch is not None
-                out[s] = torch.frombuffer(mm, dtype=torch.uint8, count=nb, offset=off) if nb else torch.empty(0, dtype=torch.uint8)
+                out[s] = (
+                    torch.frombuffer(mm, dtype=torch.uint8, count=nb, offset=off)
+                    if nb
+                    else torch.empty(0, dtype=torch.uint8)
+                )
             else:
                 out[s] = whole[off : off + nb]
         return out
 
     # Objects -------------------------------------------------------------------
-    def build_tensor(self, i: int, storages: dict[int, Any], cache: dict[int, Any] | None = None) -> Any:
+    def build_tensor(
+        self, i: int, storages: dict[int, Any], cache: dict[int, Any] | None = None
+    ) -> Any:
         if cache is not None and i in cache:
             return cache[i]
         kind, s, dtype, shape, strides, off, flags = self.layout.tensors[i]
         if kind == "numpy":
             buf = storages[s]
-            out = np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=buf, offset=off, strides=tuple(strides))
+            out = np.ndarray(
+                tuple(shape), dtype=np.dtype(dtype), buffer=buf, offset=off, strides=tuple(strides)
+            )
             if dtype == "bool":
                 _check_bool(self.name, out.view(np.uint8), i)
         else:
             torch = _torch_for(self)
             storage = storages[s]
-            dt = getattr(torch, dtype)
+            dt = _TORCH_DTYPES.get(dtype)
+            if dt is None:
+                dt = _TORCH_DTYPES[dtype] = getattr(torch, dtype)
             itemsize = dt.itemsize
-            out = torch.empty(0, dtype=dt, device=storage.device).set_(storage, off // itemsize, shape, strides)
+            out = torch.empty(0, dtype=dt, device=storage.device).set_(
+                storage, off // itemsize, shape, strides
+            )
             if dtype == "bool":
-                raw = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, off, shape, strides)
+                raw = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(
+                    storage, off, shape, strides
+                )
                 if bool((raw > 1).any()):
-                    raise FormatError(f"{self.name}: bool tensor {i} holds bytes other than 0 and 1")
+                    raise FormatError(
+                        f"{self.name}: bool tensor {i} holds bytes other than 0 and 1"
+                    )
             if flags & native.FLAG_PARAMETER:
                 out = torch.nn.Parameter(out, requires_grad=bool(flags & native.FLAG_REQUIRES_GRAD))
             elif flags & native.FLAG_REQUIRES_GRAD:
@@ -477,6 +597,9 @@ class _Reader:
         self.src.close()
 
 
+_TORCH_DTYPES: dict[str, Any] = {}
+
+
 def _check_bool(name: str, raw: np.ndarray, i: int) -> None:
     if raw.size and int(raw.max()) > 1:
         raise FormatError(f"{name}: bool tensor {i} holds bytes other than 0 and 1")
@@ -488,53 +611,75 @@ def _torch_for(reader: _Reader) -> Any:
         try:
             import torch
         except ImportError:
-            raise ImportError(f"{reader.name} holds torch tensors: install torch to load it") from None
+            raise ImportError(
+                f"{reader.name} holds torch tensors: install torch to load it"
+            ) from None
     return torch
 
 
-def _place(reader: _Reader, s: int, buf: Any, map_location: Any) -> Any:
-    """Turns a filled host buffer into the storage the tensors will view, on the device
-    that map_location (torch.load's semantics) picks for it."""
+def _placer(reader: _Reader, map_location: Any) -> Any:
+    """Returns place(s, host storage) -> the storage the tensors will view, on the device
+    that map_location picks for storage s, with torch.load's semantics: None keeps the
+    saved device, a string or torch.device sends everything there, a dict remaps saved
+    device strings, and a callable(storage, location) returns the storage to use (None
+    for the default)."""
     lay = reader.layout
-    if lay.storage_kind[s] == "numpy":
-        return buf
+    torch = sys.modules.get("torch")
+    targets: dict[str, str] = {}
+
+    def target_of(saved: str) -> str:
+        t = targets.get(saved)
+        if t is None:
+            if map_location is None:
+                t = saved
+            elif isinstance(map_location, dict):
+                t = str(map_location.get(saved, saved))
+            else:
+                t = str(map_location)
+            t = targets[saved] = str(_torch_for(reader).device(t))
+        return t
+
+    is_callable = callable(map_location) and not isinstance(map_location, (str, dict))
+    if torch is not None and isinstance(map_location, torch.device):
+        is_callable = False
+
+    def place(s: int, buf: Any) -> Any:
+        if lay.storage_kind[s] == "numpy":
+            return buf
+        saved = lay.storage_device[s]
+        if is_callable:
+            result = map_location(buf, saved)
+            if result is None:
+                return _to_device(reader, buf, saved)
+            tm = _torch_for(reader)
+            if isinstance(result, tm.TypedStorage):
+                result = result.untyped()
+            if not isinstance(result, tm.UntypedStorage):
+                raise TypeError(f"map_location callable returned {type(result).__name__}, expected a storage")
+            return result
+        target = target_of(saved)
+        return buf if target == "cpu" else _to_device(reader, buf, target)
+
+    return place
+
+
+def _to_device(reader: _Reader, storage: Any, target: str) -> Any:
     torch = _torch_for(reader)
-    storage = buf.untyped_storage() if isinstance(buf, torch.Tensor) else buf
-    saved = lay.storage_device[s]
-    if callable(map_location) and not isinstance(map_location, (str, dict, torch.device)):
-        result = map_location(storage, saved)
-        if result is None:
-            return _to_device(reader, storage, buf, saved, torch, explicit=False)
-        if isinstance(result, torch.TypedStorage):
-            result = result.untyped()
-        if not isinstance(result, torch.UntypedStorage):
-            raise TypeError(f"map_location callable returned {type(result).__name__}, expected a storage")
-        return result
-    if map_location is None:
-        return _to_device(reader, storage, buf, saved, torch, explicit=False)
-    if isinstance(map_location, dict):
-        target = map_location.get(saved, saved)
-    else:
-        target = map_location
-    return _to_device(reader, storage, buf, str(torch.device(target)), torch, explicit=True)
-
-
-def _to_device(reader: _Reader, storage: Any, buf: Any, target: str, torch: Any, explicit: bool) -> Any:
     dev = torch.device(target)
     if dev.type == "cpu":
         return storage
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(
-                f"{reader.name}: a storage was saved from {target} but CUDA is not available here; "
+                f"{reader.name}: a storage is meant for {target} but CUDA is not available here; "
                 "pass map_location='cpu' (or a dict or callable) to load it on the CPU"
             )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise RuntimeError(
-                f"{reader.name}: a storage belongs on {target} but only {torch.cuda.device_count()} CUDA "
+                f"{reader.name}: a storage is meant for {target} but only {torch.cuda.device_count()} CUDA "
                 "device(s) exist; pass map_location to put it elsewhere"
             )
-    return buf.to(dev).untyped_storage() if isinstance(buf, torch.Tensor) else storage.to(device=dev)
+    return storage.to(device=dev)
 
 
 def load(
@@ -554,12 +699,15 @@ def load(
     damaged bytes) naming the file; no code in the file is ever executed. Releases the
     GIL while bytes move.
     """
-    reader = _Reader(f, verify=verify)
-    try:
-        storages = reader.read_storages(None, map_location, verify, _config.num_threads(num_threads), mmap)
-        return reader.build(storages)
-    finally:
-        reader.close()
+    with _no_gc():
+        reader = _Reader(f, verify=verify)
+        try:
+            storages = reader.read_storages(
+                None, map_location, verify, _config.num_threads(num_threads), mmap
+            )
+            return reader.build(storages)
+        finally:
+            reader.close()
 
 
 class TensorFile:
@@ -567,7 +715,8 @@ class TensorFile:
     bytes asked for. Use as a context manager, or call close()."""
 
     def __init__(self, f: FileLike, *, verify: bool = True) -> None:
-        self._reader = _Reader(f, verify=verify)
+        with _no_gc():
+            self._reader = _Reader(f, verify=verify)
         self._verify = verify
 
     def keys(self) -> list[str]:
@@ -588,18 +737,26 @@ class TensorFile:
         index = self._reader.key_index().get(key)
         if index is None:
             raise KeyError(f"{self._reader.name}: no tensor at key path {key!r}")
+        if key in self._reader.ambiguous:
+            raise KeyError(
+                f"{self._reader.name}: key path {key!r} names more than one tensor "
+                "(dict keys containing '.' collide with nesting); use load() instead"
+            )
         s = self._reader.layout.tensors[index][1]
-        storages = self._reader.read_storages([s], map_location, self._verify, _config.num_threads(), False)
+        storages = self._reader.read_storages(
+            [s], map_location, self._verify, _config.num_threads(), False
+        )
         return self._reader.build_tensor(index, storages)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._reader.layout.metadata)
 
     def load(self, map_location: Any = None, *, num_threads: int | None = None) -> Any:
-        storages = self._reader.read_storages(
-            None, map_location, self._verify, _config.num_threads(num_threads), False
-        )
-        return self._reader.build(storages)
+        with _no_gc():
+            storages = self._reader.read_storages(
+                None, map_location, self._verify, _config.num_threads(num_threads), False
+            )
+            return self._reader.build(storages)
 
     def close(self) -> None:
         self._reader.close()
@@ -611,9 +768,6 @@ class TensorFile:
         self.close()
 
 
-def open(f: FileLike, *, verify: bool = True) -> TensorFile:  # noqa: A001 - mirrors safetensors.safe_open
+def open(f: FileLike, *, verify: bool = True) -> TensorFile:
     """Opens a file for lazy reading; see TensorFile."""
     return TensorFile(f, verify=verify)
-
-
-_unused: Callable[..., Any] | None = None

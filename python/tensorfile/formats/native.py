@@ -8,6 +8,7 @@ use without further checks. docs/format.md is the normative description.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -15,14 +16,17 @@ from typing import Any
 import numpy as np
 
 from .. import _engine
-from .._dtypes import ITEMSIZE
+from .._dtypes import ITEMSIZE, TORCH_GRAD_DTYPES
 from .._errors import ChecksumError, FormatError
+from .._tree import _valid_device
 from .._tree import validate as validate_tree
 
 MAGIC = b"TNSRFILE"
 MAJOR = 1
 MINOR = 0
-PREAMBLE = struct.Struct("<8sHHIQQ")  # magic, major, minor, header crc32c, header nbytes, file nbytes
+PREAMBLE = struct.Struct(
+    "<8sHHIQQ"
+)  # magic, major, minor, header crc32c, header nbytes, file nbytes
 PREAMBLE_NBYTES = PREAMBLE.size  # 32
 ALIGN = 4096
 MAX_HEADER_NBYTES = 64 << 20
@@ -33,6 +37,7 @@ FLAG_PARAMETER = 2
 
 _HEADER_KEYS = ("tree", "tensors", "storages", "metadata", "crc32c")
 _CRC_PLACEHOLDER = "0"
+_LOWER_HEX = re.compile(r"[0-9a-f]*")
 
 
 def align_up(n: int) -> int:
@@ -115,7 +120,9 @@ def parse_preamble(raw: bytes, actual_nbytes: int | None, name: str) -> Preamble
     if len(raw) < PREAMBLE_NBYTES:
         if len(raw) == 0:
             raise FormatError(f"{name}: the file is empty (not a tensorfile)")
-        raise FormatError(f"{name}: the file is {len(raw)} bytes, shorter than the {PREAMBLE_NBYTES}-byte preamble")
+        raise FormatError(
+            f"{name}: the file is {len(raw)} bytes, shorter than the {PREAMBLE_NBYTES}-byte preamble"
+        )
     magic, major, minor, hcrc, hlen, flen = PREAMBLE.unpack_from(raw)
     if magic != MAGIC:
         kind = sniff(raw)
@@ -127,12 +134,16 @@ def parse_preamble(raw: bytes, actual_nbytes: int | None, name: str) -> Preamble
             f"(it reads version {MAJOR}.x); upgrade tensorfile"
         )
     if hlen > MAX_HEADER_NBYTES:
-        raise FormatError(f"{name}: header of {hlen} bytes exceeds the {MAX_HEADER_NBYTES}-byte limit")
+        raise FormatError(
+            f"{name}: header of {hlen} bytes exceeds the {MAX_HEADER_NBYTES}-byte limit"
+        )
     if flen < PREAMBLE_NBYTES + hlen:
         raise FormatError(f"{name}: recorded file size {flen} is smaller than its header")
     if actual_nbytes is not None and flen != actual_nbytes:
         what = "truncated" if actual_nbytes < flen else "followed by trailing bytes"
-        raise FormatError(f"{name}: the file is {actual_nbytes} bytes but records {flen}: it is {what}")
+        raise FormatError(
+            f"{name}: the file is {actual_nbytes} bytes but records {flen}: it is {what}"
+        )
     return Preamble(major, minor, hcrc, hlen, flen)
 
 
@@ -173,7 +184,9 @@ def _is_index(x: Any) -> bool:
     return type(x) is int and 0 <= x <= MAX_INT
 
 
-def parse_header(raw: bytes | bytearray | memoryview, pre: Preamble, preamble_raw: bytes, name: str, verify: bool) -> Layout:
+def parse_header(
+    raw: bytes | bytearray | memoryview, pre: Preamble, preamble_raw: bytes, name: str, verify: bool
+) -> Layout:
     """Validates header bytes completely before anything is allocated (docs/format.md,
     "Validation"); raises FormatError (ChecksumError for a checksum) naming `name`."""
     if verify and header_crc(preamble_raw, raw) != pre.header_crc:
@@ -192,8 +205,16 @@ def parse_header(raw: bytes | bytearray | memoryview, pre: Preamble, preamble_ra
         raise _bad(name, f"not valid UTF-8 JSON ({str(e)[:120]})") from None
     if type(doc) is not dict or tuple(doc) != _HEADER_KEYS:
         got = list(doc)[:8] if type(doc) is dict else type(doc).__name__
-        raise _bad(name, f"the header must be an object with keys {list(_HEADER_KEYS)} in that order, got {got}")
-    tensors, storages, metadata, crc_hex = doc["tensors"], doc["storages"], doc["metadata"], doc["crc32c"]
+        raise _bad(
+            name,
+            f"the header must be an object with keys {list(_HEADER_KEYS)} in that order, got {got}",
+        )
+    tensors, storages, metadata, crc_hex = (
+        doc["tensors"],
+        doc["storages"],
+        doc["metadata"],
+        doc["crc32c"],
+    )
     if type(metadata) is not dict or any(type(v) is not str for v in metadata.values()):
         raise _bad(name, "metadata must map strings to strings")
     if type(storages) is not list or type(tensors) is not list:
@@ -201,10 +222,9 @@ def parse_header(raw: bytes | bytearray | memoryview, pre: Preamble, preamble_ra
     nstorage = len(storages)
     if type(crc_hex) is not str or len(crc_hex) != 8 * nstorage:
         raise _bad(name, f"crc32c must be {8 * nstorage} hex digits, one group of 8 per storage")
-    try:
-        crcs = np.frombuffer(bytes.fromhex(crc_hex), dtype=">u4").astype(np.uint32)
-    except ValueError:
-        raise _bad(name, "crc32c is not hexadecimal") from None
+    if not _LOWER_HEX.fullmatch(crc_hex):
+        raise _bad(name, "crc32c must be lowercase hexadecimal digits")
+    crcs = np.frombuffer(bytes.fromhex(crc_hex), dtype=">u4").astype(np.uint32)
 
     # Storages: [offset, nbytes, device], laid out canonically.
     offsets: list[int] = []
@@ -219,7 +239,10 @@ def parse_header(raw: bytes | bytearray | memoryview, pre: Preamble, preamble_ra
             raise _bad(name, f"storage {i}: offset and nbytes must be integers in [0, 2^63)")
         if off != cursor:
             why = "overlaps the previous one" if off < cursor else "is not where the layout puts it"
-            raise _bad(name, f"storage {i} at data offset {off} {why} (expected {cursor}; offsets are 4096-aligned and in order)")
+            raise _bad(
+                name,
+                f"storage {i} at data offset {off} {why} (expected {cursor}; offsets are 4096-aligned and in order)",
+            )
         if type(dev) is not str or not _valid_device(dev):
             raise _bad(name, f"storage {i}: bad device {dev!r:.40}")
         offsets.append(off)
@@ -230,7 +253,10 @@ def parse_header(raw: bytes | bytearray | memoryview, pre: Preamble, preamble_ra
             raise _bad(name, f"storage {i} ends beyond 2^63 bytes")
     expected_end = file_nbytes(pre.header_nbytes, offsets, sizes)
     if expected_end != pre.file_nbytes:
-        raise _bad(name, f"the storages end at byte {expected_end} but the preamble records {pre.file_nbytes}")
+        raise _bad(
+            name,
+            f"the storages end at byte {expected_end} but the preamble records {pre.file_nbytes}",
+        )
 
     # Tensors: [kind, storage, dtype, shape, strides, offset, flags].
     ntensors = len(tensors)
@@ -240,7 +266,9 @@ def parse_header(raw: bytes | bytearray | memoryview, pre: Preamble, preamble_ra
     storage_need = [0] * nstorage
     for i, row in enumerate(tensors):
         if type(row) is not list or len(row) != 7:
-            raise _bad(name, f"tensor {i} must be [kind, storage, dtype, shape, strides, offset, flags]")
+            raise _bad(
+                name, f"tensor {i} must be [kind, storage, dtype, shape, strides, offset, flags]"
+            )
         kind, s, dtype, shape, strides, off, flags = row
         sizes_of = ITEMSIZE.get(kind) if type(kind) is str else None
         if sizes_of is None:
@@ -250,15 +278,30 @@ def parse_header(raw: bytes | bytearray | memoryview, pre: Preamble, preamble_ra
         itemsize = sizes_of.get(dtype) if type(dtype) is str else None
         if itemsize is None:
             raise _bad(name, f"tensor {i}: unknown {kind} dtype {dtype!r:.40}")
-        if type(shape) is not list or type(strides) is not list or len(shape) != len(strides) or len(shape) > MAX_NDIM:
-            raise _bad(name, f"tensor {i}: shape and strides must be arrays of equal length at most {MAX_NDIM}")
-        if not _is_index(off) or type(flags) is not int or not 0 <= flags <= 3 or (kind == "numpy" and flags):
+        if (
+            type(shape) is not list
+            or type(strides) is not list
+            or len(shape) != len(strides)
+            or len(shape) > MAX_NDIM
+        ):
+            raise _bad(
+                name,
+                f"tensor {i}: shape and strides must be arrays of equal length at most {MAX_NDIM}",
+            )
+        if (
+            not _is_index(off)
+            or type(flags) is not int
+            or not 0 <= flags <= 3
+            or (kind == "numpy" and flags)
+        ):
             raise _bad(name, f"tensor {i}: bad offset or flags")
         numel = 1
         lo = hi = 0
         for d, st in zip(shape, strides):
             if not _is_index(d):
-                raise _bad(name, f"tensor {i}: shape entries must be non-negative integers, got {d!r:.40}")
+                raise _bad(
+                    name, f"tensor {i}: shape entries must be non-negative integers, got {d!r:.40}"
+                )
             if type(st) is not int or abs(st) > MAX_INT or (kind == "torch" and st < 0):
                 raise _bad(name, f"tensor {i}: bad stride {st!r:.40}")
             numel *= d
@@ -272,7 +315,10 @@ def parse_header(raw: bytes | bytearray | memoryview, pre: Preamble, preamble_ra
             raise _bad(name, f"tensor {i}: shape {shape} has more than 2^63 elements")
         if kind == "torch":
             if off % itemsize:
-                raise _bad(name, f"tensor {i}: byte offset {off} is not a multiple of the element size {itemsize}")
+                raise _bad(
+                    name,
+                    f"tensor {i}: byte offset {off} is not a multiple of the element size {itemsize}",
+                )
             lo, hi = lo * itemsize, hi * itemsize
         end = off + hi + itemsize if numel else off
         if numel and off + lo < 0:
@@ -291,7 +337,9 @@ def parse_header(raw: bytes | bytearray | memoryview, pre: Preamble, preamble_ra
         if storage_kind[s] is None:
             raise _bad(name, f"storage {s} is not used by any tensor")
         if storage_need[s] != sizes[s]:
-            raise _bad(name, f"storage {s} holds {sizes[s]} bytes but its tensors use {storage_need[s]}")
+            raise _bad(
+                name, f"storage {s} holds {sizes[s]} bytes but its tensors use {storage_need[s]}"
+            )
 
     try:
         order = validate_tree(doc["tree"], ntensors, kinds)
@@ -319,10 +367,3 @@ def parse_header(raw: bytes | bytearray | memoryview, pre: Preamble, preamble_ra
 
 def _reject_constant(token: str) -> Any:
     raise FormatError(f"JSON constant {token} is not allowed")
-
-
-def _valid_device(s: str) -> bool:
-    kind, _, index = s.partition(":")
-    if kind not in ("cpu", "cuda"):
-        return False
-    return index == "" or (index.isascii() and index.isdigit() and len(index) < 6)
