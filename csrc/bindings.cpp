@@ -119,11 +119,19 @@ PYBIND11_MODULE(_engine, m) {
 
   m.def(
       "crc32c",
-      [](py::buffer data, uint32_t crc, bool software) {
-        py::buffer_info info = data.request();
-        const auto nbytes = static_cast<size_t>(info.size * info.itemsize);
-        py::gil_scoped_release release;
-        return software ? crc32c_software(info.ptr, nbytes, crc) : crc32c(info.ptr, nbytes, crc);
+      [](py::object data, uint32_t crc, bool software) {
+        // PyBUF_SIMPLE: only contiguous buffers are accepted (BufferError otherwise), so
+        // the bytes checksummed are exactly the bytes of the object.
+        Py_buffer view;
+        if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+        uint32_t out;
+        {
+          py::gil_scoped_release release;
+          out = software ? crc32c_software(view.buf, static_cast<size_t>(view.len), crc)
+                         : crc32c(view.buf, static_cast<size_t>(view.len), crc);
+        }
+        PyBuffer_Release(&view);
+        return out;
       },
       py::arg("data"), py::arg("crc") = 0, py::arg("software") = false,
       "CRC32C of a contiguous buffer, continuing from `crc`.");

@@ -101,8 +101,11 @@ Plan make_plan(const std::vector<Region>& regions, uint64_t task_nbytes, bool ch
     Task t{Task::kGather};
     t.first = i;
     t.begin = regions[i].file_offset;
-    while (i < n && regions[i].nbytes < kGatherBelow && i - t.first < kMaxGatherRegions &&
-           (i == t.first || padded_end(i) - t.begin <= task_nbytes)) {
+    // A gathered gap must fit one padding-sized iovec (format gaps are always shorter).
+    while (
+        i < n && regions[i].nbytes < kGatherBelow && i - t.first < kMaxGatherRegions &&
+        (i == t.first || (padded_end(i) - t.begin <= task_nbytes &&
+                          regions[i].file_offset - (regions[i - 1].file_offset + regions[i - 1].nbytes) < kPadding))) {
       i++;
     }
     t.last = i;

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 
-
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -19,6 +18,8 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     integer type of the same width first, since many dtypes (bits8, uint3, float8, ...)
     have no copy kernel and no torch.equal."""
     t = t.detach()
+    if t.numel() == 0:
+        return b""
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
@@ -26,7 +27,9 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     as_int = _SAME_SIZE_INT.get(t.element_size())
     if as_int is not None:
         t = t.view(as_int)
-    flat = t.contiguous().reshape(-1)
+    # A fresh 1-d buffer: .contiguous() may keep odd strides on size-1 or empty dims.
+    flat = torch.empty(t.numel(), dtype=t.dtype)
+    flat.copy_(t.reshape(-1))
     return flat.view(torch.uint8).numpy().tobytes()
 
 
@@ -122,3 +125,24 @@ def sharing_pattern(objs: list[Any]) -> set[tuple[int, int, str]]:
                 if np.shares_memory(a, b):
                     pairs.add((i, j, "memory"))
     return pairs
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c_py(data: bytes, crc: int = 0) -> int:
+    """Reference CRC32C (Castagnoli, reflected), independent of the engine."""
+    crc ^= 0xFFFFFFFF
+    for b in data:
+        crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ b) & 0xFF]
+    return crc ^ 0xFFFFFFFF

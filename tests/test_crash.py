@@ -12,9 +12,8 @@ import textwrap
 import time
 
 import pytest
-import torch
-
 import tensorfile
+import torch
 
 NUMEL = 125 * 2**20  # 500 MiB of float32: the data phase takes a measurable while
 
@@ -38,11 +37,15 @@ def _check(path: str, allowed: tuple[int, ...]) -> int:
     v = obj["version"]
     assert v in allowed
     assert obj["big"].shape == (NUMEL,) and bool(obj["big"].eq(float(v)).all())
-    assert all(bool(t.eq(float(v)).all()) and t.numel() == i + 1 for i, t in enumerate(obj["small"]))
+    assert all(
+        bool(t.eq(float(v)).all()) and t.numel() == i + 1 for i, t in enumerate(obj["small"])
+    )
     return v
 
 
-def _run_child(path: str, version: int, kill_after: str | None, delay: float, extra_env: dict | None = None):
+def _run_child(
+    path: str, version: int, kill_after: str | None, delay: float, extra_env: dict | None = None
+):
     """Runs a saving child; SIGKILLs it `delay` seconds after it reports phase `kill_after`.
     Returns (phases seen, return code)."""
     read_fd, write_fd = os.pipe()
@@ -110,7 +113,9 @@ def test_kill_at_every_moment_of_a_save(tmp_path):
             assert got == new, outcomes
         version = got
     assert len(outcomes) >= 20
-    killed_before_rename = [o for o in outcomes if o[2] == -signal.SIGKILL and o[3] != "rename" and o[3] != "fsync-dir"]
+    killed_before_rename = [
+        o for o in outcomes if o[2] == -signal.SIGKILL and o[3] != "rename" and o[3] != "fsync-dir"
+    ]
     assert len(killed_before_rename) >= 10, outcomes
     # A killed writer leaves its temporary file; it is recognisable by name, and the
     # next save into the directory removes it (each save above already did so).
@@ -131,7 +136,7 @@ def _limit_file_size(nbytes: int):
 @pytest.mark.slow
 def test_file_size_limit_keeps_old_file(tmp_path):
     path = str(tmp_path / "ckpt.tf")
-    seen, rc = _run_child(path, 1, None, 0)
+    _seen, rc = _run_child(path, 1, None, 0)
     assert rc == 0
     before = os.path.getsize(path)
     proc = subprocess.run(
@@ -142,7 +147,9 @@ def test_file_size_limit_keeps_old_file(tmp_path):
         check=False,
     )
     assert proc.returncode != 0
-    assert "File too large" in proc.stderr and "the previous file is intact" in proc.stderr, proc.stderr[-2000:]
+    assert "File too large" in proc.stderr and "the previous file is intact" in proc.stderr, (
+        proc.stderr[-2000:]
+    )
     assert os.path.getsize(path) == before
     assert _check(path, (1,)) == 1
     assert [n for n in os.listdir(tmp_path) if n.endswith(".tftmp")] == []

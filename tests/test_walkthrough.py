@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tensorfile
 import torch
 from torch import nn
-
-import tensorfile
 
 
 @pytest.fixture(autouse=True)

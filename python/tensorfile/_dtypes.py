@@ -45,7 +45,13 @@ TORCH_GRAD_DTYPES = frozenset(
 
 # Every torch dtype name a dtype *value* in the object tree may have: the storable ones
 # and the quantized ones, which are fine as values even though their tensors are refused.
-TORCH_DTYPE_VALUES = frozenset(TORCH_ITEMSIZE) | {"qint8", "quint8", "qint32", "quint4x2", "quint2x4"}
+TORCH_DTYPE_VALUES = frozenset(TORCH_ITEMSIZE) | {
+    "qint8",
+    "quint8",
+    "qint32",
+    "quint4x2",
+    "quint2x4",
+}
 
 # numpy dtype name -> bytes per element: every numeric and bool type with a fixed,
 # platform-independent width (little-endian in the file).

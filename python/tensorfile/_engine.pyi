@@ -1,8 +1,9 @@
 """Type stub for the native engine (csrc/bindings.cpp)."""
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
-from typing import Any
 
 def write_regions(
     fd: int,

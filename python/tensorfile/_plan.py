@@ -92,16 +92,24 @@ def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> S
             np_items.append((lo, hi, i, addr))
             np_owner[i] = a
 
-    # numpy: merge overlapping byte ranges into storages.
+    # numpy: merge overlapping byte ranges into storages; empty arrays hold no bytes
+    # and get a storage of their own without interrupting a run of overlaps.
     np_items.sort()
     cur: list[Any] | None = None
     for lo, hi, i, _addr in np_items:
-        if cur is not None and lo < cur[4] and hi > lo:
+        if hi == lo:
+            groups[("numpy", i)] = [np_owner[i], None, lo, lo, lo, [i]]
+            order.append(("numpy", i))
+            continue
+        if cur is not None and lo < cur[4]:
             cur[4] = max(cur[4], hi)
             cur[5].append(i)
             continue
+        # Start the span at a 16-byte boundary, as the original memory was, when the
+        # bytes before it belong to the same allocation: loaded arrays keep alignment.
+        start = max(lo - lo % _SPAN_ALIGN, _allocation_start(np_owner[i], lo))
         key = ("numpy", i)
-        cur = groups[key] = [np_owner[i], None, lo, lo, hi, [i]]
+        cur = groups[key] = [np_owner[i], None, start, lo, hi, [i]]
         order.append(key)
 
     storages: list[list[Any]] = []
@@ -110,14 +118,12 @@ def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> S
     keepalive: list[Any] = []
     for s, key in enumerate(order):
         owner, device, ptr, lo, hi, members = groups[key]
-        if device is None:  # numpy: lo/hi are addresses
-            base, nbytes = lo, hi - lo
+        if device is None:  # numpy: ptr/hi are addresses
+            base, nbytes = ptr, hi - ptr
             dev = "cpu"
             for i in members:
                 rows[i][1] = s
-                rows[i][5] = (
-                    firsts[i] - base if (hi > lo and rows[i][3] and _numel(rows[i][3])) else 0
-                )
+                rows[i][5] = firsts[i] - base if nbytes else 0
             keepalive.append(owner)
         else:
             if lo is None:
@@ -158,8 +164,13 @@ def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> S
     )
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def _allocation_start(a: np.ndarray, lo: int) -> int:
+    """The lowest address of the memory that `a` views and that is safe to read: its
+    root array's start when that array owns plain forward memory, else `lo`."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    start = int(root.__array_interface__["data"][0])
+    if root.base is not None or not root.flags.c_contiguous or start > lo:
+        return lo
+    return start

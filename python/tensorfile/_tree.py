@@ -27,6 +27,15 @@ _SAFE_INT = 2**53
 _KEY_TYPES = (int, float, bool, type(None), complex, bytes, tuple)
 
 
+# JSON \u escapes cannot tell a lone surrogate pair ("\ud83d\ude00", two code points)
+# from the character it would encode, so strings holding surrogates are written as hex.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _str_node(s: str) -> list[str]:
+    return ["str", s.encode("utf-8", "surrogatepass").hex()]
+
+
 def _float_node(x: float) -> Any:
     if math.isfinite(x):
         return x
@@ -100,7 +109,7 @@ class Flattener:
 
     def _key(self, k: Any, depth: int) -> Any:
         if type(k) is str:
-            return k
+            return k if k.isascii() or _SURROGATE.search(k) is None else _str_node(k)
         if (
             type(k) not in _KEY_TYPES
             and not isinstance(k, np.generic)
@@ -115,7 +124,9 @@ class Flattener:
 
     def _node(self, obj: Any, depth: int) -> Any:
         t = type(obj)
-        if t is str or obj is None or t is bool:
+        if t is str:
+            return obj if obj.isascii() or _SURROGATE.search(obj) is None else _str_node(obj)
+        if obj is None or t is bool:
             return obj
         if t is int:
             return obj if -_SAFE_INT <= obj <= _SAFE_INT else ["int", str(obj)]
@@ -250,6 +261,8 @@ class Builder:
 
 def decode_scalar(node: list[Any]) -> Any:
     tag = node[0]
+    if tag == "str":
+        return bytes.fromhex(node[1]).decode("utf-8", "surrogatepass")
     if tag == "int":
         return int(node[1])
     if tag == "float":
@@ -276,7 +289,9 @@ def decode_scalar(node: list[Any]) -> Any:
     raise _bad(f"unknown tag {tag!r:.40}")
 
 
-def validate(tree: Any, ntensors: int, kinds: list[str], *, _depth: int = 0, _in_key: bool = False) -> list[int]:
+def validate(
+    tree: Any, ntensors: int, kinds: list[str], *, _depth: int = 0, _in_key: bool = False
+) -> list[int]:
     """Checks every node of a decoded tree (types, tags, arities, leaf indexes, dict key
     uniqueness) without building anything; returns the leaf indexes in tree order.
     `kinds[i]` is "torch" or "numpy" for tensor row i."""
@@ -344,14 +359,30 @@ def validate(tree: Any, ntensors: int, kinds: list[str], *, _depth: int = 0, _in
             if (
                 n != 2
                 or type(node[1]) is not str
-                or not node[1].lstrip("-").isdigit()
-                or not node[1].isascii()
+                or len(node[1]) > 4000
+                or not _INT_RE.fullmatch(node[1])
             ):
-                raise _bad(f"bad int node {node!r:.80}")
-            if len(node[1]) > 4000:
-                raise _bad("int literal longer than 4000 digits")
+                raise _bad(
+                    f"bad int node {node!r:.80} (want a canonical decimal of at most 4000 digits)"
+                )
             if -_SAFE_INT <= int(node[1]) <= _SAFE_INT:
                 raise _bad("ints that fit in 53 bits must be written as plain JSON numbers")
+        elif tag == "str":
+            if (
+                n != 2
+                or type(node[1]) is not str
+                or len(node[1]) % 2
+                or not _HEX_RE.fullmatch(node[1])
+            ):
+                raise _bad("a str node holds lowercase hex")
+            try:
+                text = bytes.fromhex(node[1]).decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError:
+                raise _bad("a str node must hold UTF-8 (surrogates allowed)") from None
+            if _SURROGATE.search(text) is None:
+                raise _bad(
+                    "str nodes are only for strings with surrogates; others are plain JSON strings"
+                )
         elif tag == "float":
             if n != 2 or node[1] not in ("nan", "inf", "-inf"):
                 raise _bad(f"bad float node {node!r:.80}")
@@ -365,7 +396,12 @@ def validate(tree: Any, ntensors: int, kinds: list[str], *, _depth: int = 0, _in
                 raise _bad(f"bad {tag} node")
             _b64(node[1])
         elif tag == "npscalar":
-            if n != 3 or type(node[1]) is not str or node[1] not in NUMPY_ITEMSIZE or type(node[2]) is not str:
+            if (
+                n != 3
+                or type(node[1]) is not str
+                or node[1] not in NUMPY_ITEMSIZE
+                or type(node[2]) is not str
+            ):
                 raise _bad(f"bad npscalar node {node!r:.80}")
             if len(node[2]) != 2 * NUMPY_ITEMSIZE[node[1]] or not _HEX_RE.fullmatch(node[2]):
                 raise _bad("npscalar payload must be lowercase hex of the dtype's width")
@@ -388,7 +424,18 @@ def validate(tree: Any, ntensors: int, kinds: list[str], *, _depth: int = 0, _in
 _MARK = object()
 _INT_RE = re.compile(r"-?[1-9][0-9]*")
 _HEX_RE = re.compile(r"[0-9a-f]*")
-_KEY_TAGS = ("tuple", "int", "float", "complex", "bytes", "npscalar", "dtype", "size", "device")
+_KEY_TAGS = (
+    "str",
+    "tuple",
+    "int",
+    "float",
+    "complex",
+    "bytes",
+    "npscalar",
+    "dtype",
+    "size",
+    "device",
+)
 
 
 def _check_key(k: Any, depth: int) -> None:
@@ -414,11 +461,13 @@ def _key_identity(k: Any) -> Any:
     return k
 
 
-_DEVICE_RE = re.compile(r"[a-z][a-z_]{0,31}(:(0|[1-9][0-9]{0,4}))?")
+# torch's device types (c10/core/DeviceType.h), each optionally followed by ":index".
+_DEVICE_TYPES = "cpu|cuda|ipu|xpu|mkldnn|opengl|opencl|ideep|hip|ve|fpga|maia|xla|lazy|vulkan|mps|meta|hpu|mtia|privateuseone"
+_DEVICE_RE = re.compile(rf"(?:{_DEVICE_TYPES})(?::(?:0|[1-9][0-9]{{0,4}}))?")
 
 
 def _valid_device(s: str) -> bool:
-    """A torch device string: a lowercase type, optionally ':' and an index."""
+    """A torch device string: a known device type, optionally ':' and an index."""
     return _DEVICE_RE.fullmatch(s) is not None
 
 

@@ -81,7 +81,9 @@ def build(shapes: list[tuple[str, tuple[int, ...]]], dtype: str, seed: int = 0) 
 WORKLOADS = ("transformer-fp32", "transformer-bf16", "small-fp32")
 
 
-def shapes_for(workload: str, size_mb: float, small_count: int) -> tuple[list[tuple[str, tuple[int, ...]]], str]:
+def shapes_for(
+    workload: str, size_mb: float, small_count: int
+) -> tuple[list[tuple[str, tuple[int, ...]]], str]:
     """Shapes and dtype of a named workload. The bf16 transformer has the fp32 one's
     shapes, so it is the same model at half the bytes."""
     if workload == "transformer-fp32":

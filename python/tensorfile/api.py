@@ -9,6 +9,7 @@ import mmap as _mmap
 import os
 import secrets
 import socket
+import stat
 import sys
 from collections.abc import Iterator
 from typing import IO, Any, Union
@@ -18,7 +19,7 @@ import numpy as np
 from . import _config, _engine
 from ._errors import ChecksumError, FormatError
 from ._plan import plan_save
-from ._tree import Builder, Flattener, _path_str, key_paths
+from ._tree import _SURROGATE, Builder, Flattener, _path_str, key_paths
 from .formats import native
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -29,7 +30,11 @@ _TMP_MARK = ".tftmp"
 
 # Test hook for the crash tests: with TENSORFILE_TEST_PHASE_FD set, a save writes the name
 # of each step it reaches to that descriptor, so a parent can kill it at a known moment.
-_PHASE_FD = int(os.environ["TENSORFILE_TEST_PHASE_FD"]) if os.environ.get("TENSORFILE_TEST_PHASE_FD") else None
+_PHASE_FD = (
+    int(os.environ["TENSORFILE_TEST_PHASE_FD"])
+    if os.environ.get("TENSORFILE_TEST_PHASE_FD")
+    else None
+)
 
 
 def _phase(name: str) -> None:
@@ -109,6 +114,10 @@ def _save(
 def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     if metadata is None:
         return {}
+    if isinstance(metadata, dict) and any(
+        _SURROGATE.search(k + v) for k, v in metadata.items() if type(k) is str and type(v) is str
+    ):
+        raise TypeError("tensorfile.save: metadata strings must not contain unpaired surrogates")
     if not isinstance(metadata, dict) or not all(
         type(k) is str and type(v) is str for k, v in metadata.items()
     ):
@@ -197,7 +206,14 @@ def _save_path(
             crcs = np.zeros(len(plan.nbytes), dtype=np.uint32)
             full = plan.nbytes > 0  # empty storages have no bytes, no padding, CRC 0
             crcs[full] = _engine.write_regions(
-                fd, plan.ptrs[full], plan.nbytes[full], plan.offsets[full] + base, threads, task, True, path
+                fd,
+                plan.ptrs[full],
+                plan.nbytes[full],
+                plan.offsets[full] + base,
+                threads,
+                task,
+                True,
+                path,
             )
             native.set_checksums(header, crc_pos, crcs)
             head = native.make_preamble(header, total) + bytes(header)
@@ -289,33 +305,56 @@ def _save_stream(
 
 
 class _Source:
-    """An open file: a descriptor read with pread, or a sequential stream."""
+    """An open file: a descriptor read with pread, or a stream. A seekable stream (an
+    open file, BytesIO) is read at positions like a file, from where it stood when
+    handed over; a pipe-like stream can only be read once, in order."""
 
     def __init__(self, f: FileLike) -> None:
         self.fd: int | None = None
         self.stream: IO[bytes] | None = None
         self.owns_fd = False
+        self.seekable = True
+        self.base = 0
+        self.nbytes: int | None = None
         if isinstance(f, (str, os.PathLike)):
             self.name = os.fspath(f)
-            try:
-                self.fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except IsADirectoryError:
+            if os.path.isdir(self.name):
                 raise IsADirectoryError(
                     21, f"tensorfile: {self.name} is a directory, not a file", self.name
-                ) from None
+                )
+            self.fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             self.owns_fd = True
-            if not os.path.isfile(self.name):
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode):
                 self.close()
                 raise FormatError(f"{self.name}: not a regular file")
+            self.nbytes = st.st_size
         elif hasattr(f, "read"):
             self.name = str(getattr(f, "name", "<stream>"))
             self.stream = f
+            try:
+                self.seekable = bool(f.seekable()) if hasattr(f, "seekable") else False
+            except (OSError, ValueError):
+                self.seekable = False
+            if self.seekable:
+                self.base = f.tell()
+                self.nbytes = f.seek(0, os.SEEK_END) - self.base
+                f.seek(self.base)
         else:
             raise TypeError(
                 f"tensorfile: expected a path or a readable binary file object, got {type(f).__name__}"
             )
-        self.nbytes: int | None = os.fstat(self.fd).st_size if self.fd is not None else None
         self.consumed = 0
+
+    def _position(self, offset: int) -> None:
+        assert self.stream is not None
+        if self.seekable:
+            self.stream.seek(self.base + offset)
+        elif offset != self.consumed:
+            raise ValueError(
+                f"{self.name}: this stream cannot seek; read it whole with tensorfile.load"
+            )
+        self.consumed = offset
 
     def read(self, nbytes: int, offset: int) -> bytes:
         if self.fd is not None:
@@ -329,8 +368,7 @@ class _Source:
                 got += len(chunk)
             return parts[0] if len(parts) == 1 else b"".join(parts)
         assert self.stream is not None
-        if offset != self.consumed:
-            raise AssertionError("streams are read in order")
+        self._position(offset)
         out = self.stream.read(nbytes) or b""
         while len(out) < nbytes:
             more = self.stream.read(nbytes - len(out))
@@ -343,7 +381,8 @@ class _Source:
     def readinto(self, view: memoryview, offset: int) -> int:
         """Fills `view` from the stream at `offset` without an intermediate copy;
         returns the bytes read (fewer only at end of file)."""
-        assert self.stream is not None and offset == self.consumed
+        assert self.stream is not None
+        self._position(offset)
         readinto = getattr(self.stream, "readinto", None)
         got = 0
         while got < len(view):
@@ -421,7 +460,7 @@ class _Reader:
         elif self.src.fd is not None:
             raw = self._pread_storages(idx, verify, threads, check_gaps=which is None)
         else:
-            raw = self._stream_storages(idx, verify, threads)
+            raw = self._stream_storages(idx, verify, threads, whole=which is None)
         place = _placer(self, map_location)
         return {s: place(s, raw[s]) for s in idx}
 
@@ -480,7 +519,9 @@ class _Reader:
             self._check_crcs(idx, crcs)
         return bufs
 
-    def _stream_storages(self, idx: list[int], verify: bool, threads: int) -> dict[int, Any]:
+    def _stream_storages(
+        self, idx: list[int], verify: bool, threads: int, whole: bool
+    ) -> dict[int, Any]:
         lay = self.layout
         bufs, ptrs = self._allocate(idx)
         cursor = min(native.data_start(lay.header_end - native.PREAMBLE_NBYTES), lay.file_nbytes)
@@ -489,7 +530,7 @@ class _Reader:
             nb = int(lay.storage_nbytes[s])
             if nb == 0:
                 continue
-            if off > cursor:
+            if off > cursor and whole:
                 pad = self.src.read(off - cursor, cursor)
                 if len(pad) != off - cursor:
                     raise FormatError(
@@ -500,7 +541,7 @@ class _Reader:
             if self.src.readinto(_raw_view(int(ptrs[j]), nb), off) != nb:
                 raise FormatError(f"{self.name}: unexpected end of file in storage {s} (truncated)")
             cursor = off + nb
-        if self.src.stream is not None and self.src.stream.read(1):
+        if whole and not self.src.seekable and self.src.read(1, self.src.consumed):
             raise FormatError(f"{self.name}: trailing bytes after the last storage")
         if verify:
             self._check_crcs(
@@ -511,7 +552,9 @@ class _Reader:
             )
         return bufs
 
-    def _map_storages(self, idx: list[int], verify: bool, threads: int, check_gaps: bool) -> dict[int, Any]:
+    def _map_storages(
+        self, idx: list[int], verify: bool, threads: int, check_gaps: bool
+    ) -> dict[int, Any]:
         lay = self.layout
         if self.src.fd is None:
             raise ValueError("tensorfile.load: mmap=True needs a path, not a stream")
@@ -655,7 +698,9 @@ def _placer(reader: _Reader, map_location: Any) -> Any:
             if isinstance(result, tm.TypedStorage):
                 result = result.untyped()
             if not isinstance(result, tm.UntypedStorage):
-                raise TypeError(f"map_location callable returned {type(result).__name__}, expected a storage")
+                raise TypeError(
+                    f"map_location callable returned {type(result).__name__}, expected a storage"
+                )
             return result
         target = target_of(saved)
         return buf if target == "cpu" else _to_device(reader, buf, target)

@@ -18,7 +18,6 @@ import numpy as np
 from .. import _engine
 from .._dtypes import ITEMSIZE, TORCH_GRAD_DTYPES
 from .._errors import ChecksumError, FormatError
-from .._tree import _valid_device
 from .._tree import validate as validate_tree
 
 MAGIC = b"TNSRFILE"
@@ -38,6 +37,12 @@ FLAG_PARAMETER = 2
 _HEADER_KEYS = ("tree", "tensors", "storages", "metadata", "crc32c")
 _CRC_PLACEHOLDER = "0"
 _LOWER_HEX = re.compile(r"[0-9a-f]*")
+_STORAGE_DEVICE = re.compile(r"cpu|cuda(?::(?:0|[1-9][0-9]{0,4}))?")
+
+
+def _valid_device(s: str) -> bool:
+    """Storages live on the CPU or a CUDA device."""
+    return _STORAGE_DEVICE.fullmatch(s) is not None
 
 
 def align_up(n: int) -> int:
@@ -295,6 +300,11 @@ def parse_header(
             or (kind == "numpy" and flags)
         ):
             raise _bad(name, f"tensor {i}: bad offset or flags")
+        if flags & FLAG_REQUIRES_GRAD and dtype not in TORCH_GRAD_DTYPES:
+            raise _bad(
+                name,
+                f"tensor {i}: requires_grad is set on dtype {dtype}, which cannot have gradients",
+            )
         numel = 1
         lo = hi = 0
         for d, st in zip(shape, strides):

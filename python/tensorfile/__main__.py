@@ -1,0 +1,5 @@
+"""Runs the command line as `python -m tensorfile ...`."""
+
+from .cli import main
+
+main(prog_name="tensorfile")

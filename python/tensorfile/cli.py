@@ -1,0 +1,211 @@
+"""The `tensorfile` command line: demo, bench and clean."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+
+# Heavy modules (torch, the benchmark) are imported inside the commands so that
+# `tensorfile --help` and `tensorfile clean` start fast.
+
+
+class _Group(click.Group):
+    """Turns the errors a user can cause (bad paths, bad files) into a one-line message
+    and exit status 1; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from ._errors import FormatError
+
+        try:
+            return super().invoke(ctx)
+        except (OSError, FormatError) as e:
+            if isinstance(e, OSError) and e.strerror and e.filename:
+                msg = f"{e.filename}: {e.strerror}"
+            else:
+                msg = str(e)
+            raise click.ClickException(msg) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="tensorfile")
+def main() -> None:
+    """Fast, safe save and load of tensors and checkpoints."""
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, writable=True),
+    help="Write the files here and keep the walkthrough's (default: a temporary directory, removed after).",
+)
+@click.option(
+    "--size-mb",
+    type=click.FloatRange(min=1),
+    default=256,
+    show_default=True,
+    help="Size of the synthetic model for the timed comparison, in MiB.",
+)
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Timed runs; the median is shown.",
+)
+def demo(directory: str | None, size_mb: float, runs: int) -> None:
+    """Save and load tensors, lists, dicts and a model's parameters, then time against torch."""
+    from . import _demo
+
+    if directory is not None:
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise click.ClickException(f"--dir {directory}: not a directory")
+        os.makedirs(directory, exist_ok=True)
+    try:
+        _demo.run(directory, size_mb, runs, echo=lambda s: click.echo(s))
+    except _demo.DemoError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _split(value: str | None, allowed: tuple[str, ...], what: str) -> list[str] | None:
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise click.BadParameter(
+            f"unknown {what} {', '.join(bad) or repr(value)}; choose from {', '.join(allowed)}"
+        )
+    return names
+
+
+@main.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--size-mb",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Size of the transformer workload, in MiB.  [default: 1024]",
+)
+@click.option(
+    "--small-count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tensors in the small-tensor workload.  [default: 20000]",
+)
+@click.option(
+    "--reps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Repetitions per figure; the median is reported (use at least 3).  [default: 3]",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="A tiny run for smoke tests: 8 MiB, 500 small tensors, 1 rep unless given.",
+)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the files go (a temporary directory is made inside and removed after).  [default: bench/out/tmp]",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=os.path.join("bench", "out", "results.json"),
+    show_default=True,
+    help="Where to write every figure and sample as JSON.",
+)
+@click.option(
+    "--systems", default=None, help="Comma-separated subset of tensorfile,torch,safetensors."
+)
+@click.option(
+    "--workloads",
+    default=None,
+    help="Comma-separated subset of transformer-fp32,transformer-bf16,small-fp32.",
+)
+def bench(
+    size_mb: float | None,
+    small_count: int | None,
+    reps: int | None,
+    quick: bool,
+    directory: str | None,
+    json_path: str,
+    systems: str | None,
+    workloads: str | None,
+) -> None:
+    """Measure tensorfile against raw I/O limits, torch and safetensors (each in a child process)."""
+    from . import _bench, _workloads
+
+    chosen_systems = _split(systems, _bench.SYSTEMS, "system")
+    chosen_workloads = _split(workloads, _workloads.WORKLOADS, "workload")
+    if size_mb is None:
+        size_mb = 8 if quick else 1024
+    if small_count is None:
+        small_count = 500 if quick else 20000
+    if reps is None:
+        reps = 1 if quick else 3
+    if reps < 3 and not quick:
+        click.echo(
+            f"warning: --reps {reps}: a median of fewer than 3 runs is not a reliable figure",
+            err=True,
+        )
+    if directory is not None and os.path.exists(directory) and not os.path.isdir(directory):
+        raise click.ClickException(f"--dir {directory}: not a directory")
+
+    tty = sys.stderr.isatty()
+    bar = None
+    if tty:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="bench", leave=False, file=sys.stderr)
+
+    def progress(done: int, total: int, what: str) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.set_postfix_str(what, refresh=False)
+            bar.update(done - bar.n)
+        else:
+            click.echo(f"[{done}/{total}] {what}", err=True)
+
+    try:
+        report = _bench.run(
+            size_mb=size_mb,
+            small_count=small_count,
+            reps=reps,
+            directory=directory,
+            systems=chosen_systems,
+            workloads=chosen_workloads,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    _bench.write_json(report, json_path)
+    click.echo(_bench.table(report))
+    click.echo(f"\nall figures and samples: {json_path}")
+
+
+@main.command()
+@click.argument("directory", metavar="DIR", type=click.Path())
+def clean(directory: str) -> None:
+    """Remove temporary files that saves killed part way left in DIR."""
+    from . import api
+
+    if not os.path.exists(directory):
+        raise click.ClickException(f"{directory}: no such directory")
+    if not os.path.isdir(directory):
+        raise click.ClickException(f"{directory}: not a directory")
+    removed = api.clean(directory)
+    for path in removed:
+        click.echo(f"removed {path}")
+    click.echo(
+        f"{len(removed)} stale temporary file{'s' if len(removed) != 1 else ''} removed from {directory}"
+    )
