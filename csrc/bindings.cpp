@@ -39,8 +39,9 @@ py::array_t<uint32_t> to_array(const std::vector<uint32_t>& v) {
   return out;
 }
 
-TransferOptions options(size_t num_threads, size_t task_nbytes, bool checksum) {
+TransferOptions options(size_t num_threads, size_t task_nbytes, bool checksum, bool hugepages = false) {
   TransferOptions o;
+  o.hugepages = hugepages;
   o.num_threads = num_threads;
   o.task_nbytes = task_nbytes;
   o.checksum = checksum;
@@ -87,19 +88,20 @@ PYBIND11_MODULE(_engine, m) {
       "read_regions",
       [](int fd, const U64Array& ptrs, const U64Array& nbytes, const U64Array& offsets, size_t num_threads,
          size_t task_nbytes, bool checksum, bool check_gaps, uint64_t gap_begin, uint64_t gap_end,
-         const std::string& path) {
+         const std::string& path, bool hugepages) {
         auto regions = to_regions(ptrs, nbytes, offsets);
         std::vector<uint32_t> crcs;
         {
           py::gil_scoped_release release;
-          crcs = read_regions(fd, regions, options(num_threads, task_nbytes, checksum), check_gaps, gap_begin, gap_end,
-                              path);
+          crcs = read_regions(fd, regions, options(num_threads, task_nbytes, checksum, hugepages), check_gaps,
+                              gap_begin, gap_end, path);
         }
         return to_array(crcs);
       },
       py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"), py::arg("file_offsets"), py::arg("num_threads"),
       py::arg("task_nbytes"), py::arg("checksum"), py::arg("check_gaps"), py::arg("gap_begin"), py::arg("gap_end"),
-      py::arg("path"), "Read file regions into host memory; returns the CRC32C of each region.");
+      py::arg("path"), py::arg("hugepages") = false,
+      "Read file regions into host memory; returns the CRC32C of each region.");
 
   m.def(
       "checksum_regions",

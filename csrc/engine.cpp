@@ -174,7 +174,9 @@ std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, 
 std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, const TransferOptions& options,
                                    bool check_gaps, uint64_t gap_begin, uint64_t gap_end, const std::string& path) {
   check_sorted(regions);
-  for (const Region& r : regions) advise_hugepages(r.ptr, r.nbytes);
+  if (options.hugepages) {
+    for (const Region& r : regions) advise_hugepages(r.ptr, r.nbytes);
+  }
   const Plan plan = make_plan(regions, options.task_nbytes, check_gaps, gap_begin, gap_end);
   std::vector<uint32_t> crcs(regions.size(), 0), chunk_crcs(plan.nchunks, 0);
   default_pool().parallel_for(plan.tasks.size(), options.num_threads, [&](size_t, size_t k) {

@@ -19,6 +19,7 @@ struct TransferOptions {
   size_t num_threads = 1;                // workers, the calling thread included
   size_t task_nbytes = size_t{8} << 20;  // bytes per task (one pread/pwrite)
   bool checksum = true;                  // compute CRC32C per region
+  bool hugepages = false;                // read: ask for huge pages on destinations first
 };
 
 // Writes every region; regions must be sorted by file_offset and must not overlap.

@@ -27,6 +27,7 @@ def read_regions(
     gap_begin: int,
     gap_end: int,
     path: str,
+    hugepages: bool = False,
 ) -> npt.NDArray[np.uint32]: ...
 def checksum_regions(
     ptrs: npt.ArrayLike, nbytes: npt.ArrayLike, num_threads: int, task_nbytes: int

@@ -40,8 +40,10 @@ def describe(
         )
     if t.layout is not torch.strided:
         raise error(f"{t.layout} tensors are not supported; save a dense (strided) tensor")
-    if t.is_meta:
-        raise error("meta tensors have no data to save")
+    if not t.is_cpu and not t.is_cuda:
+        if t.is_meta:
+            raise error("meta tensors have no data to save")
+        raise error(f"tensors on {t.device} are not supported (CPU and CUDA tensors are)")
     info = dtype_info(t.dtype)
     if info is None:
         if t.is_quantized:

@@ -129,7 +129,15 @@ class Flattener:
         if obj is None or t is bool:
             return obj
         if t is int:
-            return obj if -_SAFE_INT <= obj <= _SAFE_INT else ["int", str(obj)]
+            if -_SAFE_INT <= obj <= _SAFE_INT:
+                return obj
+            try:
+                digits = str(obj)
+            except ValueError:  # beyond Python's int-to-str limit (4300 digits)
+                digits = ""
+            if not digits or len(digits) > 4000:
+                raise self.error("ints longer than 4000 characters are not supported")
+            return ["int", digits]
         if t is float:
             return _float_node(obj)
         if self._tensor_type is not None and isinstance(obj, self._tensor_type):
@@ -152,11 +160,15 @@ class Flattener:
                     return self._children("tuple", obj, depth)
                 attrs = getattr(obj, "__dict__", None) or None
                 if attrs is not None:
-                    bad = [a for a in attrs if type(a) is not str or a.startswith("__")]
+                    bad = [
+                        a
+                        for a in attrs
+                        if type(a) is not str or a.startswith("__") or not a.isidentifier()
+                    ]
                     if bad:
                         raise self.error(f"OrderedDict attribute {bad[0]!r} cannot be saved")
                     self._path.append("@attrs")
-                    attrs_node = self._dict("dict", attrs, depth)
+                    attrs_node = self._dict("dict", attrs, depth + 1)
                     self._path.pop()
                 else:
                     attrs_node = None
@@ -339,7 +351,10 @@ def validate(
                     if type(attrs) is not list or not attrs or attrs[0] != "dict":
                         raise _bad("odict attributes must be null or a dict node")
                     names = attrs[1::2]
-                    if any(type(a) is not str or a.startswith("__") for a in names):
+                    if any(
+                        type(a) is not str or a.startswith("__") or not a.isidentifier()
+                        for a in names
+                    ):
                         raise _bad("odict attribute names must be strings not starting with '__'")
                     stack.append((attrs, depth + 1, False))
             if (n - first) % 2:

@@ -104,7 +104,7 @@ def _save(
     total = native.file_nbytes(len(header), offsets, sizes)
     base = np.uint64(native.data_start(len(header)))
     threads = _config.num_threads(num_threads)
-    task = _config.task_nbytes()
+    task = _config.task_nbytes(write=True)
     if isinstance(f, (str, os.PathLike)):
         _save_path(os.fspath(f), plan, header, crc_pos, total, base, threads, task, durable)
     else:
@@ -502,6 +502,10 @@ class _Reader:
         nbytes = lay.storage_nbytes[idx]
         full = nbytes > 0  # empty storages have no bytes and no padding: no I/O
         crcs = np.zeros(len(idx), dtype=np.uint32)
+        if check_gaps and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(
+                self.src.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL
+            )  # a whole file: larger readahead
         crcs[full] = _engine.read_regions(
             self.src.fd,
             ptrs[full],
@@ -514,6 +518,7 @@ class _Reader:
             int(lay.storage_offsets[0]) if len(lay.storage_offsets) else lay.file_nbytes,
             lay.file_nbytes,
             self.name,
+            _config.hugepages(),
         )
         if verify:
             self._check_crcs(idx, crcs)
