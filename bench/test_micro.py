@@ -11,7 +11,6 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from tensorfile import _engine
 from tensorfile._plan import plan_save
 from tensorfile._tree import Flattener

@@ -16,9 +16,6 @@ namespace {
 std::atomic<uint64_t> g_fault_countdown{0};
 std::atomic<int> g_fault_errno{0};
 
-// Each call moves at most 1 GiB: Linux caps a single transfer near 2 GiB anyway.
-constexpr size_t kMaxTransfer = size_t{1} << 30;
-
 [[noreturn]] void throw_io(int err, const std::string& verb, const std::string& path, uint64_t offset) {
   throw IoError(
       err, path,
@@ -29,44 +26,6 @@ constexpr size_t kMaxTransfer = size_t{1} << 30;
 void inject_write_fault(uint64_t countdown, int error_number) {
   g_fault_errno.store(error_number);
   g_fault_countdown.store(countdown);
-}
-
-void pread_full(int fd, void* dst, size_t nbytes, uint64_t file_offset, const std::string& path) {
-  auto* p = static_cast<char*>(dst);
-  while (nbytes > 0) {
-    size_t want = nbytes < kMaxTransfer ? nbytes : kMaxTransfer;
-    ssize_t got = ::pread(fd, p, want, static_cast<off_t>(file_offset));
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      throw_io(errno, "reading", path, file_offset);
-    }
-    if (got == 0) {
-      throw FormatError(path + ": unexpected end of file at offset " + std::to_string(file_offset) +
-                        " (the file is truncated or was changed while being read)");
-    }
-    p += got;
-    nbytes -= static_cast<size_t>(got);
-    file_offset += static_cast<uint64_t>(got);
-  }
-}
-
-void pwrite_full(int fd, const void* src, size_t nbytes, uint64_t file_offset, const std::string& path) {
-  if (g_fault_countdown.load(std::memory_order_relaxed) != 0) {
-    if (g_fault_countdown.fetch_sub(1) == 1) throw_io(g_fault_errno.load(), "writing", path, file_offset);
-  }
-  const auto* p = static_cast<const char*>(src);
-  while (nbytes > 0) {
-    size_t want = nbytes < kMaxTransfer ? nbytes : kMaxTransfer;
-    ssize_t put = ::pwrite(fd, p, want, static_cast<off_t>(file_offset));
-    if (put < 0) {
-      if (errno == EINTR) continue;
-      throw_io(errno, "writing", path, file_offset);
-    }
-    if (put == 0) throw_io(ENOSPC, "writing", path, file_offset);
-    p += put;
-    nbytes -= static_cast<size_t>(put);
-    file_offset += static_cast<uint64_t>(put);
-  }
 }
 
 namespace {
@@ -121,6 +80,16 @@ void pwritev_full(int fd, std::vector<iovec>& iov, uint64_t file_offset, const s
     file_offset += static_cast<uint64_t>(put);
     first = advance(iov, first, static_cast<size_t>(put));
   }
+}
+
+void pread_full(int fd, void* dst, size_t nbytes, uint64_t file_offset, const std::string& path) {
+  std::vector<iovec> iov{{dst, nbytes}};
+  preadv_full(fd, iov, file_offset, path);
+}
+
+void pwrite_full(int fd, const void* src, size_t nbytes, uint64_t file_offset, const std::string& path) {
+  std::vector<iovec> iov{{const_cast<void*>(src), nbytes}};
+  pwritev_full(fd, iov, file_offset, path);
 }
 
 void preallocate(int fd, uint64_t nbytes, const std::string& path) {

@@ -12,6 +12,8 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from ._workloads import fsync_file, make_durable
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _CHUNK = 64 << 20  # one large write or read per call, as a tuned copy loop would do
 _THREAD_CHUNK = 8 << 20
@@ -67,24 +69,6 @@ def _reset_peak() -> bool:
 
 
 # --------------------------------------------------------------------------- page cache
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def evict(path: str) -> None:
@@ -210,12 +194,6 @@ def touch(obj: Any) -> int:
 # --------------------------------------------------------------------------- systems
 
 
-def _durable(path: str) -> None:
-    # What tensorfile's durable=True promises: the bytes and the directory entry on disk.
-    _fsync_path(path)
-    _fsync_dir(path)
-
-
 def _system(name: str) -> dict[str, Callable[..., Any]]:
     if name == "tensorfile":
         import tensorfile
@@ -231,7 +209,7 @@ def _system(name: str) -> dict[str, Callable[..., Any]]:
         def tsave(sd: Any, p: str, durable: bool) -> None:
             torch.save(sd, p)
             if durable:
-                _durable(p)
+                make_durable(p)
 
         return {
             "save": tsave,
@@ -244,7 +222,7 @@ def _system(name: str) -> dict[str, Callable[..., Any]]:
         def ssave(sd: Any, p: str, durable: bool) -> None:
             save_file(sd, p)
             if durable:
-                _durable(p)
+                make_durable(p)
 
         # load_file maps the file by default; its pread backend is the copy into fresh
         # memory that the other systems' plain loads do.
@@ -388,7 +366,7 @@ def run_system(spec: dict[str, Any], rec: _Recorder) -> None:
     save(True)
     save(False)
     if os.path.exists(path):
-        _fsync_path(path)  # so the non-durable save's writeback does not land in a later measure
+        fsync_file(path)  # so the non-durable save's writeback does not land in a later measure
     held.clear()
     gc.collect()
     if not os.path.exists(path):

@@ -106,21 +106,6 @@ def walkthrough(directory: str, echo: Callable[[str], None]) -> None:
         os.chdir(here)
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
 def compare(
     directory: str, size_mb: float, runs: int, echo: Callable[[str], None], progress: bool
 ) -> dict[str, Any]:
@@ -145,7 +130,9 @@ def compare(
 
     def pt_save() -> None:
         torch.save(sd, pt_path)
-        _fsync(pt_path)  # tensorfile.save is durable by default; torch.save alone is not
+        _workloads.make_durable(
+            pt_path
+        )  # tensorfile.save is durable by default; torch.save alone is not
 
     # Loads leave the result alive until the clock has stopped, as a caller would.
     kept: list[Any] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
@@ -93,3 +94,24 @@ def shapes_for(
     if workload == "small-fp32":
         return small_shapes(small_count), "float32"
     raise ValueError(f"unknown workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_durable(path: str) -> None:
+    """What tensorfile's durable=True promises, for the peers: the file's bytes and its
+    directory entry on disk."""
+    fsync_file(path)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(dfd)
