@@ -107,11 +107,7 @@ def fsync_file(path: str) -> None:
 def make_durable(path: str) -> None:
     """What tensorfile's durable=True promises, for the peers: the file's bytes and its
     directory entry on disk."""
+    from .api import _fsync_dir
+
     fsync_file(path)
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories
-    finally:
-        os.close(dfd)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
