@@ -116,7 +116,9 @@ def test_kill_at_every_moment_of_a_save(tmp_path):
     killed_before_rename = [
         o for o in outcomes if o[2] == -signal.SIGKILL and o[3] != "rename" and o[3] != "fsync-dir"
     ]
-    assert len(killed_before_rename) >= 10, outcomes
+    # The four kills at the steps before the rename always land there; the timed ones
+    # land before it too unless this save runs much faster than the calibration one.
+    assert len(killed_before_rename) >= 6, outcomes
     # A killed writer leaves its temporary file; it is recognisable by name, and the
     # next save into the directory removes it (each save above already did so).
     _run_child(path, 3 - version, "writing", 0)
