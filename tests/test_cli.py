@@ -32,7 +32,7 @@ def no_traceback(p: subprocess.CompletedProcess[str]) -> None:
 def test_help_lists_the_commands() -> None:
     p = tf("--help")
     assert p.returncode == 0, p.stderr
-    for cmd in ("demo", "bench", "clean"):
+    for cmd in ("demo", "bench", "clean", "inspect", "verify"):
         assert re.search(rf"^\s+{cmd}\s", p.stdout, re.M), p.stdout
 
 
@@ -135,3 +135,56 @@ def test_usage_errors_exit_2_without_traceback(args: list[str]) -> None:
     assert p.returncode == 2
     no_traceback(p)
     assert "Error:" in p.stderr
+
+
+def _saved(tmp_path: Path) -> Path:
+    import tensorfile
+    import torch
+
+    path = tmp_path / "ckpt.tf"
+    obj = {"model": {"w": torch.ones(2, 3), "b": torch.zeros(3, dtype=torch.bfloat16)}, "step": 3}
+    tensorfile.save(obj, path, metadata={"run": "baseline"})
+    return path
+
+
+def test_inspect_table_and_json(tmp_path: Path) -> None:
+    import json
+
+    path = _saved(tmp_path)
+    p = tf("inspect", str(path))
+    assert p.returncode == 0, p.stderr
+    assert "tensorfile 1.0" in p.stdout
+    assert re.search(r"^model\.w\s+float32\s+2x3\s+24\s+4096\s+cpu", p.stdout, re.M), p.stdout
+    assert re.search(r"^model\.b\s+bfloat16\s+3\s+6\s+8192\s+cpu", p.stdout, re.M), p.stdout
+    assert "run: baseline" in p.stdout
+    p = tf("inspect", "--json", str(path))
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout[p.stdout.index("{") :])
+    assert [t["key"] for t in info["tensors"]] == ["model.w", "model.b"]
+    assert info["tensors"][1] == {
+        "key": "model.b",
+        "kind": "torch",
+        "dtype": "bfloat16",
+        "shape": [3],
+        "nbytes": 6,
+        "file_offset": 8192,
+        "device": "cpu",
+        "storage": 1,
+    }
+    assert info["metadata"] == {"run": "baseline"} and info["file_nbytes"] == path.stat().st_size
+
+
+def test_verify_exit_status(tmp_path: Path) -> None:
+    good = _saved(tmp_path)
+    bad = tmp_path / "bad.tf"
+    data = bytearray(good.read_bytes())
+    data[4096] ^= 0x10  # a bit of the first storage
+    bad.write_bytes(bytes(data))
+    p = tf("verify", str(good))
+    assert p.returncode == 0 and re.search(r"^ok\s+.*ckpt\.tf$", p.stdout, re.M), p.stdout + p.stderr
+    p = tf("verify", str(good), str(bad), str(tmp_path / "missing.tf"))
+    assert p.returncode == 1
+    assert re.search(r"^ok\s+.*ckpt\.tf$", p.stdout, re.M)
+    assert re.search(r"^FAIL .*bad\.tf: .*checksum mismatch", p.stdout, re.M), p.stdout
+    assert re.search(r"^FAIL .*missing\.tf: .*No such file", p.stdout, re.M), p.stdout
+    no_traceback(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import click
 
 from . import __version__
+from .formats import native
 
 # Heavy modules (torch, the benchmark) are imported inside the commands so that
 # `tensorfile --help` and `tensorfile clean` start fast.
@@ -209,3 +211,107 @@ def clean(directory: str) -> None:
     click.echo(
         f"{len(removed)} stale temporary file{'s' if len(removed) != 1 else ''} removed from {directory}"
     )
+
+
+def describe_file(path: str) -> dict[str, Any]:
+    """What `inspect` shows: the format, version, every tensor (by key path) and totals."""
+    from . import api
+    from ._dtypes import ITEMSIZE
+
+    reader = api._Reader(path)
+    try:
+        lay = reader.layout
+        tensors = []
+        for key, i in reader.key_index().items():
+            kind, s, dtype, shape, _strides, off, _flags = lay.tensors[i]
+            numel = 1
+            for d in shape:
+                numel *= d
+            tensors.append(
+                {
+                    "key": key,
+                    "kind": kind,
+                    "dtype": dtype,
+                    "shape": list(shape),
+                    "nbytes": numel * ITEMSIZE[kind][dtype],
+                    "file_offset": int(lay.storage_offsets[s]) + off,
+                    "device": lay.storage_device[s],
+                    "storage": s,
+                }
+            )
+        return {
+            "file": path,
+            "format": "tensorfile",
+            "version": f"{native.MAJOR}.{lay.minor}",
+            "file_nbytes": lay.file_nbytes,
+            "header_nbytes": lay.header_end - native.PREAMBLE_NBYTES,
+            "storages": len(lay.storage_kind),
+            "storage_nbytes": int(lay.storage_nbytes.sum()),
+            "tensors": tensors,
+            "metadata": dict(lay.metadata),
+        }
+    finally:
+        reader.close()
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def inspect(file: str, as_json: bool) -> None:
+    """Show a file's format, its tensors (key, dtype, shape, bytes, offset, device), totals and metadata.
+
+    Reads only the header."""
+    info = describe_file(file)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{file}: {info['format']} {info['version']}, {info['file_nbytes']:,} bytes")
+    rows = [
+        (
+            t["key"],
+            t["dtype"],
+            "x".join(map(str, t["shape"])) or "()",
+            f"{t['nbytes']:,}",
+            str(t["file_offset"]),
+            t["device"],
+        )
+        for t in info["tensors"]
+    ]
+    head = ("key", "dtype", "shape", "bytes", "offset", "device")
+    widths = [max([len(h), *(len(r[c]) for r in rows)]) for c, h in enumerate(head)]
+    for r in [head, *rows]:
+        click.echo(
+            "  ".join(
+                v.ljust(w) if c in (0, 1, 5) else v.rjust(w)
+                for c, (v, w) in enumerate(zip(r, widths))
+            )
+        )
+    click.echo(
+        f"{len(info['tensors'])} tensor key(s) in {info['storages']} storage(s), "
+        f"{info['storage_nbytes']:,} bytes of tensor data, header {info['header_nbytes']:,} bytes"
+    )
+    if info["metadata"]:
+        click.echo("metadata:")
+        for k, v in info["metadata"].items():
+            click.echo(f"  {k}: {v}")
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def verify(files: tuple[str, ...]) -> None:
+    """Check files completely (structure, padding, every checksum); exit 0 only if all are sound."""
+    from . import api
+    from ._errors import FormatError
+
+    bad = 0
+    for path in files:
+        try:
+            api.load(path, map_location="cpu", verify=True)
+        except (FormatError, OSError) as e:
+            bad += 1
+            msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.strerror else str(e)
+            click.echo(f"FAIL {path}: {msg}")
+        else:
+            click.echo(f"ok   {path}")
+    if bad:
+        raise SystemExit(1)
