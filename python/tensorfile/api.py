@@ -108,7 +108,7 @@ def _save(
     if isinstance(f, (str, os.PathLike)):
         _save_path(os.fspath(f), plan, header, crc_pos, total, base, threads, task, durable)
     else:
-        _save_stream(f, plan, header, crc_pos, base, threads, task)
+        _save_stream(f, plan, header, crc_pos, total, base, threads, task)
 
 
 def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
@@ -274,6 +274,7 @@ def _save_stream(
     plan: Any,
     header: bytearray,
     crc_pos: int,
+    total: int,
     base: np.uint64,
     threads: int,
     task: int,
@@ -286,7 +287,6 @@ def _save_stream(
     native.set_checksums(header, crc_pos, crcs)
     sizes = plan.nbytes.tolist()
     offsets = plan.offsets.tolist()
-    total = native.file_nbytes(len(header), offsets, sizes)
     f.write(native.make_preamble(header, total))
     f.write(bytes(header))
     cursor = native.PREAMBLE_NBYTES + len(header)
