@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._errors import ChecksumError, FormatError
-from .api import TensorFile, clean, load, open, save
+from .api import TensorFile, clean, load, open, save, save_safetensors
 
 __version__ = "0.1.0"
 
@@ -16,4 +16,5 @@ __all__ = [
     "load",
     "open",
     "save",
+    "save_safetensors",
 ]

@@ -218,7 +218,7 @@ def describe_file(path: str) -> dict[str, Any]:
     from . import api
     from ._dtypes import ITEMSIZE
 
-    reader = api._Reader(path)
+    reader = api._open_reader(path)
     try:
         lay = reader.layout
         tensors = []
