@@ -538,7 +538,7 @@ def _open_reader(f: FileLike, verify: bool = True) -> _Reader:
     src = _Source(f)
     try:
         head = src.read(native.PREAMBLE_NBYTES, 0)
-        if head.startswith(native.MAGIC) or len(head) < 10:
+        if head.startswith(native.MAGIC):
             return _Reader(src, head, verify)
         if torchzip.looks_like(head):
             return _TorchZipReader(src, head, verify)
@@ -830,7 +830,7 @@ class _SafetensorsReader(_Reader):
             return src.read(nbytes, offset)
 
         self.layout = safetensors.parse(raw, read, src.nbytes, self.name)
-        if "torch" not in sys.modules:
+        if sys.modules.get("torch") is None:
             try:
                 import torch  # noqa: F401
             except ImportError:

@@ -51,7 +51,7 @@ _NUMPY_OK |= {"float16", "float32", "float64", "complex64"}
 
 
 def looks_like(head: bytes) -> bool:
-    return len(head) >= 10 and head[8:9] == b"{"
+    return len(head) >= 9 and head[8:9] == b"{"
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -216,7 +216,9 @@ def read_directory(read: Any, file_nbytes: int, name: str) -> list[ZipRecord]:
     tail_nbytes = min(file_nbytes, 22 + 65535 + 20)
     tail = read(tail_nbytes, file_nbytes - tail_nbytes)
     at = tail.rfind(b"PK\x05\x06")
-    while at >= 0 and at + 22 + _EOCD.unpack_from(tail, at)[7] != len(tail):
+    while at >= 0 and (
+        at + 22 > len(tail) or at + 22 + _EOCD.unpack_from(tail, at)[7] != len(tail)
+    ):
         at = tail.rfind(b"PK\x05\x06", 0, at)
     if at < 0:
         raise bad("no end-of-central-directory record (truncated or not a zip)")
@@ -369,7 +371,6 @@ class _Unpickler(pickle.Unpickler):
             ("collections", "OrderedDict"): collections.OrderedDict,
             ("collections", "Counter"): collections.Counter,
             ("builtins", "set"): _set,
-            ("builtins", "frozenset"): lambda items=(): frozenset(_set(items)),
             ("builtins", "bytearray"): _bytearray,
             ("builtins", "complex"): _complex,
             ("_codecs", "encode"): _encode,
