@@ -78,7 +78,7 @@ def test_views_and_sharing_on_write(tmp_path):
     got = st.load_file(str(path))
     assert torch.equal(got["t"], base.t()) and torch.equal(got["col"], other[:, 1])
     assert torch.equal(got["neg"], base)
-    with pytest.raises(ValueError, match="'a' and 'b' share memory.*copy_shared=True"):
+    with pytest.raises(ValueError, match=r"'a' and 'b' share memory.*copy_shared=True"):
         tensorfile.save_safetensors({"a": base, "b": base[1]}, tmp_path / "s.safetensors")
     assert not (tmp_path / "s.safetensors").exists()
     tensorfile.save_safetensors(
