@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import ctypes
 import gc
@@ -13,7 +12,6 @@ import secrets
 import socket
 import stat
 import sys
-import zlib
 from collections.abc import Iterator
 from typing import IO, Any, Union
 
@@ -673,12 +671,13 @@ class _Reader:
             lay.storage_offsets[idx][full],
             threads,
             _config.task_nbytes(),
-            verify and self.crc_kind == "crc32c",
+            verify and self.crc_kind != "none",
             check_gaps and self.canonical_gaps,
             int(lay.storage_offsets[0]) if len(lay.storage_offsets) else lay.file_nbytes,
             lay.file_nbytes,
             self.name,
             _config.hugepages(),
+            self.crc_kind == "crc32",
         )
         if verify:
             self._verify(idx, ptrs, threads, crcs)
@@ -689,14 +688,17 @@ class _Reader:
     ) -> None:
         """Checks the stored checksums of storages `idx` now in memory at `ptrs`; `crcs`
         are the CRC32Cs the engine computed while reading, if it did."""
-        if self.crc_kind == "crc32c":
-            if crcs is None:
-                crcs = _engine.checksum_regions(
-                    ptrs, self.layout.storage_nbytes[idx], threads, _config.task_nbytes()
-                )
-            self._check_crcs(idx, crcs)
-        elif self.crc_kind == "crc32":
-            self._check_crcs(idx, _zip_crcs(ptrs, self.layout.storage_nbytes[idx], threads))
+        if self.crc_kind == "none":
+            return
+        if crcs is None:
+            crcs = _engine.checksum_regions(
+                ptrs,
+                self.layout.storage_nbytes[idx],
+                threads,
+                _config.task_nbytes(),
+                self.crc_kind == "crc32",
+            )
+        self._check_crcs(idx, crcs)
 
     def _stream_storages(
         self, idx: list[int], verify: bool, threads: int, whole: bool
@@ -939,35 +941,6 @@ class _TorchZipReader(_Reader):
         cache: dict[int, Any] = {}
         tensors = [self.build_tensor(i, storages, cache) for i in range(len(self.layout.tensors))]
         return torchzip.substitute(self.archive.root, tensors)
-
-
-def _zip_crcs(ptrs: np.ndarray, nbytes: np.ndarray, threads: int) -> np.ndarray:
-    """zip CRC-32 of each region; zlib releases the GIL, so threads share the work,
-    each taking a contiguous run of regions of about equal bytes."""
-    out = np.zeros(len(ptrs), dtype=np.uint32)
-    sizes = nbytes.tolist()
-    addrs = ptrs.tolist()
-
-    def run(lo: int, hi: int) -> None:
-        for j in range(lo, hi):
-            if sizes[j]:
-                out[j] = zlib.crc32(_raw_view(addrs[j], sizes[j]))
-
-    total = sum(sizes)
-    if threads <= 1 or total < (8 << 20):
-        run(0, len(sizes))
-        return out
-    bounds = [0]
-    acc = 0
-    for j, n in enumerate(sizes):
-        acc += n
-        if acc >= total * len(bounds) / threads and len(bounds) < threads:
-            bounds.append(j + 1)
-    bounds.append(len(sizes))
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for f in [pool.submit(run, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]:
-            f.result()
-    return out
 
 
 _TORCH_DTYPES: dict[str, Any] = {}
