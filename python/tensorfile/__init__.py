@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._async import async_save
 from ._errors import ChecksumError, FormatError
 from .api import TensorFile, clean, load, open, save, save_safetensors
 
@@ -12,6 +13,7 @@ __all__ = [
     "FormatError",
     "TensorFile",
     "__version__",
+    "async_save",
     "clean",
     "load",
     "open",
