@@ -578,6 +578,7 @@ class _Reader:
                 raise FormatError(f"{self.name}: nonzero padding after the header")
             self.header_end = header_end
             self.version = f"{pre.major}.{pre.minor}"
+            self.header_nbytes = pre.header_nbytes
         except BaseException:
             self.src.close()
             raise
@@ -810,6 +811,12 @@ class _Reader:
     def close(self) -> None:
         self.src.close()
 
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class _SafetensorsReader(_Reader):
     """A safetensors file, strictly validated; each tensor is a storage of its own."""
@@ -832,6 +839,7 @@ class _SafetensorsReader(_Reader):
             return src.read(nbytes, offset)
 
         self.layout = safetensors.parse(raw, read, src.nbytes, self.name)
+        self.header_nbytes = self.layout.header_end - 8
         if sys.modules.get("torch") is None:
             try:
                 import torch  # noqa: F401
@@ -912,6 +920,7 @@ class _TorchZipReader(_Reader):
         )
         self.archive = arch
         self.version = arch.version
+        self.header_nbytes = arch.pickle_nbytes
         self._keys: dict[str, int] | None = None
         self.ambiguous: set[str] = set()
 

@@ -180,6 +180,7 @@ class TorchArchive:
     prefix: str
     version: str
     file_nbytes: int
+    pickle_nbytes: int
 
 
 # --------------------------------------------------------------------------- zip
@@ -597,7 +598,9 @@ def open_archive(read: Any, file_nbytes: int, torch: Any, name: str) -> TorchArc
                 f"{name}: a tensor of shape {t.shape} reaches byte {(last + 1) * itemsize} of storage "
                 f"{t.storage.key!r}, which holds {nbytes}"
             )
-    return TorchArchive(root, tensors, storages, storage_records, prefix, version, file_nbytes)
+    return TorchArchive(
+        root, tensors, storages, storage_records, prefix, version, file_nbytes, len(data)
+    )
 
 
 def _record_bytes(read: Any, rec: ZipRecord, name: str, limit: int) -> bytes:
