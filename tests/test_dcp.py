@@ -108,13 +108,14 @@ def test_four_ranks_write_one_file_each_and_json_metadata(saved: Path) -> None:
     assert ranks == [0, 1, 2, 3]
     doc = json.loads((saved / "A" / tdcp.METADATA_NAME).read_bytes())
     assert doc["format"] == "tensorfile-dcp"
-    assert set(doc["files"]) == set(names[:-1])
+    assert {name for name, _ in doc["files"]} == set(names[:-1])
     # Every rank file is a plain tensorfile, checksummed, readable on its own.
     for n in names[:-1]:
         with tensorfile.open(saved / "A" / n) as f:
             assert len(f.keys()) > 0
-    big = [e for e in doc["storage_data"] if e["fqn"] == "model.big"]
-    assert len(big) == 4 and all(len(e["block_crcs"]) == 3 for e in big)
+    sd = doc["storage_data"]
+    big = [j for j, fqn in enumerate(sd["fqn"]) if fqn == "model.big"]
+    assert len(big) == 4 and all(len(sd["block_crcs"][str(j)]) == 3 for j in big)
 
 
 def test_async_save_snapshot_and_4_rank_roundtrip(saved: Path) -> None:
@@ -357,10 +358,12 @@ def test_incomplete_and_damaged_directories_are_reported(tmp_path: Path) -> None
     "edit, message",
     [
         (lambda d: d.update(format_version=99), "version 99 is not supported"),
-        (lambda d: d["state_dict_metadata"]["w"].update(dtype="system"), "dtype 'system'"),
-        (lambda d: d["state_dict_metadata"]["w"].update(chunks=[[[60], [10]]]), "outside"),
-        (lambda d: d["storage_data"][0].update(file="../../etc/passwd"), "storage entry"),
-        (lambda d: d.update(planner_data={"bogus": 1}), "unknown tag"),
+        (lambda d: d["properties"][0].__setitem__(0, "system"), "dtype 'system'"),
+        (lambda d: d["state_dict_metadata"]["w"].__setitem__(2, [[[60], [10]]]), "outside"),
+        (lambda d: d["storage_data"]["file"].__setitem__(0, 7), "storage entry 0"),
+        (lambda d: d["files"][0].__setitem__(0, "../../etc/passwd"), "files"),
+        (lambda d: d.update(planner_data={"bogus": 1}), "planner_data"),
+        (lambda d: d.update(planner_data={"value": {"bogus": 1}}), "unknown tag"),
         (lambda d: d.pop("files"), "KeyError"),
     ],
 )
@@ -437,3 +440,21 @@ def test_plugin_interface(tmp_path: Path) -> None:
     assert r.checkpoint_id == str(tmp_path / "c")
     with pytest.raises(TypeError):
         tdcp.StorageWriter(tmp_path, bogus=1)  # type: ignore[call-arg]
+
+
+def test_bench_dcp_smoke(ctx: Any, tmp_path: Path) -> None:
+    from tensorfile import _bench_dcp
+
+    out = tmp_path / "bench.json"
+    args = ["--size", "2M", "--small-count", "50", "--small-size", "200K", "--reps", "1"]
+    assert _bench_dcp.main([*args, "--dir", str(tmp_path), "--json", str(out)], ctx=ctx) == 0
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {
+        f"{w}/{s}" for w in ("large", "small") for s in ("tensorfile", "stock")
+    }
+    for r in report["results"].values():
+        assert len(r["save_s"]) == 1 and r["save_median_s"] > 0 and r["load_median_s"] > 0
+    assert report["ratios"]["large"]["save_ratio"] > 0
+    with pytest.raises(SystemExit):
+        _bench_dcp.main(["--workloads", "huge"])
+    assert _bench_dcp.parse_size("1G") == 1 << 30 and _bench_dcp.parse_size("64MiB") == 64 << 20

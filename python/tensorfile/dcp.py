@@ -116,7 +116,7 @@ def _is_local_path(checkpoint_id: Any) -> bool:
 def _item_key(index: MetadataIndex) -> str:
     if index.offset is None:
         return index.fqn
-    return f"{index.fqn}@{','.join(str(o) for o in index.offset)}"
+    return f"{index.fqn}@{','.join(map(str, index.offset))}"
 
 
 # --------------------------------------------------------------------------- writer
@@ -426,56 +426,95 @@ def _decode_value(v: Any) -> Any:
     return v
 
 
+def _encode_planner_data(v: Any) -> Any:
+    # The default planners record {fqn: key path tuple of str and int}: stored as lists.
+    if type(v) is dict and all(
+        type(k) is str and type(p) is tuple and all(type(x) in (str, int) for x in p)
+        for k, p in v.items()
+    ):
+        return {"mappings": {k: list(p) for k, p in v.items()}}
+    return {"value": _encode_value(v, "planner_data")}
+
+
+def _decode_planner_data(v: Any) -> Any:
+    if type(v) is not dict or len(v) != 1:
+        raise ValueError("planner_data")
+    if "mappings" in v:
+        out = {}
+        for k, p in v["mappings"].items():
+            if type(p) is not list or not all(type(x) in (str, int) for x in p):
+                raise ValueError(f"planner_data key path of {k!r}")
+            out[k] = tuple(p)
+        return out
+    if "value" in v:
+        return _decode_value(v["value"])
+    raise ValueError("planner_data")
+
+
 def _encode_metadata(md: Metadata, sizes: dict[str, int]) -> dict[str, Any]:
+    """DCP's Metadata as JSON-ready columns: one properties table, one entry per state
+    dict key, and the storage index as parallel arrays (20,000 items stay cheap)."""
+    props: dict[tuple[Any, ...], int] = {}
     entries: dict[str, Any] = {}
     for fqn, sm in md.state_dict_metadata.items():
         if isinstance(sm, BytesStorageMetadata):
-            entries[fqn] = {"type": "bytes"}
-        elif isinstance(sm, TensorStorageMetadata):
-            p = sm.properties
+            entries[fqn] = None
+            continue
+        if not isinstance(sm, TensorStorageMetadata):
+            raise TypeError(
+                f"tensorfile.dcp: unknown storage metadata {type(sm).__name__} for {fqn!r}"
+            )
+        p = sm.properties
+        pk = (p.dtype, p.layout, p.requires_grad, p.memory_format, p.pin_memory)
+        pi = props.get(pk)
+        if pi is None:
             if p.layout != torch.strided:
                 raise TypeError(
                     f"tensorfile.dcp: {fqn!r} has layout {p.layout}; only strided tensors are supported"
                 )
-            fmt = next((k for k, f in _MEMORY_FORMATS.items() if f == p.memory_format), None)
-            if fmt is None:
+            if not any(f == p.memory_format for f in _MEMORY_FORMATS.values()):
                 raise TypeError(f"tensorfile.dcp: {fqn!r} has memory format {p.memory_format}")
-            entries[fqn] = {
-                "type": "tensor",
-                "dtype": _dtype_name(p.dtype),
-                "size": list(sm.size),
-                "requires_grad": bool(p.requires_grad),
-                "memory_format": fmt,
-                "pin_memory": bool(p.pin_memory),
-                "chunks": [[list(c.offsets), list(c.sizes)] for c in sm.chunks],
-            }
-        else:
-            raise TypeError(
-                f"tensorfile.dcp: unknown storage metadata {type(sm).__name__} for {fqn!r}"
-            )
-    items = []
-    for index, loc in md.storage_data.items():
-        items.append(
-            {
-                "fqn": index.fqn,
-                "offset": None if index.offset is None else list(index.offset),
-                "index": index.index,
-                "file": loc.file,
-                "key": loc.key,
-                "nbytes": loc.nbytes,
-                "block_crcs": list(loc.block_crcs),
-            }
-        )
+            pi = props[pk] = len(props)
+        entries[fqn] = [pi, list(sm.size), [[list(c.offsets), list(c.sizes)] for c in sm.chunks]]
+    prop_rows = [
+        [
+            _dtype_name(dtype),
+            bool(rg),
+            next(k for k, f in _MEMORY_FORMATS.items() if f == mf),
+            bool(pin),
+        ]
+        for dtype, _layout, rg, mf, pin in props
+    ]
+    file_names = sorted(sizes)
+    file_index = {n: i for i, n in enumerate(file_names)}
+    fqns, offsets, hints, files, nbytes = [], [], [], [], []
+    blocks: dict[str, list[int]] = {}
+    for j, (index, loc) in enumerate(md.storage_data.items()):
+        fqns.append(index.fqn)
+        offsets.append(None if index.offset is None else list(index.offset))
+        hints.append(index.index)
+        files.append(file_index[loc.file])
+        nbytes.append(loc.nbytes)
+        if loc.block_crcs:
+            blocks[str(j)] = list(loc.block_crcs)
     sm_ = md.storage_meta
     return {
         "format": _FORMAT,
         "format_version": _FORMAT_VERSION,
         "dcp_version": md.version,
         "block_nbytes": _BLOCK_NBYTES,
-        "files": sizes,
+        "files": [[n, sizes[n]] for n in file_names],
+        "properties": prop_rows,
         "state_dict_metadata": entries,
-        "planner_data": _encode_value(md.planner_data, "planner_data"),
-        "storage_data": items,
+        "planner_data": _encode_planner_data(md.planner_data),
+        "storage_data": {
+            "fqn": fqns,
+            "offset": offsets,
+            "index": hints,
+            "file": files,
+            "nbytes": nbytes,
+            "block_crcs": blocks,
+        },
         "storage_meta": None
         if sm_ is None
         else {
@@ -501,60 +540,86 @@ def _decode_metadata(doc: Any, where: str) -> tuple[Metadata, dict[str, int]]:
         block = doc["block_nbytes"]
         if type(block) is not int or block <= 0:
             raise ValueError("block_nbytes")
-        files = doc["files"]
-        if type(files) is not dict or not all(
-            type(k) is str and _DATA_NAME.match(k) and type(v) is int and v >= 0
-            for k, v in files.items()
+        file_rows = doc["files"]
+        if type(file_rows) is not list or not all(
+            type(r) is list
+            and len(r) == 2
+            and type(r[0]) is str
+            and _DATA_NAME.match(r[0])
+            and type(r[1]) is int
+            and r[1] >= 0
+            for r in file_rows
         ):
             raise ValueError("files")
+        file_names = [r[0] for r in file_rows]
+        files = dict(map(tuple, file_rows))
+        props = []
+        for dtype_name, rg, mf, pin in doc["properties"]:
+            dtype = getattr(torch, dtype_name, None) if type(dtype_name) is str else None
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"dtype {dtype_name!r}")
+            props.append(
+                TensorProperties(
+                    dtype=dtype,
+                    layout=torch.strided,
+                    requires_grad=bool(rg),
+                    memory_format=_MEMORY_FORMATS[mf],
+                    pin_memory=bool(pin),
+                )
+            )
         sdm: dict[str, Any] = {}
         for fqn, e in doc["state_dict_metadata"].items():
-            if e["type"] == "bytes":
+            if e is None:
                 sdm[fqn] = BytesStorageMetadata()
                 continue
-            if e["type"] != "tensor":
-                raise ValueError(f"entry type {e['type']!r}")
-            dtype = getattr(torch, e["dtype"], None)
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"dtype {e['dtype']!r}")
-            props = TensorProperties(
-                dtype=dtype,
-                layout=torch.strided,
-                requires_grad=bool(e["requires_grad"]),
-                memory_format=_MEMORY_FORMATS[e["memory_format"]],
-                pin_memory=bool(e["pin_memory"]),
-            )
-            size = _size(e["size"])
+            pi, size_raw, chunk_rows = e
+            size = _size(size_raw)
             chunks = []
-            for off, sz in e["chunks"]:
-                o, s = _size(off), _size(sz)
+            for off, sz in chunk_rows:
+                o, c = _size(off), _size(sz)
                 if (
                     len(o) != len(size)
-                    or len(s) != len(size)
-                    or any(a + b > n for a, b, n in zip(o, s, size))
+                    or len(c) != len(size)
+                    or any(a + b > n for a, b, n in zip(o, c, size))
                 ):
-                    raise ValueError(f"chunk {list(o)}+{list(s)} outside {list(size)} of {fqn!r}")
-                chunks.append(ChunkStorageMetadata(offsets=o, sizes=s))
-            sdm[fqn] = TensorStorageMetadata(properties=props, size=size, chunks=chunks)
+                    raise ValueError(f"chunk {list(o)}+{list(c)} outside {list(size)} of {fqn!r}")
+                chunks.append(ChunkStorageMetadata(offsets=o, sizes=c))
+            if type(pi) is not int or not 0 <= pi < len(props):
+                raise ValueError(f"properties of {fqn!r}")
+            sdm[fqn] = TensorStorageMetadata(properties=props[pi], size=size, chunks=chunks)
+        sd = doc["storage_data"]
+        fqns, offsets, hints, fidx, nbytes, blocks = (
+            sd["fqn"],
+            sd["offset"],
+            sd["index"],
+            sd["file"],
+            sd["nbytes"],
+            sd["block_crcs"],
+        )
+        n = len(fqns)
+        if not all(type(col) is list and len(col) == n for col in (offsets, hints, fidx, nbytes)):
+            raise ValueError("storage_data columns differ in length")
+        if type(blocks) is not dict:
+            raise ValueError("block_crcs")
         storage: dict[MetadataIndex, _Location] = {}
-        for it in doc["storage_data"]:
-            if (
-                it["file"] not in files
-                or type(it["key"]) is not str
-                or type(it["nbytes"]) is not int
+        for j in range(n):
+            fqn, off, f, nb = fqns[j], offsets[j], fidx[j], nbytes[j]
+            if type(fqn) is not str or type(f) is not int or not 0 <= f < len(file_names):
+                raise ValueError(f"storage entry {j}")
+            if type(nb) is not int or nb < 0:
+                raise ValueError(f"byte count of {fqn!r}")
+            crcs = blocks.get(str(j), ())
+            if crcs and (
+                len(crcs) != -(-nb // block)
+                or not all(type(c) is int and 0 <= c < 2**32 for c in crcs)
             ):
-                raise ValueError(f"storage entry for {it.get('fqn')!r}")
-            crcs = it["block_crcs"]
-            if not all(type(c) is int and 0 <= c < 2**32 for c in crcs):
-                raise ValueError(f"block checksums of {it['fqn']!r}")
-            if crcs and len(crcs) != math.ceil(it["nbytes"] / block):
-                raise ValueError(f"block checksum count of {it['fqn']!r}")
+                raise ValueError(f"block checksums of {fqn!r}")
             index = MetadataIndex(
-                str(it["fqn"]),
-                None if it["offset"] is None else _size(it["offset"]),
-                it["index"] if type(it["index"]) is int else None,
+                fqn,
+                None if off is None else _size(off),
+                hints[j] if type(hints[j]) is int else None,
             )
-            storage[index] = _Location(it["file"], it["key"], it["nbytes"], tuple(crcs))
+            storage[index] = _Location(file_names[f], _item_key(index), nb, tuple(crcs))
         sm = doc["storage_meta"]
         storage_meta = (
             None
@@ -568,7 +633,7 @@ def _decode_metadata(doc: Any, where: str) -> tuple[Metadata, dict[str, int]]:
         )
         md = Metadata(
             state_dict_metadata=sdm,
-            planner_data=_decode_value(doc["planner_data"]),
+            planner_data=_decode_planner_data(doc["planner_data"]),
             storage_data=storage,
             storage_meta=storage_meta,
             version=doc["dcp_version"],
@@ -583,8 +648,11 @@ def _decode_metadata(doc: Any, where: str) -> tuple[Metadata, dict[str, int]]:
 
 
 def _size(v: Any) -> torch.Size:
-    if type(v) is not list or not all(type(x) is int and x >= 0 for x in v):
+    if type(v) is not list:
         raise ValueError(f"bad shape {v!r}")
+    for x in v:
+        if type(x) is not int or x < 0:
+            raise ValueError(f"bad shape {v!r}")
     return torch.Size(v)
 
 
@@ -848,7 +916,8 @@ def _plan_tensor(
     strides: list[int],
 ) -> None:
     so, ln = list(req.storage_offsets), list(req.lengths)
-    if (
+    whole = ln == shape and not any(so)  # the common case: the whole saved chunk
+    if not whole and (
         len(so) != len(shape)
         or len(ln) != len(shape)
         or any(o + n > d for o, n, d in zip(so, ln, shape))
@@ -866,10 +935,13 @@ def _plan_tensor(
     if count == 0:
         batch.after.append(lambda: planner.commit_tensor(req, dest))
         return
-    first = sum(o * st for o, st in zip(so, strides))
-    last = first + sum((n - 1) * st for n, st in zip(ln, strides))
-    a, b = off + first * isz, off + (last + 1) * isz  # byte range within the storage
-    contiguous = last - first + 1 == count
+    if whole:
+        a, b, contiguous = off, off + count * isz, True
+    else:
+        first = sum(o * st for o, st in zip(so, strides))
+        last = first + sum((n - 1) * st for n, st in zip(ln, strides))
+        a, b = off + first * isz, off + (last + 1) * isz  # byte range within the storage
+        contiguous = last - first + 1 == count
     label = loc.key
     if contiguous and dest.device.type == "cpu" and dest.dtype == dtype and dest.is_contiguous():
         _plan_range(batch, lay, s, off, loc, a, b, dest.data_ptr(), verify, label)
