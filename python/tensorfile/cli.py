@@ -402,7 +402,10 @@ def convert(src: str, dst: str, to: str | None, skip_non_tensors: bool) -> None:
     from . import _convert
 
     if to is None:
-        to = "safetensors" if dst.endswith(".safetensors") else "tensorfile"
+        if os.path.isdir(dst) or dst.endswith(os.sep):
+            to = "dcp"
+        else:
+            to = "safetensors" if dst.endswith(".safetensors") else "tensorfile"
     if os.path.abspath(src) == os.path.abspath(dst):
         raise click.ClickException("IN and OUT are the same file")
     total = os.path.getsize(src) if os.path.isfile(src) else 0
