@@ -458,3 +458,25 @@ def test_bench_dcp_smoke(ctx: Any, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         _bench_dcp.main(["--workloads", "huge"])
     assert _bench_dcp.parse_size("1G") == 1 << 30 and _bench_dcp.parse_size("64MiB") == 64 << 20
+
+
+@single_process
+def test_per_rank_commit_without_collectives(tmp_path: Path) -> None:
+    d = tmp_path / "ck"
+    w = tdcp.StorageWriter(d)
+    dcp.save(
+        {"a": torch.arange(5.0), "n": 4}, storage_writer=w, no_dist=True, use_collectives=False
+    )
+    assert f"__0_{tdcp.METADATA_NAME}" in os.listdir(d)
+    out = {"a": torch.zeros(5), "n": 0}
+    dcp.load(
+        out, storage_reader=tdcp.StorageReader(d), no_dist=True
+    )  # falls back to rank 0's record
+    assert torch.equal(out["a"], torch.arange(5.0)) and out["n"] == 4
+    dcp.save(
+        {"a": torch.ones(5), "n": 5},
+        storage_writer=tdcp.StorageWriter(d),
+        no_dist=True,
+        use_collectives=False,
+    )
+    assert len([n for n in os.listdir(d) if n.endswith(".tf")]) == 1
