@@ -67,13 +67,13 @@ def test_bench_tiny_run_through_the_cli(tmp_path: Path) -> None:
     for key in ("cores", "memory_gib", "filesystem", "python", "torch", "numpy", "tensorfile"):
         assert m[key], key
     names = [w["name"] for w in report["workloads"]]
-    # the main workloads, then the payload sweep (a sixteenth and a quarter of the size)
+    # the main workloads, then the payload sweep (a sixteenth and a quarter of the size;
+    # at 4 MiB, 1M rounds up to the same smallest model as 0.25M and is measured once)
     assert names == [
         "transformer-fp32",
         "small-fp32",
         "checkpoint",
         "transformer-fp32@0.25M",
-        "transformer-fp32@1M",
     ]
     wl = {w["name"]: w for w in report["workloads"]}
     assert wl["small-fp32"]["tensors"] == 200
@@ -316,26 +316,31 @@ def test_plan_interleaves_and_rotates_systems(tmp_path: Path) -> None:
         sweep_threads=[1, 2],
         timeout=None,
     )
-    first = [j["system"] for j in jobs if j["rep"] == 0 and j["workload"] == "small-fp32"]
-    second = [j["system"] for j in jobs if j["rep"] == 1 and j["workload"] == "small-fp32"]
-    assert first[0] == "raw" and second[0] == "tensorfile"  # rotated each rep
+
+    def block(rep: int, w: str) -> list[dict]:
+        return [j for j in jobs if j["rep"] == rep and j["workload"] == w]
+
+    # within a workload every system saves, then every system loads; rotated each rep
+    for rep, first in ((0, "raw"), (1, "tensorfile")):
+        b = block(rep, "small-fp32")
+        phases = [j["phase"] for j in b]
+        assert phases == sorted(phases, key=["save", "load"].index), phases
+        assert b[0]["system"] == first
+        saves = [j["system"] for j in b if j["phase"] == "save"]
+        loads = [j["system"] for j in b if j["phase"] == "load"]
+        assert list(dict.fromkeys(saves)) == list(dict.fromkeys(loads))
+        # the last job removes every file of the block, and only it removes any
+        assert sorted(b[-1]["cleanup"]) == sorted({j["path"] for j in b})
+        assert not any(j["cleanup"] for j in b[:-1])
     # numpy has no mmap load; tensorfile's thread sweep is on the main model workload only,
     # its header timings on the small tensors
     assert not any(j["system"] == "numpy" and j["measure"].startswith("mmap") for j in jobs)
     sweep = [j for j in jobs if j["threads"] is not None]
     assert {j["workload"] for j in sweep} == {"transformer-fp32"}
     assert {j["row_system"] for j in sweep} == {"tensorfile[1 thread]", "tensorfile[2 threads]"}
+    assert {j["measure"] for j in sweep} == set(_bench.THREAD_SWEEP_MEASURES)
     headers = {j["workload"] for j in jobs if j["measure"] in _bench.HEADER_MEASURES}
     assert headers == {"small-fp32"}
-    # each group's last job removes its file; saves come before the loads that read them
-    for rep in (0, 1):
-        group = [
-            j
-            for j in jobs
-            if j["rep"] == rep and j["workload"] == "small-fp32" and j["system"] == "numpy"
-        ]
-        assert [j["cleanup"] for j in group] == [False] * (len(group) - 1) + [True]
-        assert [j["measure"] for j in group][:2] == ["save_durable", "save"]
 
 
 def test_checkpoint_workload_is_a_training_checkpoint() -> None:

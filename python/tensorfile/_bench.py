@@ -250,13 +250,45 @@ def _workload_list(
         )
     for entry in out:
         entry.update(_workloads.describe(entry["base"], entry["size_mb"], small_count))
-    return out
+    # Tiny sizes round up to the smallest model: measure each payload once.
+    seen: set[int] = set()
+    kept = []
+    for entry in out:
+        key = entry["payload_bytes"] if entry["base"] == "transformer-fp32" else -1
+        if key in seen and entry["sweep"]:
+            continue
+        seen.add(key)
+        kept.append(entry)
+    return kept
 
 
 def _row_system(system: str, threads: int | None) -> str:
     if threads is None:
         return system
     return f"{system}[{threads} thread{'s' if threads != 1 else ''}]"
+
+
+def _measures_of(
+    system: str, workload: dict[str, Any], sweep_threads: list[int]
+) -> tuple[list[tuple[str, int | None]], list[tuple[str, int | None]]]:
+    """(save-phase, load-phase) measures of a system on a workload, with thread counts."""
+    if system == RAW:
+        return [("write_fsync", None)], [(m, None) for m in RAW_MEASURES if m != "write_fsync"]
+    saves: list[tuple[str, int | None]] = [("save_durable", None), ("save", None)]
+    loads: list[tuple[str, int | None]] = [
+        (m, None)
+        for m in SYSTEM_MEASURES
+        if m not in ("save_durable", "save") and (system, m) not in UNSUPPORTED
+    ]
+    if system == "tensorfile":
+        if workload["base"] == "small-fp32":
+            saves.append(("header_save", None))
+            loads.append(("header_load", None))
+        if workload["base"] == "transformer-fp32" and not workload["sweep"]:
+            for n in sweep_threads:
+                saves.append(("save_durable", n))
+                loads += [(m, n) for m in THREAD_SWEEP_MEASURES if m != "save_durable"]
+    return saves, loads
 
 
 def plan_jobs(
@@ -270,48 +302,48 @@ def plan_jobs(
     sweep_threads: list[int],
     timeout: float | None,
 ) -> list[dict[str, Any]]:
-    """The children in the order they run: every rep runs every workload, and within a
-    workload the systems take turns (rotated each rep) so that drift on a noisy machine
-    spreads over all of them. A system's measures run back to back: its saves leave the
-    file that its loads then read."""
-    jobs = []
+    """The children in the order they run. Every rep runs every workload; within a
+    workload, first every system saves (the payload is built once, and the save
+    children share it), then every system loads the file it saved. Within each phase
+    the systems take turns, rotated each rep, so that drift on a noisy machine spreads
+    over all of them. The last job of a workload removes its files."""
+    jobs: list[dict[str, Any]] = []
     names = [RAW, *systems]
     for rep in range(reps):
         turn = names[rep % len(names) :] + names[: rep % len(names)]
         for w in workloads:
+            phases: dict[str, list[dict[str, Any]]] = {"save": [], "load": []}
+            paths = []
             for s in turn:
                 path = os.path.join(workdir, f"{w['name']}.{_EXT[s]}")
-                group: list[tuple[str, int | None]] = []
-                if s == RAW:
-                    group = [(m, None) for m in RAW_MEASURES]
-                else:
-                    group = [(m, None) for m in SYSTEM_MEASURES if (s, m) not in UNSUPPORTED]
-                if s == "tensorfile":
-                    if w["base"] == "small-fp32":
-                        group += [(m, None) for m in HEADER_MEASURES]
-                    if w["base"] == "transformer-fp32" and not w["sweep"]:
-                        group += [(m, n) for n in sweep_threads for m in THREAD_SWEEP_MEASURES]
-                for i, (m, n) in enumerate(group):
-                    jobs.append(
-                        {
-                            "rep": rep,
-                            "workload": w["name"],
-                            "base_workload": w["base"],
-                            "size_mb": w["size_mb"],
-                            "small_count": small_count,
-                            "system": s,
-                            "row_system": _row_system(s, n),
-                            "measure": m,
-                            "label": f"{_row_system(s, n)} {LABEL[m]}",
-                            "threads": n,
-                            "cores": cores,
-                            "nbytes": w["payload_bytes"],
-                            "count": w["tensors"],
-                            "path": path,
-                            "timeout": timeout or 300 + 120 * w["payload_bytes"] / 1e9,
-                            "cleanup": i == len(group) - 1,
-                        }
-                    )
+                paths.append(path)
+                for phase, group in zip(("save", "load"), _measures_of(s, w, sweep_threads)):
+                    for m, n in group:
+                        phases[phase].append(
+                            {
+                                "rep": rep,
+                                "phase": phase,
+                                "workload": w["name"],
+                                "base_workload": w["base"],
+                                "size_mb": w["size_mb"],
+                                "small_count": small_count,
+                                "system": s,
+                                "row_system": _row_system(s, n),
+                                "measure": m,
+                                "label": f"{_row_system(s, n)} {LABEL[m]}",
+                                "threads": n,
+                                "cores": cores,
+                                "nbytes": w["payload_bytes"],
+                                "count": w["tensors"],
+                                "path": path,
+                                "timeout": timeout or 300 + 120 * w["payload_bytes"] / 1e9,
+                                "cleanup": [],
+                            }
+                        )
+            block = phases["save"] + phases["load"]
+            if block:
+                block[-1]["cleanup"] = paths
+            jobs += block
     return jobs
 
 
@@ -767,6 +799,7 @@ def plot(report: dict[str, Any], path: str) -> str:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return "plot skipped: matplotlib is not installed (pip install 'tensorfile[bench]')"
     sizes = {
@@ -811,6 +844,7 @@ def plot(report: dict[str, Any], path: str) -> str:
             )
         ax.set_title(LABEL[m])
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)

@@ -374,6 +374,39 @@ def _start() -> dict[str, Any]:
     return entry
 
 
+# The payload of the current (rep, workload), built once by the server before it forks
+# the save children, which share its pages; dropped before the load children.
+_PAYLOAD: dict[str, Any] = {}
+
+
+def _payload_key(job: dict[str, Any]) -> tuple[Any, ...]:
+    return (job["rep"], job["workload"], job["size_mb"], job["small_count"])
+
+
+def payload_for(job: dict[str, Any]) -> Any:
+    """The object to save: the server's, or (outside the server) a freshly built one."""
+    if _PAYLOAD.get("key") == _payload_key(job):
+        return _PAYLOAD["obj"]
+    return _workloads.build_workload(job["workload"], job["size_mb"], job["small_count"])
+
+
+def _hold_payload(job: dict[str, Any] | None) -> None:
+    """Builds the job's payload in the server (through numpy: no torch thread pool may
+    start before a fork), or drops the one held, handing its memory back."""
+    key = None if job is None else _payload_key(job)
+    if _PAYLOAD.get("key") == key:
+        return
+    _PAYLOAD.clear()
+    gc.collect()
+    _trim()
+    if job is not None:
+        _PAYLOAD["obj"] = _workloads.build_workload(
+            job["workload"], job["size_mb"], job["small_count"], fork_safe=True
+        )
+        _PAYLOAD["key"] = key
+        gc.freeze()  # the children's gc passes skip it, and so leave its pages shared
+
+
 def _check(obj: Any, job: dict[str, Any]) -> None:
     ts = tensors_in(obj)
     nb = sum(t.numel() * t.element_size() for t in ts)
@@ -486,7 +519,7 @@ def _header_times(job: dict[str, Any], reps: int = 5) -> dict[str, Any]:
 
     times = []
     if job["measure"] == "header_save":
-        obj = _workloads.build_workload(job["workload"], job["size_mb"], job["small_count"])
+        obj = payload_for(job)
         entry = _start()
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -519,7 +552,7 @@ def run_system(job: dict[str, Any], fns: dict[str, Callable[..., Any]]) -> dict[
     if measure.startswith("header_"):
         return _header_times(job)
     if measure in ("save_durable", "save"):
-        obj = _workloads.build_workload(job["workload"], job["size_mb"], job["small_count"])
+        obj = payload_for(job)
         remove(path)
         entry = _start()
         t0 = time.perf_counter()
@@ -652,6 +685,8 @@ def serve(jobs_path: str, results_path: str) -> int:
         for k, job in enumerate(jobs):
             t0 = time.perf_counter()
             is_save = job["measure"] in ("save_durable", "save", "write_fsync")
+            if job["system"] != "raw":
+                _hold_payload(job if job["phase"] == "save" else None)
             if job["system"] in broken:
                 entry: dict[str, Any] = {"error": broken[job["system"]]}
             elif (
@@ -669,9 +704,9 @@ def serve(jobs_path: str, results_path: str) -> int:
             entry["wall_s"] = time.perf_counter() - t0
             if is_save and "seconds" in entry:
                 saved.add(job["path"])
-            if job.get("cleanup"):
-                remove(job["path"])
-                saved.discard(job["path"])
+            for p in job.get("cleanup", []):
+                remove(p)
+                saved.discard(p)
             results.write(json.dumps({"job": k, "entry": entry}) + "\n")
             results.flush()
             print(f"{k + 1}\t{len(jobs)}\t{job['label']}: {entry['wall_s']:.1f} s", flush=True)

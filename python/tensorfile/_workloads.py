@@ -60,15 +60,27 @@ def payload_nbytes(shapes: list[tuple[str, tuple[int, ...]]], dtype: str) -> int
 
 
 def build(
-    shapes: list[tuple[str, tuple[int, ...]]], dtype: str, seed: int = 0, *, empty: bool = False
+    shapes: list[tuple[str, tuple[int, ...]]],
+    dtype: str,
+    seed: int = 0,
+    *,
+    empty: bool = False,
+    fork_safe: bool = False,
+    positive: bool = False,
 ) -> dict[str, Any]:
-    """The state dict for `shapes`, filled with normal values that depend only on `seed`;
-    with empty=True, torch.empty tensors (untouched memory, as a model a load fills)."""
+    """The state dict for `shapes`, filled with normal values that depend only on `seed`
+    (their absolute values with positive=True); with empty=True, torch.empty tensors
+    (untouched memory, as a model a load fills). fork_safe=True fills the tensors through
+    numpy (torch.from_numpy, no torch kernel runs), so that no torch thread pool starts
+    in a process that forks afterwards: a child of a process whose OpenMP pool started
+    can hang in its first parallel kernel."""
     import torch
 
     dt = getattr(torch, dtype)
     if empty:
         return {name: torch.empty(shape, dtype=dt) for name, shape in shapes}
+    if fork_safe:
+        return _build_numpy(shapes, dtype, seed, positive)
     gen = torch.Generator().manual_seed(seed)
     pool = torch.randn(_POOL_ELEMS, generator=gen, dtype=dt)
     pool = torch.cat([pool, pool])  # any window of up to _POOL_ELEMS starting in the first half
@@ -80,7 +92,31 @@ def build(
         for at in range(0, flat.numel(), _POOL_ELEMS):
             k = min(_POOL_ELEMS, flat.numel() - at)
             flat[at : at + k].copy_(pool[start : start + k])
-        out[name] = t
+        out[name] = t.abs_() if positive else t
+    return out
+
+
+def _build_numpy(
+    shapes: list[tuple[str, tuple[int, ...]]], dtype: str, seed: int, positive: bool
+) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    pool = np.random.default_rng(seed).standard_normal(_POOL_ELEMS, dtype=np.float32)
+    if positive:
+        pool = np.abs(pool)
+    if dtype == "bfloat16":  # numpy has no bfloat16: the top half of each float32 is one
+        pool = (pool.view(np.uint32) >> 16).astype(np.uint16)
+    pool = np.concatenate([pool, pool])  # any window of up to _POOL_ELEMS in the first half
+    out: dict[str, Any] = {}
+    for i, (name, shape) in enumerate(shapes):
+        flat = np.empty(math.prod(shape), dtype=pool.dtype)
+        start = (i * 7919) % _POOL_ELEMS
+        for at in range(0, flat.size, _POOL_ELEMS):
+            k = min(_POOL_ELEMS, flat.size - at)
+            flat[at : at + k] = pool[start : start + k]
+        t = torch.from_numpy(flat).view(shape)
+        out[name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
     return out
 
 
@@ -135,18 +171,29 @@ def describe(workload: str, size_mb: float, small_count: int) -> dict[str, Any]:
 
 
 def build_workload(
-    workload: str, size_mb: float, small_count: int, seed: int = 0, *, empty: bool = False
+    workload: str,
+    size_mb: float,
+    small_count: int,
+    seed: int = 0,
+    *,
+    empty: bool = False,
+    fork_safe: bool = False,
 ) -> Any:
     """The object a user of the workload would pass to torch.save; with empty=True the
-    same structure over untouched torch.empty tensors (what loads in place fill)."""
+    same structure over untouched torch.empty tensors (what loads in place fill);
+    fork_safe as in `build`."""
     shapes, dtype = shapes_for(workload, size_mb, small_count)
     if workload != "checkpoint":
-        return build(shapes, dtype, seed, empty=empty)
-    return build_checkpoint(shapes, seed, empty=empty)
+        return build(shapes, dtype, seed, empty=empty, fork_safe=fork_safe)
+    return build_checkpoint(shapes, seed, empty=empty, fork_safe=fork_safe)
 
 
 def build_checkpoint(
-    shapes: list[tuple[str, tuple[int, ...]]], seed: int = 0, *, empty: bool = False
+    shapes: list[tuple[str, tuple[int, ...]]],
+    seed: int = 0,
+    *,
+    empty: bool = False,
+    fork_safe: bool = False,
 ) -> dict[str, Any]:
     """A training checkpoint as torch users write one: {"model": model.state_dict(),
     "optimizer": Adam(...).state_dict(), "epoch": ..., "step": ..., "rng_state": ...},
@@ -155,16 +202,17 @@ def build_checkpoint(
     the hyperparameters and the parameter indices)."""
     import torch
 
-    model = build(shapes, "float32", seed, empty=empty)
-    moments = build(shapes, "float32", seed + 1, empty=empty)
-    squares = build(shapes, "float32", seed + 2, empty=empty)
+    model = build(shapes, "float32", seed, empty=empty, fork_safe=fork_safe)
+    moments = build(shapes, "float32", seed + 1, empty=empty, fork_safe=fork_safe)
+    # exp_avg_sq is a running mean of squares: never negative
+    squares = build(shapes, "float32", seed + 2, empty=empty, fork_safe=fork_safe, positive=True)
     steps = 1000
     state: dict[int, dict[str, Any]] = {}
     for i, (name, _) in enumerate(shapes):
         state[i] = {
             "step": torch.tensor(float(steps)),
             "exp_avg": moments[name],
-            "exp_avg_sq": squares[name] if empty else squares[name].abs_(),
+            "exp_avg_sq": squares[name],
         }
     group = {
         "lr": 3e-4,
