@@ -208,8 +208,16 @@ def _zip64_extra(extra: bytes, want: list[str], name: str) -> dict[str, int]:
     return {}
 
 
-def read_directory(read: Any, file_nbytes: int, name: str) -> list[ZipRecord]:
-    """Parses and checks the central directory. `read(nbytes, offset)` reads the file."""
+def _read_each(read: Any, offsets: list[int], sizes: list[int]) -> bytes:
+    return b"".join(read(n, o) for o, n in zip(offsets, sizes))
+
+
+def read_directory(
+    read: Any, file_nbytes: int, name: str, read_many: Any = None
+) -> list[ZipRecord]:
+    """Parses and checks the central directory. `read(nbytes, offset)` reads the file;
+    `read_many(offsets, sizes)` reads many sorted, disjoint ranges into one bytes object
+    (by default one `read` each)."""
 
     def bad(message: str) -> FormatError:
         return FormatError(f"{name}: invalid torch.save zip file: {message}")
@@ -279,17 +287,29 @@ def read_directory(read: Any, file_nbytes: int, name: str) -> list[ZipRecord]:
     if pos != len(cd):
         raise bad("trailing bytes in the central directory")
     # Local headers: their name and extra lengths give where each record's data starts.
-    for rec, loc in zip(out, locals_at):
-        head = read(30, loc)
-        if len(head) != 30:
-            raise bad(f"record {rec.name!r} points past the end of the file")
-        sig, _, _, _, _, _, _, _, _, nlen, elen = _LOCAL.unpack(head)
+    # Each is read with the name it should carry, all in one batch of sorted ranges.
+    order = sorted(range(len(out)), key=locals_at.__getitem__)
+    names = [r.name.encode("utf-8") for r in out]
+    sizes = [30 + len(names[i]) for i in order]
+    offsets = [locals_at[i] for i in order]
+    for k in range(len(order) - 1):
+        if offsets[k] + sizes[k] > offsets[k + 1]:
+            raise bad(f"records {out[order[k]].name!r} and {out[order[k + 1]].name!r} overlap")
+    if order and offsets[-1] + sizes[-1] > file_nbytes:
+        raise bad(f"record {out[order[-1]].name!r} points past the end of the file")
+    heads = (read_many or (lambda o, n: _read_each(read, o, n)))(offsets, sizes)
+    if len(heads) != sum(sizes):
+        raise bad("a local header points past the end of the file")
+    at = 0
+    for i, size in zip(order, sizes):
+        rec = out[i]
+        sig, _, _, _, _, _, _, _, _, nlen, elen = _LOCAL.unpack_from(heads, at)
         if sig != 0x04034B50:
-            raise bad(f"record {rec.name!r} has no local header at offset {loc}")
-        lname = read(nlen, loc + 30)
-        if lname != rec.name.encode("utf-8"):
+            raise bad(f"record {rec.name!r} has no local header at offset {locals_at[i]}")
+        if nlen != len(names[i]) or heads[at + 30 : at + size] != names[i]:
             raise bad(f"record {rec.name!r}: local and central names differ")
-        rec.data_offset = loc + 30 + nlen + elen
+        rec.data_offset = locals_at[i] + size + elen
+        at += size
     spans = sorted((r.data_offset, r.data_offset + r.compressed_nbytes, r.name) for r in out)
     for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
@@ -543,9 +563,11 @@ def unpickle(
     return root, up.records, up.storage_list
 
 
-def open_archive(read: Any, file_nbytes: int, torch: Any, name: str) -> TorchArchive:
+def open_archive(
+    read: Any, file_nbytes: int, torch: Any, name: str, read_many: Any = None
+) -> TorchArchive:
     """Parses the zip and the pickle; checks every tensor against its storage record."""
-    records = read_directory(read, file_nbytes, name)
+    records = read_directory(read, file_nbytes, name, read_many)
     if not records:
         raise FormatError(f"{name}: invalid torch.save zip file: the archive is empty")
     prefix = records[0].name.split("/", 1)[0]
