@@ -67,8 +67,7 @@ def test_bench_tiny_run_through_the_cli(tmp_path: Path) -> None:
     for key in ("cores", "memory_gib", "filesystem", "python", "torch", "numpy", "tensorfile"):
         assert m[key], key
     names = [w["name"] for w in report["workloads"]]
-    # the main workloads, then the payload sweep (a sixteenth and a quarter of the size;
-    # at 4 MiB, 1M rounds up to the same smallest model as 0.25M and is measured once)
+    # the main workloads, then the payload sweep (by default a sixteenth of the size)
     assert names == [
         "transformer-fp32",
         "small-fp32",
@@ -364,6 +363,20 @@ def test_checkpoint_workload_is_a_training_checkpoint() -> None:
     assert sum(t.numel() * t.element_size() for t in ts) == d["payload_bytes"]
 
 
+def test_sweep_sizes_that_round_to_one_model_are_measured_once() -> None:
+    wl = _bench._workload_list(["transformer-fp32"], 4, 200, [0.25, 1, 4])
+    # 0.25 and 1 MiB both round up to the smallest model; 4 MiB is the main workload
+    assert [w["name"] for w in wl] == ["transformer-fp32", "transformer-fp32@0.25M"]
+    full = _bench._workload_list(["transformer-fp32"], 1024, 1, [64, 256])
+    assert [w["name"] for w in full] == [
+        "transformer-fp32",
+        "transformer-fp32@64M",
+        "transformer-fp32@256M",
+    ]
+    for w, mib in zip(full, (1024, 64, 256)):
+        assert w["payload_bytes"] == pytest.approx(mib << 20, rel=0.1), w
+
+
 def test_sizes_and_thread_counts() -> None:
     assert _bench.parse_size("64M") == 64
     assert _bench.parse_size("4G") == 4096
@@ -375,3 +388,24 @@ def test_sizes_and_thread_counts() -> None:
     assert _bench.thread_counts(1) == [1]
     assert _bench.thread_counts(2) == [1, 2]
     assert _bench.thread_counts(6) == [1, 2, 4, 6]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--systems", "nosuch"], "unknown system nosuch"),
+        (["--workloads", "tiny"], "unknown workload tiny"),
+        (["--reps", "0"], "--reps and --small-count must be at least 1"),
+        (["--sweep-sizes", "64X"], "--sweep-sizes: size '64X'"),
+        (["--threads", "0"], "--threads: thread counts must be at least 1"),
+        (["--size-mb", "-4"], "must be positive"),
+    ],
+)
+def test_usage_errors_exit_2_before_running(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        _bench.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"Error: {message}" in err or (message in err and "Error:" in err), err
