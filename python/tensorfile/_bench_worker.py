@@ -683,10 +683,10 @@ def serve(jobs_path: str, results_path: str) -> int:
     saved: set[str] = set()  # paths that a save of the current group wrote
     with open(results_path, "a") as results:
         for k, job in enumerate(jobs):
-            t0 = time.perf_counter()
             is_save = job["measure"] in ("save_durable", "save", "write_fsync")
             if job["system"] != "raw":
                 _hold_payload(job if job["phase"] == "save" else None)
+            t0 = time.perf_counter()
             if job["system"] in broken:
                 entry: dict[str, Any] = {"error": broken[job["system"]]}
             elif (
