@@ -55,7 +55,7 @@ from torch.futures import Future
 from . import _config, _engine
 from . import api as _api
 from ._errors import ChecksumError, FormatError
-from .api import _fsync_dir, _pwrite_all, clean
+from .api import clean
 from .api import save as _save
 
 __all__ = [
@@ -80,6 +80,9 @@ _BLOCK_NBYTES = 1 << 20
 _MAX_METADATA_NBYTES = 1 << 30
 # Staging memory one read batch may hold (for destinations we cannot read into directly).
 _BATCH_STAGING_NBYTES = 256 << 20
+# Regions closer than this are advised to the kernel as one run (the padding between
+# storages is at most 4 KiB, so a whole file read in order is a single run).
+_ADVISE_GAP = 64 << 10
 _DATA_NAME = re.compile(r"^__(\d+)_([0-9a-f]{16})\.tf$")
 
 
@@ -337,7 +340,9 @@ def _commit(directory: str, name: str, doc: dict[str, Any], durable: bool) -> No
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         try:
-            _pwrite_all(fd, blob, 0)
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view) :]
             if durable:
                 os.fsync(fd)
         finally:
@@ -351,6 +356,17 @@ def _commit(directory: str, name: str, doc: dict[str, Any], durable: bool) -> No
         raise
     if durable:
         _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    # The rename is durable only once the directory entry is on disk (rename(2), fsync(2)).
+    dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(dfd)
 
 
 def _remove_replaced(directory: str, keep: set[str], rank: int | None) -> None:
@@ -1056,6 +1072,20 @@ def _flush(batch: _Batch, reader: Any, path: str, verify: bool, threads: int) ->
             else:
                 passes.append([j])
                 ends.append(at + int(nbytes[j]))
+        if hasattr(os, "posix_fadvise"):
+            # Cold reads: tell the kernel the whole plan up front, so it reads ahead in
+            # large sequential requests while the engine's threads copy and check.
+            os.posix_fadvise(reader.src.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            lo = hi = -1
+            for j in order.tolist():
+                at, end = int(offsets[j]), int(offsets[j]) + int(nbytes[j])
+                if at > hi + _ADVISE_GAP:  # a new run: advise the one before
+                    if hi > lo:
+                        os.posix_fadvise(reader.src.fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
+                    lo = at
+                hi = max(hi, end)
+            if hi > lo:
+                os.posix_fadvise(reader.src.fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
         for sel_list in passes:
             sel = np.array(sel_list, dtype=np.int64)
             got = _engine.read_regions(
