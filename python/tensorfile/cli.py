@@ -128,125 +128,16 @@ def demo(directory: str | None, size_mb: float, runs: int) -> None:
         raise click.ClickException(str(e)) from None
 
 
-def _split(value: str | None, allowed: tuple[str, ...], what: str) -> list[str] | None:
-    if value is None:
-        return None
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [n for n in names if n not in allowed]
-    if bad or not names:
-        raise click.BadParameter(
-            f"unknown {what} {', '.join(bad) or repr(value)}; choose from {', '.join(allowed)}"
-        )
-    return names
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Measure tensorfile against the machine's raw limits and its peers (--help for the options)."""
+    from . import _bench
 
-
-@main.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--size-mb",
-    type=click.FloatRange(min=1),
-    default=None,
-    help="Size of the transformer workload, in MiB.  [default: 1024]",
-)
-@click.option(
-    "--small-count",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Tensors in the small-tensor workload.  [default: 20000]",
-)
-@click.option(
-    "--reps",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Repetitions per figure; the median is reported (use at least 3).  [default: 3]",
-)
-@click.option(
-    "--quick",
-    is_flag=True,
-    help="A tiny run for smoke tests: 8 MiB, 500 small tensors, 1 rep unless given.",
-)
-@click.option(
-    "--dir",
-    "directory",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Where the files go (a temporary directory is made inside and removed after).  [default: bench/out/tmp]",
-)
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False),
-    default=os.path.join("bench", "out", "results.json"),
-    show_default=True,
-    help="Where to write every figure and sample as JSON.",
-)
-@click.option(
-    "--systems", default=None, help="Comma-separated subset of tensorfile,torch,safetensors."
-)
-@click.option(
-    "--workloads",
-    default=None,
-    help="Comma-separated subset of transformer-fp32,transformer-bf16,small-fp32.",
-)
-def bench(
-    size_mb: float | None,
-    small_count: int | None,
-    reps: int | None,
-    quick: bool,
-    directory: str | None,
-    json_path: str,
-    systems: str | None,
-    workloads: str | None,
-) -> None:
-    """Measure tensorfile against raw I/O limits, torch and safetensors (each in a child process)."""
-    from . import _bench, _workloads
-
-    chosen_systems = _split(systems, _bench.SYSTEMS, "system")
-    chosen_workloads = _split(workloads, _workloads.WORKLOADS, "workload")
-    if size_mb is None:
-        size_mb = 8 if quick else 1024
-    if small_count is None:
-        small_count = 500 if quick else 20000
-    if reps is None:
-        reps = 1 if quick else 3
-    if reps < 3 and not quick:
-        click.echo(
-            f"warning: --reps {reps}: a median of fewer than 3 runs is not a reliable figure",
-            err=True,
-        )
-    if directory is not None and os.path.exists(directory) and not os.path.isdir(directory):
-        raise click.ClickException(f"--dir {directory}: not a directory")
-
-    tty = sys.stderr.isatty()
-    bar = None
-    if tty:
-        from tqdm import tqdm
-
-        bar = tqdm(desc="bench", leave=False, file=sys.stderr)
-
-    def progress(done: int, total: int, what: str) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.set_postfix_str(what, refresh=False)
-            bar.update(done - bar.n)
-        else:
-            click.echo(f"[{done}/{total}] {what}", err=True)
-
-    try:
-        report = _bench.run(
-            size_mb=size_mb,
-            small_count=small_count,
-            reps=reps,
-            directory=directory,
-            systems=chosen_systems,
-            workloads=chosen_workloads,
-            progress=progress,
-        )
-    finally:
-        if bar is not None:
-            bar.close()
-    _bench.write_json(report, json_path)
-    click.echo(_bench.table(report))
-    click.echo(f"\nall figures and samples: {json_path}")
+    sys.exit(_bench.main(list(args), prog="tensorfile bench"))
 
 
 @main.command()
