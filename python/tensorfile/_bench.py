@@ -19,8 +19,19 @@ from typing import Any, Callable, NoReturn
 from . import _workloads
 
 # The peers first in the order of the table; tensorfile is the system under test.
-SYSTEMS = ("tensorfile", "torch", "safetensors", "numpy", "dcp", "tensorizer")
-PEERS = SYSTEMS[1:]
+SYSTEMS = (
+    "tensorfile",
+    "torch",
+    "safetensors",
+    "numpy",
+    "dcp",
+    "tensorizer",
+    "tf:torch.save",
+    "tf:safetensors",
+)
+PEERS = ("torch", "safetensors", "numpy", "dcp", "tensorizer")
+# tensorfile reading files the peers wrote: saved by that peer, loaded by tensorfile.
+CROSS = {"tf:torch.save": "torch", "tf:safetensors": "safetensors"}
 RAW = "raw"
 
 # The module that must import for a system to count as installed.
@@ -31,6 +42,8 @@ _MODULE = {
     "numpy": "numpy",
     "dcp": "torch.distributed.checkpoint",
     "tensorizer": "tensorizer",
+    "tf:torch.save": "tensorfile",
+    "tf:safetensors": "safetensors",
 }
 
 # (key, label, the raw limit it is compared with: None for the limits themselves)
@@ -76,6 +89,8 @@ _EXT = {
     "numpy": "npz",
     "dcp": "dcp",
     "tensorizer": "tensors",
+    "tf:torch.save": "x.pt",
+    "tf:safetensors": "x.safetensors",
     RAW: "raw",
 }
 
@@ -87,6 +102,7 @@ NOTES = [
     "cold: the files' pages dropped with posix_fadvise(DONTNEED) first; durable peers: fsync of file(s) and directory after the save.",
     "load: into fresh memory (safetensors: load_file(backend='pread'); dcp: dcp.load into torch.empty tensors allocated inside the timing); mmap load (safetensors: load_file()) reads a byte of every page.",
     "numpy: one np.savez archive (uncompressed) per state dict, np.load of every array; dcp: FileSystemWriter/Reader, thread_count = cores, one process, no process group.",
+    "tf:torch.save / tf:safetensors: files written by torch.save / safetensors save_file (their save row is that library's non-durable save), loaded by tensorfile.load.",
     "RSS: each figure is measured in its own forked child; base = VmRSS after the imports (and, for saves, the built payload); peak = VmHWM during the measure.",
 ]
 
@@ -275,6 +291,8 @@ def _measures_of(
     if system == RAW:
         return [("write_fsync", None)], [(m, None) for m in RAW_MEASURES if m != "write_fsync"]
     saves: list[tuple[str, int | None]] = [("save_durable", None), ("save", None)]
+    if system in CROSS:
+        saves = [("save", None)]  # only to write the file tensorfile then reads
     loads: list[tuple[str, int | None]] = [
         (m, None)
         for m in SYSTEM_MEASURES
@@ -700,6 +718,28 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             w,
             None if worst is None else worst <= 64,
             "allowed +64 MiB; " + (", ".join(detail) or "not measured") + " MiB",
+        )
+    for cross, peer, m, peer_m, bar, what in (
+        ("tf:torch.save", "torch", "load_hot", "load_hot", 2.0, "torch.load"),
+        (
+            "tf:safetensors",
+            "safetensors",
+            "load_cold",
+            "mmap_cold",
+            1.5,
+            "safetensors load_file (touched)",
+        ),
+    ):
+        w = "transformer-fp32"
+        if w not in present:
+            continue
+        tf, pe = _gbps(rows, w, cross, m), _gbps(rows, w, peer, peer_m)
+        ratio = tf / pe if tf and pe else None
+        add(
+            f"{cross} {LABEL[m]} >= {bar}x {what}{' cold' if 'cold' in m else ''}",
+            w,
+            None if ratio is None else ratio >= bar,
+            f"tensorfile {fmt(tf)} GB/s, {peer} {fmt(pe)} GB/s ({fmt(ratio)}x)",
         )
     if "small-fp32" in present:
         w = "small-fp32"

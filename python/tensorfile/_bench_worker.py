@@ -233,6 +233,8 @@ MODULES = {
     "numpy": "numpy",
     "dcp": "torch.distributed.checkpoint",
     "tensorizer": "tensorizer",
+    "tf:torch.save": "tensorfile",
+    "tf:safetensors": "safetensors.torch",
 }
 
 # What a system cannot do at all (rather than fails at): the measure is shown as n/a.
@@ -272,6 +274,16 @@ def system(name: str, cores: int) -> dict[str, Callable[..., Any]]:
             "save": lambda sd, p, durable, threads: tensorfile.save(
                 sd, p, durable=durable, num_threads=threads
             ),
+            "load": lambda p, threads, template: tensorfile.load(p, num_threads=threads),
+            "mmap": lambda p: tensorfile.load(p, mmap=True),
+        }
+    if name in ("tf:torch.save", "tf:safetensors"):
+        # Files the peer wrote (its own save), loaded by tensorfile.
+        import tensorfile
+
+        peer = system("torch" if name == "tf:torch.save" else "safetensors", cores)
+        return {
+            "save": peer["save"],
             "load": lambda p, threads, template: tensorfile.load(p, num_threads=threads),
             "mmap": lambda p: tensorfile.load(p, mmap=True),
         }
