@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from ._errors import ChecksumError, FormatError
+from ._cuda import cuda_available
+from ._errors import ChecksumError, CudaError, FormatError
 from .api import TensorFile, clean, load, open, save
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ChecksumError",
+    "CudaError",
     "FormatError",
     "TensorFile",
     "__version__",
     "clean",
+    "cuda_available",
     "load",
     "open",
     "save",
