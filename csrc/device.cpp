@@ -72,7 +72,15 @@ class CudaDevice final : public Device {
  public:
   explicit CudaDevice(int index) : index_(index) {}
 
-  void bind() override { cuda::check(cuda::api().SetDevice(index_), "cudaSetDevice"); }
+  int bind() override {
+    int previous = 0;
+    cuda::check(cuda::api().GetDevice(&previous), "cudaGetDevice");
+    if (previous != index_) cuda::check(cuda::api().SetDevice(index_), "cudaSetDevice");
+    return previous;
+  }
+  void restore(int previous) noexcept override {
+    if (previous != index_) cuda::api().SetDevice(previous);
+  }
 
   void* create_stream() override {
     cuda::Stream s = nullptr;
@@ -215,7 +223,8 @@ struct SimEvent {
 
 class SimDevice final : public Device {
  public:
-  void bind() override {}
+  int bind() override { return 0; }
+  void restore(int) noexcept override {}
 
   void* create_stream() override {
     auto* s = new SimStream();

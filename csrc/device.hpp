@@ -20,8 +20,12 @@ class Device {
  public:
   virtual ~Device() = default;
 
-  // Makes this device current on the calling thread (CUDA's current device is per thread).
-  virtual void bind() = 0;
+  // Makes this device current on the calling thread (CUDA's current device is per
+  // thread) and returns the device that was current, for restore().
+  virtual int bind() = 0;
+  // Makes `previous` current again, so a caller's thread (Python's, torch's current
+  // device) is left as it was.
+  virtual void restore(int previous) noexcept = 0;
   virtual void* create_stream() = 0;
   virtual void destroy_stream(void* stream) noexcept = 0;
   virtual void* create_event() = 0;

@@ -128,7 +128,8 @@ class Lane {
   Lane& operator=(const Lane&) = delete;
 
   void open(size_t count) {
-    device_.bind();
+    previous_ = device_.bind();
+    bound_ = true;
     bufs_.reserve(count);
     events_.reserve(count);
     stream_ = device_.create_stream();
@@ -150,6 +151,7 @@ class Lane {
     for (void* e : events_) device_.destroy_event(e);
     for (unsigned char* b : bufs_) device_.release_pinned(b, nbytes_);
     if (stream_) device_.destroy_stream(stream_);
+    if (bound_) device_.restore(previous_);
   }
 
   Device& device() { return device_; }
@@ -172,6 +174,8 @@ class Lane {
   Device& device_;
   size_t nbytes_;
   void* stream_ = nullptr;
+  int previous_ = 0;
+  bool bound_ = false;
   std::vector<unsigned char*> bufs_;
   std::vector<void*> events_;
   std::vector<char> busy_;

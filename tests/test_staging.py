@@ -316,7 +316,10 @@ def test_read_failure_in_the_middle_raises_and_leaks_nothing(tmp_path, dev, stag
     offs = layout(sizes)
     write_file(tmp_path / "f", offs[2] + 1000)  # truncated inside the third region
     ptrs = [dev.alloc(n) for n in sizes]
-    with open(tmp_path / "f", "rb") as f, pytest.raises(FormatError, match="unexpected end of file"):
+    with (
+        open(tmp_path / "f", "rb") as f,
+        pytest.raises(FormatError, match="unexpected end of file"),
+    ):
         sim_read(f.fileno(), tmp_path / "f", ptrs, sizes, offs, num_threads=3)
 
 
@@ -436,7 +439,7 @@ def test_saved_on_cuda_loads_on_cpu_only_with_map_location(tmp_path):
     h = two.edited()
     h["storages"][0][2] = "cuda:0"
     two.write(h)
-    with pytest.raises(RuntimeError, match="meant for cuda:0.*map_location"):
+    with pytest.raises(RuntimeError, match=r"meant for cuda:0.*map_location"):
         tensorfile.load(two.path)
     out = tensorfile.load(two.path, map_location={"cuda:0": "cpu"})
     assert torch.equal(out["a"], torch.arange(3, dtype=torch.int32))

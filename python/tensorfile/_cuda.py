@@ -389,10 +389,11 @@ def write_storages(
 
 
 def host_copies(
-    devices: Sequence[str], ptrs: np.ndarray, nbytes: np.ndarray
+    devices: Sequence[str], ptrs: np.ndarray, nbytes: np.ndarray, owners: Sequence[Any]
 ) -> tuple[np.ndarray, list[Any]]:
-    """For writing to a stream: the plan's pointers with every device region replaced by a
-    host copy of it (returned too, to keep alive)."""
+    """For writing to a stream, which needs host bytes: the plan's pointers with every
+    device region replaced by a host copy of it (returned too, to keep alive). `owners`
+    are the plan's storages, one per region."""
     if all(d == "cpu" for d in devices):
         return ptrs, []
     import torch
@@ -401,24 +402,13 @@ def host_copies(
     keep = []
     for i, d in enumerate(devices):
         if d != "cpu" and nbytes[i]:
-            src = _device_bytes(torch, int(ptrs[i]), int(nbytes[i]), d)
-            host = torch.empty(int(nbytes[i]), dtype=torch.uint8)
-            host.copy_(src)
+            owner = owners[i]
+            lo = int(ptrs[i]) - owner.data_ptr()
+            host = (
+                torch.empty(0, dtype=torch.uint8, device=owner.device)
+                .set_(owner, lo, (int(nbytes[i]),), (1,))
+                .cpu()
+            )
             keep.append(host)
             out[i] = host.data_ptr()
     return out, keep
-
-
-def _device_bytes(torch: Any, ptr: int, nbytes: int, device: str) -> Any:
-    """A uint8 tensor viewing `nbytes` of device memory at `ptr` (kept alive by the plan)."""
-
-    class _Span:
-        __cuda_array_interface__ = {  # noqa: RUF012
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "data": (ptr, False),
-            "version": 3,
-        }
-
-    with torch.cuda.device(torch.device(device)):
-        return torch.as_tensor(_Span(), device=device)

@@ -30,7 +30,7 @@ class SavePlan:
     ptrs: np.ndarray  # uint64 address of each storage's bytes (on storages[i][2]'s device)
     nbytes: np.ndarray  # uint64
     offsets: np.ndarray  # uint64, relative to the data section
-    keepalive: list[Any] = field(default_factory=list)  # objects owning the memory above
+    keepalive: list[Any] = field(default_factory=list)  # per storage: the object owning its memory
 
 
 def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> SavePlan:

@@ -283,7 +283,9 @@ def _save_stream(
         raise TypeError(
             f"tensorfile.save: f must be a path or a writable binary file object, got {type(f).__name__}"
         )
-    ptrs, _host = _cuda.host_copies([row[2] for row in plan.storages], plan.ptrs, plan.nbytes)
+    ptrs, _host = _cuda.host_copies(
+        [row[2] for row in plan.storages], plan.ptrs, plan.nbytes, plan.keepalive
+    )
     crcs = _engine.checksum_regions(ptrs, plan.nbytes, threads, task)
     native.set_checksums(header, crc_pos, crcs)
     sizes = plan.nbytes.tolist()
