@@ -404,12 +404,23 @@ def test_gds_modes_without_a_usable_cufile(tmp_path, caplog, monkeypatch):
     path = tmp_path / "f"
     path.write_bytes(bytes(4096))
     monkeypatch.setattr(_cuda, "_cufile_state", False)  # as on a machine without libcufile
+    monkeypatch.setattr(_cuda, "_NVIDIA_FS", str(path))  # as if the driver were loaded
     assert _cuda._gds_open(str(path), False, "off") == -1
     with caplog.at_level(logging.DEBUG, logger="tensorfile"):
         assert _cuda._gds_open(str(path), False, "auto") == -1
     assert "GPUDirect Storage not used" in caplog.text
-    with pytest.raises(RuntimeError, match="TENSORFILE_GDS=on"):
+    with pytest.raises(RuntimeError, match=r"TENSORFILE_GDS=on.*cuFile is unavailable"):
         _cuda._gds_open(str(path), False, "on")
+
+
+def test_gds_auto_needs_the_nvidia_fs_driver(tmp_path, caplog, monkeypatch):
+    path = tmp_path / "f"
+    path.write_bytes(bytes(4096))
+    monkeypatch.setattr(_cuda, "_NVIDIA_FS", str(tmp_path / "no-such-driver"))
+    monkeypatch.setattr(_cuda, "_cufile_state", True)  # even with libcufile loaded
+    with caplog.at_level(logging.DEBUG, logger="tensorfile"):
+        assert _cuda._gds_open(str(path), False, "auto") == -1
+    assert "nvidia-fs" in caplog.text
 
 
 # --------------------------------------------------------------------------- no CUDA here

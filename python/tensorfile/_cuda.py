@@ -18,6 +18,7 @@ from ._errors import CudaError
 log = logging.getLogger("tensorfile")
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+_NVIDIA_FS = "/proc/driver/nvidia-fs"
 _cufile_state: bool | None = None
 
 
@@ -80,13 +81,18 @@ def _load_cufile() -> bool:
 
 def _gds_open(path: str, write: bool, mode: str) -> int:
     """An O_DIRECT descriptor of `path` for cuFile, or -1 to use staging. With mode "on"
-    any reason that GPUDirect Storage cannot be used raises; with "auto" it is logged at
-    debug level."""
+    any reason that GPUDirect Storage cannot be used raises (cuFile's compatibility mode
+    is accepted); with "auto" it is logged at debug level, and GPUDirect is used only
+    where the nvidia-fs driver is loaded."""
     if mode == "off":
         return -1
     why = ""
     if not _O_DIRECT:
         why = "O_DIRECT is not available on this platform"
+    elif mode == "auto" and not os.path.exists(_NVIDIA_FS):
+        # Without the nvidia-fs driver cuFile runs in compatibility mode: POSIX reads
+        # through its own bounce buffers, slower than our overlapped staging.
+        why = "the nvidia-fs driver is not loaded (cuFile would only emulate GPUDirect)"
     elif not _load_cufile():
         why = f"cuFile is unavailable: {_engine.cufile_error()}"
     else:
