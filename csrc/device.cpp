@@ -25,14 +25,19 @@ std::atomic<int64_t> g_sim_in_use{0}, g_sim_peak{0};
 
 void* Device::acquire_pinned(size_t nbytes) {
   void* p = nullptr;
+  std::multimap<size_t, void*> stale;
   {
     std::lock_guard<std::mutex> lock(pinned_mutex_);
     auto it = cached_.find(nbytes);
     if (it != cached_.end()) {
       p = it->second;
       cached_.erase(it);
+    } else {
+      // The staging size changed: buffers of the old size would only sit there pinned.
+      stale.swap(cached_);
     }
   }
+  for (auto& kv : stale) free_pinned(kv.second);
   if (!p) p = alloc_pinned(nbytes);
   if (this == &sim_device()) {
     int64_t now = ++g_sim_in_use;

@@ -39,7 +39,8 @@ class Device {
   virtual void synchronize(void* stream) = 0;  // blocks until the stream is idle
 
   // Pinned host buffers, cached between calls because pinning costs far more than a
-  // transfer of the same size. Thread safe.
+  // transfer of the same size; a request of a new size frees cached buffers of other
+  // sizes. Thread safe.
   void* acquire_pinned(size_t nbytes);
   void release_pinned(void* p, size_t nbytes) noexcept;
   // Frees every cached buffer not in use; returns how many were freed.

@@ -465,3 +465,17 @@ def test_pin_memory_without_cuda_is_a_clear_error(tmp_path):
         tensorfile.load(tmp_path / "m.tf", pin_memory=True)
     with pytest.raises(ValueError, match="mmap"):
         tensorfile.load(tmp_path / "m.tf", pin_memory=True, mmap=True)
+
+
+def test_pinned_buffers_are_cached_and_replaced_when_the_size_changes(tmp_path, dev, staging):
+    write_file(tmp_path / "f", 1 << 16)
+    p = dev.alloc(1 << 16)
+    with open(tmp_path / "f", "rb") as f:
+        staging(8192, 3)
+        sim_read(f.fileno(), tmp_path / "f", [p], [1 << 16], [0], num_threads=1)
+        assert _engine._sim_counters()["pinned_live"] == 3  # kept for the next call
+        sim_read(f.fileno(), tmp_path / "f", [p], [1 << 16], [0], num_threads=1)
+        assert _engine._sim_counters()["pinned_live"] == 3  # reused, not pinned again
+        staging(16384, 2)
+        sim_read(f.fileno(), tmp_path / "f", [p], [1 << 16], [0], num_threads=1)
+        assert _engine._sim_counters()["pinned_live"] == 2  # the 8 KiB ones were freed
