@@ -268,3 +268,18 @@ def test_multi_device_save_and_remap(tmp_path):
     assert torch.cuda.current_device() == before  # the caller's device is left alone
     assert {str(t.device) for t in out.values()} == {"cuda:1"}
     assert torch.equal(out["a"].cpu(), obj["a"].cpu())
+
+
+def test_numpy_arrays_stay_on_the_host_beside_cuda_tensors(tmp_path):
+    import numpy as np
+
+    obj = {
+        "t": torch.arange(10, dtype=torch.float64),
+        "a": np.arange(7, dtype=np.int32),
+        "u": torch.ones(4),
+    }
+    tensorfile.save(obj, tmp_path / "m.tf")
+    out = tensorfile.load(tmp_path / "m.tf", map_location="cuda")
+    assert isinstance(out["a"], np.ndarray) and out["a"].tolist() == list(range(7))
+    assert out["t"].device.type == "cuda" and torch.equal(out["t"].cpu(), obj["t"])
+    assert torch.equal(out["u"].cpu(), obj["u"])
