@@ -21,10 +21,16 @@ import ctypes, json, os, sys
 import numpy as np
 from tensorfile import _engine
 
-lib, path, mode, device = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+lib, path, mode, device, cufile = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 out = {"loaded": _engine.cuda_load(lib)}
 fake = ctypes.CDLL(lib)
 fake.fake_live.restype = ctypes.c_long
+gds = -1
+if cufile:
+    out["cufile"] = _engine.cufile_load(cufile)
+    fake_cufile = ctypes.CDLL(cufile)
+    fake_cufile.fake_cufile_live.restype = ctypes.c_long
+    fake_cufile.fake_cufile_reads.restype = ctypes.c_long
 out["available"] = _engine.cuda_available()
 out["library"] = _engine.cuda_library()
 data = open(path, "rb").read()
@@ -34,10 +40,11 @@ try:
     if mode == "read":
         dst = [np.zeros(n, np.uint8) for n in sizes]
         fd = os.open(path, os.O_RDONLY)
+        gds = os.open(path, os.O_RDONLY) if cufile else -1
         try:
             crcs = _engine.device_read_regions(
                 "cuda", device, fd, [d.ctypes.data for d in dst], sizes, offs,
-                [100, 9096], [3996, 3192], 3, 1 << 20, 2, True, path)
+                [100, 9096], [3996, 3192], 3, 1 << 20, 2, True, path, gds)
         finally:
             os.close(fd)
         out["same"] = all(d.tobytes() == data[o:o + n] for d, o, n in zip(dst, offs, sizes))
@@ -45,9 +52,10 @@ try:
         src = [np.frombuffer(data[o:o + n], np.uint8).copy() for o, n in zip(offs, sizes)]
         target = path + ".out"
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        gds = os.open(target, os.O_WRONLY) if cufile else -1
         try:
             crcs = _engine.device_write_regions(
-                "cuda", device, fd, [s.ctypes.data for s in src], sizes, offs, 3, 1 << 20, 2, True, path)
+                "cuda", device, fd, [s.ctypes.data for s in src], sizes, offs, 3, 1 << 20, 2, True, path, gds)
         finally:
             os.close(fd)
         written = open(target, "rb").read()
@@ -58,6 +66,10 @@ except Exception as e:
     out["msg"] = str(e)
     out["call"] = getattr(e, "call", None)
     out["name"] = getattr(e, "name", None)
+if gds >= 0:
+    os.close(gds)
+    out["cufile_live"] = fake_cufile.fake_cufile_live()
+    out["cufile_reads"] = fake_cufile.fake_cufile_reads()
 out["current_after"] = fake.fake_current_device()
 out["trimmed"] = _engine.staging_trim("cuda", device) if out["available"] and device < 2 else 0
 out["live"] = fake.fake_live()
@@ -65,16 +77,25 @@ print("RESULT " + json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def fake_cudart(tmp_path_factory):
+def build(tmp_path_factory, source: str, name: str) -> str:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        pytest.skip("needs a C compiler to build the stand-in libcudart")
-    lib = str(tmp_path_factory.mktemp("fake") / "libcudart.so.99")
+        pytest.skip("needs a C compiler to build the stand-in libraries")
+    lib = str(tmp_path_factory.mktemp("fake") / name)
     subprocess.run(
-        [cc, "-shared", "-fPIC", "-o", lib, os.path.join(HERE, "data", "fake_cudart.c")], check=True
+        [cc, "-shared", "-fPIC", "-o", lib, os.path.join(HERE, "data", source)], check=True
     )
     return lib
+
+
+@pytest.fixture(scope="module")
+def fake_cudart(tmp_path_factory):
+    return build(tmp_path_factory, "fake_cudart.c", "libcudart.so.99")
+
+
+@pytest.fixture(scope="module")
+def fake_cufile(tmp_path_factory):
+    return build(tmp_path_factory, "fake_cufile.c", "libcufile.so.0")
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +108,9 @@ def data_file(tmp_path_factory):
     return str(path)
 
 
-def child(lib: str, path: str, mode: str, device: int = 1, **env: str) -> dict:
+def child(lib: str, path: str, mode: str, device: int = 1, cufile: str = "", **env: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, lib, path, mode, str(device)],
+        [sys.executable, "-c", CHILD, lib, path, mode, str(device), cufile],
         capture_output=True,
         text=True,
         timeout=120,
@@ -134,6 +155,31 @@ def test_a_missing_device_is_a_cuda_error(fake_cudart, data_file):
     out = child(fake_cudart, data_file, "read", device=5)
     assert (out["call"], out["name"]) == ("cudaSetDevice", "cudaErrorInvalidDevice"), out
     assert out["live"] == 0
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_gpudirect_path_through_cufile(fake_cudart, fake_cufile, data_file, mode):
+    out = child(fake_cudart, data_file, mode, cufile=fake_cufile)
+    assert out["cufile"] is True and "exc" not in out, out
+    assert out["same"] and out["crcs_ok"]  # checksums still come from staged bytes
+    assert out["cufile_live"] == 0 and out["live"] == 0  # the file handle is deregistered
+    if mode == "read":
+        assert out["cufile_reads"] >= (3 << 20) // 300000  # short transfers were continued
+
+
+def test_a_failed_cufile_read_names_the_error_and_the_file(fake_cudart, fake_cufile, data_file):
+    out = child(fake_cudart, data_file, "read", cufile=fake_cufile, FAKE_CUFILE_FAIL_READ="3")
+    assert out["exc"] == "tensorfile._errors.CudaError", out
+    assert (out["call"], out["name"]) == ("cuFileRead", "CU_FILE_IO_NOT_SUPPORTED")
+    assert data_file in out["msg"]
+    assert out["cufile_live"] == 0 and out["live"] == 0
+
+
+def test_a_refused_file_is_a_register_error(fake_cudart, fake_cufile, data_file):
+    # The Python side falls back to staging on exactly this error in TENSORFILE_GDS=auto.
+    out = child(fake_cudart, data_file, "read", cufile=fake_cufile, FAKE_CUFILE_FAIL_REGISTER="1")
+    assert (out["call"], out["name"]) == ("cuFileHandleRegister", "CU_FILE_INVALID_FILE_TYPE"), out
+    assert out["cufile_live"] == 0 and out["live"] == 0
 
 
 def test_an_unloadable_runtime_is_reported_not_raised(tmp_path):

@@ -479,3 +479,39 @@ def test_pinned_buffers_are_cached_and_replaced_when_the_size_changes(tmp_path, 
         staging(16384, 2)
         sim_read(f.fileno(), tmp_path / "f", [p], [1 << 16], [0], num_threads=1)
         assert _engine._sim_counters()["pinned_live"] == 2  # the 8 KiB ones were freed
+
+
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_gds_refused_file_falls_back_only_in_auto(tmp_path, monkeypatch, mode):
+    path = tmp_path / "f"
+    path.write_bytes(bytes(4096))
+    monkeypatch.setenv("TENSORFILE_GDS", mode)
+    monkeypatch.setattr(_cuda, "_gds_open", lambda p, write, m: os.open(p, os.O_RDONLY))
+    calls = []
+
+    def call(gds_fd):
+        calls.append(gds_fd)
+        if gds_fd >= 0:
+            raise CudaError("cuFileHandleRegister failed", "cuFileHandleRegister", "CU_FILE_X")
+        return np.zeros(1, dtype=np.uint32)
+
+    if mode == "on":
+        with pytest.raises(CudaError, match="cuFileHandleRegister"):
+            _cuda._transfer(False, 0, str(path), str(path), call)
+        assert len(calls) == 1
+    else:
+        assert _cuda._transfer(False, 0, str(path), str(path), call).tolist() == [0]
+        assert calls[0] >= 0 and calls[1] == -1
+
+
+def test_gds_errors_other_than_a_refused_file_are_raised_in_auto(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    path.write_bytes(bytes(4096))
+    monkeypatch.setenv("TENSORFILE_GDS", "auto")
+    monkeypatch.setattr(_cuda, "_gds_open", lambda p, write, m: os.open(p, os.O_RDONLY))
+
+    def call(gds_fd):
+        raise CudaError("cuFileRead failed", "cuFileRead", "CU_FILE_IO_NOT_SUPPORTED")
+
+    with pytest.raises(CudaError, match="cuFileRead"):
+        _cuda._transfer(False, 0, str(path), str(path), call)
