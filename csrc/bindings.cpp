@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "crc32.hpp"
 #include "crc32c.hpp"
 #include "device.hpp"
 #include "engine.hpp"
@@ -43,9 +44,11 @@ py::array_t<uint32_t> to_array(const std::vector<uint32_t>& v) {
   return out;
 }
 
-TransferOptions options(size_t num_threads, size_t task_nbytes, bool checksum, bool hugepages = false) {
+TransferOptions options(size_t num_threads, size_t task_nbytes, bool checksum, bool hugepages = false,
+                        bool zip_crc = false) {
   TransferOptions o;
   o.hugepages = hugepages;
+  o.zip_crc = zip_crc;
   o.num_threads = num_threads;
   o.task_nbytes = task_nbytes;
   o.checksum = checksum;
@@ -58,14 +61,31 @@ Device& device_for(const std::string& backend, int index) {
   throw std::invalid_argument("backend must be 'cuda' or 'sim', got '" + backend + "'");
 }
 
-StagingOptions staging(size_t num_threads, size_t staging_nbytes, size_t staging_buffers, bool checksum, int gds_fd) {
+StagingOptions staging(size_t num_threads, size_t staging_nbytes, size_t staging_buffers, bool checksum, int gds_fd,
+                       bool zip_crc = false) {
   StagingOptions o;
+  o.zip_crc = zip_crc;
   o.num_threads = num_threads;
   o.staging_nbytes = staging_nbytes;
   o.staging_buffers = staging_buffers;
   o.checksum = checksum;
   o.gds_fd = gds_fd;
   return o;
+}
+
+// A checksum of a contiguous buffer, continuing from `crc`. PyBUF_SIMPLE accepts only
+// contiguous buffers (BufferError otherwise), so the bytes checksummed are exactly the
+// bytes of the object.
+uint32_t buffer_checksum(py::object data, uint32_t crc, uint32_t (*fn)(const void*, size_t, uint32_t) noexcept) {
+  Py_buffer view;
+  if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+  uint32_t out;
+  {
+    py::gil_scoped_release release;
+    out = fn(view.buf, static_cast<size_t>(view.len), crc);
+  }
+  PyBuffer_Release(&view);
+  return out;
 }
 
 }  // namespace
@@ -112,55 +132,53 @@ PYBIND11_MODULE(_engine, m) {
       "read_regions",
       [](int fd, const U64Array& ptrs, const U64Array& nbytes, const U64Array& offsets, size_t num_threads,
          size_t task_nbytes, bool checksum, bool check_gaps, uint64_t gap_begin, uint64_t gap_end,
-         const std::string& path, bool hugepages) {
+         const std::string& path, bool hugepages, bool zip_crc) {
         auto regions = to_regions(ptrs, nbytes, offsets);
         std::vector<uint32_t> crcs;
         {
           py::gil_scoped_release release;
-          crcs = read_regions(fd, regions, options(num_threads, task_nbytes, checksum, hugepages), check_gaps,
+          crcs = read_regions(fd, regions, options(num_threads, task_nbytes, checksum, hugepages, zip_crc), check_gaps,
                               gap_begin, gap_end, path);
         }
         return to_array(crcs);
       },
       py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"), py::arg("file_offsets"), py::arg("num_threads"),
       py::arg("task_nbytes"), py::arg("checksum"), py::arg("check_gaps"), py::arg("gap_begin"), py::arg("gap_end"),
-      py::arg("path"), py::arg("hugepages") = false,
-      "Read file regions into host memory; returns the CRC32C of each region.");
+      py::arg("path"), py::arg("hugepages") = false, py::arg("zip_crc") = false,
+      "Read file regions into host memory; returns the CRC32C (or zip CRC-32) of each region.");
 
   m.def(
       "checksum_regions",
-      [](const U64Array& ptrs, const U64Array& nbytes, size_t num_threads, size_t task_nbytes) {
+      [](const U64Array& ptrs, const U64Array& nbytes, size_t num_threads, size_t task_nbytes, bool zip_crc) {
         U64Array offsets(ptrs.size());
         std::memset(offsets.mutable_data(), 0, sizeof(uint64_t) * static_cast<size_t>(ptrs.size()));
         auto regions = to_regions(ptrs, nbytes, offsets);
         std::vector<uint32_t> crcs;
         {
           py::gil_scoped_release release;
-          crcs = checksum_regions(regions, options(num_threads, task_nbytes, true));
+          crcs = checksum_regions(regions, options(num_threads, task_nbytes, true, false, zip_crc));
         }
         return to_array(crcs);
       },
-      py::arg("ptrs"), py::arg("nbytes"), py::arg("num_threads"), py::arg("task_nbytes"),
-      "CRC32C of each host memory region, in parallel.");
+      py::arg("ptrs"), py::arg("nbytes"), py::arg("num_threads"), py::arg("task_nbytes"), py::arg("zip_crc") = false,
+      "CRC32C (or zip CRC-32) of each host memory region, in parallel.");
 
   m.def(
       "crc32c",
       [](py::object data, uint32_t crc, bool software) {
-        // PyBUF_SIMPLE: only contiguous buffers are accepted (BufferError otherwise), so
-        // the bytes checksummed are exactly the bytes of the object.
-        Py_buffer view;
-        if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_SIMPLE) != 0) throw py::error_already_set();
-        uint32_t out;
-        {
-          py::gil_scoped_release release;
-          out = software ? crc32c_software(view.buf, static_cast<size_t>(view.len), crc)
-                         : crc32c(view.buf, static_cast<size_t>(view.len), crc);
-        }
-        PyBuffer_Release(&view);
-        return out;
+        return buffer_checksum(std::move(data), crc, software ? &crc32c_software : &crc32c);
       },
       py::arg("data"), py::arg("crc") = 0, py::arg("software") = false,
       "CRC32C of a contiguous buffer, continuing from `crc`.");
+  m.def(
+      "crc32_zip",
+      [](py::object data, uint32_t crc, bool software) {
+        return buffer_checksum(std::move(data), crc, software ? &crc32_zip_software : &crc32_zip);
+      },
+      py::arg("data"), py::arg("crc") = 0, py::arg("software") = false,
+      "zip's CRC-32 (zlib.crc32) of a contiguous buffer, continuing from `crc`.");
+  m.def("crc32_zip_combine", &crc32_zip_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("nbytes_b"));
+  m.def("crc32_zip_hardware", &crc32_zip_hardware);
   m.def("crc32c_combine", &crc32c_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("nbytes_b"));
   m.def("crc32c_hardware", &crc32c_hardware);
 
@@ -188,7 +206,8 @@ PYBIND11_MODULE(_engine, m) {
       "device_read_regions",
       [](const std::string& backend, int device, int fd, const U64Array& ptrs, const U64Array& nbytes,
          const U64Array& offsets, const U64Array& zero_offsets, const U64Array& zero_nbytes, size_t num_threads,
-         size_t staging_nbytes, size_t staging_buffers, bool checksum, const std::string& path, int gds_fd) {
+         size_t staging_nbytes, size_t staging_buffers, bool checksum, const std::string& path, int gds_fd,
+         bool zip_crc) {
         auto regions = to_regions(ptrs, nbytes, offsets);
         auto zr = to_regions(zero_offsets, zero_nbytes, zero_offsets);
         std::vector<ZeroRange> zeros(zr.size());
@@ -198,15 +217,16 @@ PYBIND11_MODULE(_engine, m) {
           py::gil_scoped_release release;
           Device& dev = device_for(backend, device);
           crcs = read_to_device(dev, fd, regions, zeros,
-                                staging(num_threads, staging_nbytes, staging_buffers, checksum, gds_fd), path);
+                                staging(num_threads, staging_nbytes, staging_buffers, checksum, gds_fd, zip_crc), path);
         }
         return to_array(crcs);
       },
       py::arg("backend"), py::arg("device"), py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"), py::arg("file_offsets"),
       py::arg("zero_offsets"), py::arg("zero_nbytes"), py::arg("num_threads"), py::arg("staging_nbytes"),
       py::arg("staging_buffers"), py::arg("checksum"), py::arg("path"), py::arg("gds_fd") = -1,
+      py::arg("zip_crc") = false,
       "Read file regions into device memory through pinned staging buffers (or cuFile when gds_fd >= 0), "
-      "checking that the zero ranges hold zeros; returns the CRC32C of each region.");
+      "checking that the zero ranges hold zeros; returns the CRC32C (zip's CRC-32 with zip_crc) of each region.");
 
   m.def(
       "device_write_regions",

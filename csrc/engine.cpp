@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstring>
 
+#include "crc32.hpp"
 #include "crc32c.hpp"
 #include "errors.hpp"
 #include "file.hpp"
@@ -117,14 +118,15 @@ Plan make_plan(const std::vector<Region>& regions, uint64_t task_nbytes, bool ch
 
 std::vector<uint32_t> fold_chunks(const std::vector<Region>& regions, const Plan& plan,
                                   const std::vector<uint32_t>& chunk_crcs, std::vector<uint32_t> crcs,
-                                  uint64_t task_nbytes) {
+                                  const TransferOptions& options) {
+  uint64_t task_nbytes = options.task_nbytes;
   if (task_nbytes < kPadding) task_nbytes = kPadding;
   for (size_t i = 0; i < regions.size(); i++) {
     if (plan.chunk_count[i] == 0) continue;
     uint32_t crc = chunk_crcs[plan.chunk_begin[i]];
     for (size_t c = 1; c < plan.chunk_count[i]; c++) {
       uint64_t len = std::min(task_nbytes, regions[i].nbytes - c * task_nbytes);
-      crc = crc32c_combine(crc, chunk_crcs[plan.chunk_begin[i] + c], len);
+      crc = checksum_combine(options, crc, chunk_crcs[plan.chunk_begin[i] + c], len);
     }
     crcs[i] = crc;
   }
@@ -152,7 +154,7 @@ std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, 
     if (t.kind == Task::kGap) return;  // holes in a fresh file read as zeros
     if (t.kind == Task::kChunk) {
       const auto* src = reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset;
-      if (options.checksum) chunk_crcs[t.slot] = crc32c(src, t.nbytes);
+      if (options.checksum) chunk_crcs[t.slot] = checksum(options, src, t.nbytes);
       pwrite_full(fd, src, t.nbytes, regions[t.first].file_offset + t.offset, path);
       return;
     }
@@ -163,12 +165,12 @@ std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, 
       const Region& r = regions[i];
       if (r.file_offset > cursor) iov.push_back({const_cast<unsigned char*>(kZeros), r.file_offset - cursor});
       if (r.nbytes) iov.push_back({reinterpret_cast<void*>(r.ptr), r.nbytes});
-      if (options.checksum) crcs[i] = crc32c(reinterpret_cast<const void*>(r.ptr), r.nbytes);
+      if (options.checksum) crcs[i] = checksum(options, reinterpret_cast<const void*>(r.ptr), r.nbytes);
       cursor = r.file_offset + r.nbytes;
     }
     pwritev_full(fd, iov, t.begin, path);
   });
-  return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options.task_nbytes);
+  return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options);
 }
 
 std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, const TransferOptions& options,
@@ -193,7 +195,7 @@ std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, c
     if (t.kind == Task::kChunk) {
       auto* dst = reinterpret_cast<unsigned char*>(regions[t.first].ptr) + t.offset;
       pread_full(fd, dst, t.nbytes, regions[t.first].file_offset + t.offset, path);
-      if (options.checksum) chunk_crcs[t.slot] = crc32c(dst, t.nbytes);
+      if (options.checksum) chunk_crcs[t.slot] = checksum(options, dst, t.nbytes);
       return;
     }
     // Gaps inside a gathered span land in `pad`, one slot per gap, and are checked after.
@@ -233,10 +235,10 @@ std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, c
     }
     if (options.checksum) {
       for (size_t i = t.first; i < t.last; i++)
-        crcs[i] = crc32c(reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
+        crcs[i] = checksum(options, reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
     }
   });
-  return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options.task_nbytes);
+  return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options);
 }
 
 std::vector<uint32_t> checksum_regions(const std::vector<Region>& input, const TransferOptions& options) {
@@ -252,13 +254,14 @@ std::vector<uint32_t> checksum_regions(const std::vector<Region>& input, const T
   default_pool().parallel_for(plan.tasks.size(), options.num_threads, [&](size_t, size_t k) {
     const Task& t = plan.tasks[k];
     if (t.kind == Task::kChunk) {
-      chunk_crcs[t.slot] = crc32c(reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset, t.nbytes);
+      chunk_crcs[t.slot] =
+          checksum(options, reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset, t.nbytes);
     } else if (t.kind == Task::kGather) {
       for (size_t i = t.first; i < t.last; i++)
-        crcs[i] = crc32c(reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
+        crcs[i] = checksum(options, reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
     }
   });
-  return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options.task_nbytes);
+  return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options);
 }
 
 void advise_hugepages(uintptr_t ptr, uint64_t nbytes) noexcept {
@@ -271,6 +274,14 @@ void advise_hugepages(uintptr_t ptr, uint64_t nbytes) noexcept {
   (void)ptr;
   (void)nbytes;
 #endif
+}
+
+uint32_t checksum(const TransferOptions& options, const void* data, size_t nbytes) noexcept {
+  return options.zip_crc ? crc32_zip(data, nbytes) : crc32c(data, nbytes);
+}
+
+uint32_t checksum_combine(const TransferOptions& options, uint32_t crc_a, uint32_t crc_b, size_t nbytes_b) noexcept {
+  return options.zip_crc ? crc32_zip_combine(crc_a, crc_b, nbytes_b) : crc32c_combine(crc_a, crc_b, nbytes_b);
 }
 
 }  // namespace tensorfile

@@ -18,7 +18,8 @@ struct Region {
 struct TransferOptions {
   size_t num_threads = 1;                // workers, the calling thread included
   size_t task_nbytes = size_t{8} << 20;  // bytes per task (one pread/pwrite)
-  bool checksum = true;                  // compute CRC32C per region
+  bool checksum = true;                  // compute a checksum per region
+  bool zip_crc = false;                  // that checksum is zip's CRC-32 rather than CRC32C
   bool hugepages = false;                // read: ask for huge pages on destinations first
 };
 
@@ -37,6 +38,10 @@ std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, c
 
 // CRC32C of each memory region, computed in parallel chunks (file_offset is ignored).
 std::vector<uint32_t> checksum_regions(const std::vector<Region>& regions, const TransferOptions& options);
+
+// The checksum `options` asks for, of one buffer; and the combine step that goes with it.
+uint32_t checksum(const TransferOptions& options, const void* data, size_t nbytes) noexcept;
+uint32_t checksum_combine(const TransferOptions& options, uint32_t crc_a, uint32_t crc_b, size_t nbytes_b) noexcept;
 
 // Asks the kernel for transparent huge pages on the 2 MiB-aligned interior of
 // [ptr, ptr + nbytes) before it is first touched; a no-op where unsupported.

@@ -11,6 +11,7 @@
 #include <memory>
 #include <stdexcept>
 
+#include "crc32.hpp"
 #include "crc32c.hpp"
 #include "errors.hpp"
 #include "file.hpp"
@@ -97,14 +98,23 @@ void check_regions_sorted(const std::vector<Region>& regions) {
   }
 }
 
+uint32_t checksum(const StagingOptions& o, const void* data, size_t nbytes) {
+  return o.zip_crc ? crc32_zip(data, nbytes) : crc32c(data, nbytes);
+}
+
 std::vector<uint32_t> fold(const std::vector<Region>& regions, const Plan& plan,
-                           const std::vector<uint32_t>& piece_crcs) {
+                           const std::vector<uint32_t>& piece_crcs, const StagingOptions& o) {
   std::vector<uint32_t> crcs(regions.size(), 0);
   std::vector<char> seen(regions.size(), 0);
   for (size_t i = 0; i < plan.pieces.size(); i++) {
     const Piece& p = plan.pieces[i];
     if (p.region == kZeroPiece) continue;
-    crcs[p.region] = seen[p.region] ? crc32c_combine(crcs[p.region], piece_crcs[i], p.nbytes) : piece_crcs[i];
+    uint32_t crc = piece_crcs[i];
+    if (seen[p.region]) {
+      crc =
+          o.zip_crc ? crc32_zip_combine(crcs[p.region], crc, p.nbytes) : crc32c_combine(crcs[p.region], crc, p.nbytes);
+    }
+    crcs[p.region] = crc;
     seen[p.region] = 1;
   }
   return crcs;
@@ -243,7 +253,7 @@ std::vector<uint32_t> read_to_device(Device& device, int fd, const std::vector<R
             require_zero(src, p.nbytes, batch.file_begin + p.batch_offset, path);
             continue;
           }
-          if (options.checksum) piece_crcs[i] = crc32c(src, p.nbytes);
+          if (options.checksum) piece_crcs[i] = checksum(options, src, p.nbytes);
           dev.copy_async(reinterpret_cast<void*>(regions[p.region].ptr + p.region_offset), src, p.nbytes,
                          CopyKind::kHostToDevice, lane.stream());
         }
@@ -272,11 +282,11 @@ std::vector<uint32_t> read_to_device(Device& device, int fd, const std::vector<R
       lane.reclaim(k);
       for (size_t i = batch.first; i < batch.last; i++) {
         const Piece& p = plan.pieces[i];
-        if (p.region != kZeroPiece) piece_crcs[i] = crc32c(buf + p.batch_offset, p.nbytes);
+        if (p.region != kZeroPiece) piece_crcs[i] = checksum(options, buf + p.batch_offset, p.nbytes);
       }
     }
   });
-  return options.checksum ? fold(regions, plan, piece_crcs) : std::vector<uint32_t>(regions.size(), 0);
+  return options.checksum ? fold(regions, plan, piece_crcs, options) : std::vector<uint32_t>(regions.size(), 0);
 }
 
 std::vector<uint32_t> write_from_device(Device& device, int fd, const std::vector<Region>& regions,
@@ -328,7 +338,7 @@ std::vector<uint32_t> write_from_device(Device& device, int fd, const std::vecto
       const unsigned char* buf = lane.buf(k);
       for (size_t i = batch.first; i < batch.last; i++) {
         const Piece& p = plan.pieces[i];
-        if (options.checksum) piece_crcs[i] = crc32c(buf + p.batch_offset, p.nbytes);
+        if (options.checksum) piece_crcs[i] = checksum(options, buf + p.batch_offset, p.nbytes);
         if (gds) {
           cufile::write_full(*gds, reinterpret_cast<const void*>(regions[p.region].ptr), p.nbytes,
                              batch.file_begin + p.batch_offset, p.region_offset, path);
@@ -338,7 +348,7 @@ std::vector<uint32_t> write_from_device(Device& device, int fd, const std::vecto
       free_slots.push_back(k);
     }
   });
-  return options.checksum ? fold(regions, plan, piece_crcs) : std::vector<uint32_t>(regions.size(), 0);
+  return options.checksum ? fold(regions, plan, piece_crcs, options) : std::vector<uint32_t>(regions.size(), 0);
 }
 
 }  // namespace tensorfile

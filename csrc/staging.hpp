@@ -17,6 +17,7 @@ struct StagingOptions {
   size_t staging_nbytes = size_t{16} << 20;  // bytes per staging buffer (one read or write)
   size_t staging_buffers = 4;                // buffers per worker
   bool checksum = true;                      // CRC32C of each region
+  bool zip_crc = false;                      // that checksum is zip's CRC-32 rather than CRC32C
   int gds_fd = -1;                           // an O_DIRECT descriptor of the same file: use cuFile
 };
 

@@ -44,3 +44,27 @@ for name, obj in seeds.items():
         with open(os.path.join(out, f"seed-{name}-{mode}"), "wb") as f:
             f.write(bytes([mode]) + data)
     os.unlink(path)
+
+# Files of the other formats load() reads: torch.save zips and safetensors files.
+foreign = {
+    "torchsave-views": lambda p: torch.save(
+        {"a": base, "b": base.t(), "p": torch.nn.Parameter(torch.ones(2)), "n": (1, "s", {2: None})}, p
+    ),
+    "torchsave-fp8": lambda p: torch.save([torch.zeros(3, dtype=torch.float8_e4m3fn), torch.ones(1)], p),
+}
+try:
+    from safetensors.torch import save_file
+
+    foreign["safetensors"] = lambda p: save_file(
+        {"w": base, "m": torch.tensor([True, False]), "e": torch.empty(0, 2)}, p, metadata={"k": "v"}
+    )
+except ImportError:
+    pass
+for name, write in foreign.items():
+    path = os.path.join(out, f"seed-{name}.bin")
+    write(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(os.path.join(out, f"seed-{name}-0"), "wb") as f:
+        f.write(b"\0" + data)
+    os.unlink(path)

@@ -375,3 +375,52 @@ def test_injected_write_fault(tmp_path, err):
         _engine.write_regions(fd, ptrs, nbytes, offsets, 1, 65536, True, path)
     finally:
         os.close(fd)
+
+
+# zip CRC-32: the checksum torch.save zip records carry, checked against zlib.
+
+
+@pytest.mark.parametrize("software", [False, True])
+def test_crc32_zip_equals_zlib(software):
+    import zlib
+
+    rng = random.Random(7)
+    data = os.urandom(1 << 18)
+    lengths = list(range(0, 200)) + [rng.randrange(0, 1 << 18) for _ in range(100)]
+    for n in lengths:
+        off = rng.randrange(0, 64)
+        chunk = data[off : off + n]
+        start = rng.choice([0, 1, 0xFFFFFFFF, rng.getrandbits(32)])
+        assert _engine.crc32_zip(chunk, start, software) == zlib.crc32(chunk, start), (n, off)
+    assert isinstance(_engine.crc32_zip_hardware(), bool)
+
+
+def test_crc32_zip_combine():
+    import zlib
+
+    a, b = os.urandom(1000), os.urandom(70_001)
+    assert _engine.crc32_zip_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+    assert _engine.crc32_zip_combine(zlib.crc32(a), zlib.crc32(b""), 0) == zlib.crc32(a)
+
+
+@pytest.mark.parametrize("threads, task", [(1, 4096), (3, 65536)])
+def test_zip_crc_regions_read_and_memory(tmp_path, threads, task):
+    import zlib
+
+    bufs, offsets, _ = _random_regions(threads + 11, 120, BIG)
+    ptrs, nbytes = _arrays(bufs)
+    path = str(tmp_path / "zip.bin")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        _engine.write_regions(fd, ptrs, nbytes, offsets, threads, task, False, path)
+        outs = [np.empty(b.size, dtype=np.uint8) for b in bufs]
+        optrs, _ = _arrays(outs)
+        got = _engine.read_regions(
+            fd, optrs, nbytes, offsets, threads, task, True, False, 0, 0, path, zip_crc=True
+        )
+    finally:
+        os.close(fd)
+    want = [zlib.crc32(b.tobytes()) for b in bufs]
+    assert [int(c) for c in got] == want
+    mem = _engine.checksum_regions(ptrs, nbytes, threads, task, zip_crc=True)
+    assert [int(c) for c in mem] == want

@@ -177,18 +177,30 @@ def test_wrong_magic(two):
     expect(two.path, match="magic")
 
 
-def test_torch_save_zip_is_named(tmp_path):
-    path = tmp_path / "torch.pt"
-    torch.save({"x": torch.ones(2)}, path)
-    assert zipfile.is_zipfile(path)
-    expect(path, match="torch.save zip")
-
-
-def test_safetensors_is_named(tmp_path):
+def test_format_comes_from_the_bytes_not_the_name(tmp_path):
+    # a torch.save file named like a safetensors file and the reverse both load by content
+    pt = tmp_path / "really_torch.safetensors"
+    torch.save({"x": torch.ones(2)}, pt)
+    assert zipfile.is_zipfile(pt)
     safetensors_torch = pytest.importorskip("safetensors.torch")
-    path = tmp_path / "x.safetensors"
-    safetensors_torch.save_file({"x": torch.ones(2)}, str(path))
-    expect(path, match="safetensors")
+    st = tmp_path / "really_safetensors.pt"
+    safetensors_torch.save_file({"y": torch.zeros(3)}, str(st))
+    with tensorfile.open(pt) as a, tensorfile.open(st) as b:
+        assert (a.format, b.format) == ("torch.save", "safetensors")
+    assert torch.equal(tensorfile.load(pt)["x"], torch.ones(2))
+    assert torch.equal(tensorfile.load(st)["y"], torch.zeros(3))
+
+
+def test_unknown_bytes_name_the_formats_read(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"GIF89a" + bytes(100))
+    expect(path, match="torch.save zip and safetensors")
+
+
+def test_plain_pickle_is_refused_by_name(tmp_path):
+    path = tmp_path / "legacy.pt"
+    torch.save({"x": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    expect(path, match="legacy")
 
 
 @pytest.mark.parametrize("major", [0, 2, 65535])

@@ -283,3 +283,24 @@ def test_numpy_arrays_stay_on_the_host_beside_cuda_tensors(tmp_path):
     assert isinstance(out["a"], np.ndarray) and out["a"].tolist() == list(range(7))
     assert out["t"].device.type == "cuda" and torch.equal(out["t"].cpu(), obj["t"])
     assert torch.equal(out["u"].cpu(), obj["u"])
+
+
+def test_torch_save_and_safetensors_files_load_straight_to_cuda(tmp_path, spy):
+    from safetensors.torch import save_file
+
+    obj = {"w": torch.randn(300, 200), "b": torch.arange(1000, dtype=torch.int32)}
+    torch.save(obj, tmp_path / "m.pt")
+    save_file(obj, str(tmp_path / "m.safetensors"))
+    for name in ("m.pt", "m.safetensors"):
+        before = spy["read"]
+        out = tensorfile.load(tmp_path / name, map_location="cuda")
+        assert spy["read"] > before, name
+        for k, v in obj.items():
+            assert out[k].device.type == "cuda" and torch.equal(out[k].cpu(), v), (name, k)
+    # A damaged record is caught on the GPU path too (zip CRC-32 for torch.save files).
+    raw = bytearray((tmp_path / "m.pt").read_bytes())
+    at = raw.find(obj["b"].numpy().tobytes()[:64])
+    raw[at + 40] ^= 1
+    (tmp_path / "bad.pt").write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError):
+        tensorfile.load(tmp_path / "bad.pt", map_location="cuda")

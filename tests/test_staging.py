@@ -13,7 +13,7 @@ import pytest
 import tensorfile
 import torch
 from tensorfile import CudaError, FormatError, _config, _cuda, _engine
-from tensorfile.api import _Reader
+from tensorfile.api import _open_reader
 from test_format_rules import Crafted
 
 # --------------------------------------------------------------------------- helpers
@@ -206,7 +206,7 @@ def test_a_real_file_through_the_simulation(tmp_path, dev):
     }
     path = tmp_path / "m.tf"
     tensorfile.save(obj, path)
-    reader = _Reader(str(path))
+    reader = _open_reader(str(path))
     try:
         lay = reader.layout
         sizes = lay.storage_nbytes.tolist()
@@ -486,7 +486,7 @@ def test_gds_refused_file_falls_back_only_in_auto(tmp_path, monkeypatch, mode):
     path = tmp_path / "f"
     path.write_bytes(bytes(4096))
     monkeypatch.setenv("TENSORFILE_GDS", mode)
-    monkeypatch.setattr(_cuda, "_gds_open", lambda p, write, m: os.open(p, os.O_RDONLY))
+    monkeypatch.setattr(_cuda, "_gds_open", lambda p, write, m, name="": os.open(p, os.O_RDONLY))
     calls = []
 
     def call(gds_fd):
@@ -508,10 +508,24 @@ def test_gds_errors_other_than_a_refused_file_are_raised_in_auto(tmp_path, monke
     path = tmp_path / "f"
     path.write_bytes(bytes(4096))
     monkeypatch.setenv("TENSORFILE_GDS", "auto")
-    monkeypatch.setattr(_cuda, "_gds_open", lambda p, write, m: os.open(p, os.O_RDONLY))
+    monkeypatch.setattr(_cuda, "_gds_open", lambda p, write, m, name="": os.open(p, os.O_RDONLY))
 
     def call(gds_fd):
         raise CudaError("cuFileRead failed", "cuFileRead", "CU_FILE_IO_NOT_SUPPORTED")
 
     with pytest.raises(CudaError, match="cuFileRead"):
         _cuda._transfer(False, 0, str(path), str(path), call)
+
+
+def test_zip_crc32_for_torch_save_files(tmp_path, dev, staging):
+    # torch.save zips carry zip's CRC-32, not CRC32C; pieces fold with its own combine.
+    import zlib
+
+    staging(4096, 2)
+    sizes = [10_000, 3, 70_000]
+    offs = [0, 12288, 16384]
+    data = write_file(tmp_path / "f", 90_000, seed=7)
+    ptrs = [dev.alloc(n) for n in sizes]
+    with open(tmp_path / "f", "rb") as f:
+        crcs = sim_read(f.fileno(), tmp_path / "f", ptrs, sizes, offs, zip_crc=True, num_threads=2)
+    assert crcs.tolist() == [zlib.crc32(data[o : o + n]) for o, n in zip(offs, sizes)]

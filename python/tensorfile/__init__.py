@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from ._async import async_save
 from ._cuda import cuda_available
 from ._errors import ChecksumError, CudaError, FormatError
-from .api import TensorFile, clean, load, open, save
+from .api import TensorFile, clean, load, open, save, save_safetensors
 
 __version__ = "0.1.0"
 
@@ -14,9 +15,11 @@ __all__ = [
     "FormatError",
     "TensorFile",
     "__version__",
+    "async_save",
     "clean",
     "cuda_available",
     "load",
     "open",
     "save",
+    "save_safetensors",
 ]

@@ -1,18 +1,23 @@
-"""The benchmark's child process: measures one system (or the raw I/O limits) on one workload and writes the timings as JSON."""
+"""The benchmark's fork server: imports every system once, then forks one child per (workload, system, measure) so that each figure and its peak RSS belong to one process."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
 import json
 import os
+import shutil
+import signal
+import statistics
 import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from ._workloads import fsync_file, make_durable
+from . import _workloads
+from ._workloads import fsync_file, make_durable, tensors_in
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _CHUNK = 64 << 20  # one large write or read per call, as a tuned copy loop would do
@@ -71,40 +76,67 @@ def _reset_peak() -> bool:
 # --------------------------------------------------------------------------- page cache
 
 
+def files_of(path: str) -> list[str]:
+    """The file, or every file under the directory (torch.distributed.checkpoint writes one)."""
+    if not os.path.isdir(path):
+        return [path]
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+
+
+def remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
 def evict(path: str) -> None:
-    """Drops the file's pages from the page cache; fsync first because dirty pages stay."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    """Drops the files' pages from the page cache; fsync first because dirty pages stay."""
+    for p in files_of(path):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def warm(path: str) -> None:
-    """Reads the whole file once so that its pages are in the page cache."""
+    """Reads the whole file (or directory) once so that its pages are in the page cache."""
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        off = 0
-        while True:
-            n = os.preadv(fd, [view], off)
-            if n <= 0:
-                break
-            off += n
-    finally:
-        os.close(fd)
+    for p in files_of(path):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            off = 0
+            while True:
+                n = os.preadv(fd, [view], off)
+                if n <= 0:
+                    break
+                off += n
+        finally:
+            os.close(fd)
 
 
 def resident_fraction(path: str) -> float | None:
-    """The fraction of the file's pages in the page cache (mincore), to show that an
+    """The fraction of the files' pages in the page cache (mincore), to show that an
     eviction took; None where it cannot be asked."""
+    pages = resident = 0
+    for p in files_of(path):
+        got = _resident(p)
+        if got is None:
+            return None
+        pages += got[1]
+        resident += got[0]
+    return resident / pages if pages else 0.0
+
+
+def _resident(path: str) -> tuple[int, int] | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         size = os.path.getsize(path)
         if size == 0:
-            return 0.0
+            return (0, 0)
         libc.mmap.restype = ctypes.c_void_p
         libc.mmap.argtypes = [
             ctypes.c_void_p,
@@ -126,7 +158,7 @@ def resident_fraction(path: str) -> float | None:
                 vec = (ctypes.c_ubyte * pages)()
                 if libc.mincore(addr, size, vec) != 0:
                     return None
-                return sum(b & 1 for b in bytes(vec)) / pages
+                return (sum(b & 1 for b in bytes(vec)), pages)
             finally:
                 libc.munmap(addr, size)
         finally:
@@ -168,12 +200,12 @@ def _read_file(path: str, dst: Any, threads: int) -> None:
 
 
 def touch(obj: Any) -> int:
-    """Reads one byte of every page of every tensor in `obj` (a dict of tensors), so that a
-    memory-mapped load pays for the bytes it returns; returns the sum as a witness."""
+    """Reads one byte of every page of every tensor in `obj` (any nest of containers), so
+    that a memory-mapped load pays for the bytes it returns; returns the sum as a witness."""
     import numpy as np
 
     spans = []
-    for t in obj.values():
+    for t in tensors_in(obj):
         nb = t.numel() * t.element_size()
         if nb:
             spans.append((t.data_ptr(), t.data_ptr() + nb))
@@ -193,33 +225,73 @@ def touch(obj: Any) -> int:
 
 # --------------------------------------------------------------------------- systems
 
+# The module each system needs: a system whose module is missing is "not installed".
+MODULES = {
+    "tensorfile": "tensorfile",
+    "torch": "torch",
+    "safetensors": "safetensors.torch",
+    "numpy": "numpy",
+    "dcp": "torch.distributed.checkpoint",
+    "tensorizer": "tensorizer",
+}
 
-def _system(name: str) -> dict[str, Callable[..., Any]]:
+# What a system cannot do at all (rather than fails at): the measure is shown as n/a.
+UNSUPPORTED = {
+    (
+        "numpy",
+        "mmap",
+    ): "np.load maps only single .npy files; np.savez archives are read into memory",
+    ("dcp", "mmap"): "torch.distributed.checkpoint has no memory-mapped load",
+    ("tensorizer", "mmap"): "tensorizer has no memory-mapped load",
+}
+
+
+def _flat_tensors(obj: Any, who: str) -> dict[str, Any]:
+    """The flat {name: tensor} dict the format takes; anything else is refused by name, as
+    the library itself would refuse (or silently pickle) it."""
+    if not isinstance(obj, dict):
+        raise TypeError(f"{who} takes a flat dict of tensors, got {type(obj).__name__}")
+    for k, v in obj.items():
+        if not (hasattr(v, "data_ptr") and hasattr(v, "element_size")):
+            raise TypeError(
+                f"{who} takes a flat dict of tensors; {k!r} is a {type(v).__name__} "
+                "(nested checkpoints need flattening or a second file)"
+            )
+    return obj
+
+
+def system(name: str, cores: int) -> dict[str, Callable[..., Any]]:
+    """save(obj, path, durable, threads), load(path, threads, template) and mmap(path) of
+    a system, each called as that system's users call it. `threads` is only honoured by
+    tensorfile (the thread sweep); `template` is the untouched destination that
+    torch.distributed.checkpoint loads into, built by the caller inside the timing."""
     if name == "tensorfile":
         import tensorfile
 
         return {
-            "save": lambda sd, p, durable: tensorfile.save(sd, p, durable=durable),
-            "load": lambda p: tensorfile.load(p),
+            "save": lambda sd, p, durable, threads: tensorfile.save(
+                sd, p, durable=durable, num_threads=threads
+            ),
+            "load": lambda p, threads, template: tensorfile.load(p, num_threads=threads),
             "mmap": lambda p: tensorfile.load(p, mmap=True),
         }
     if name == "torch":
         import torch
 
-        def tsave(sd: Any, p: str, durable: bool) -> None:
+        def tsave(sd: Any, p: str, durable: bool, threads: Any) -> None:
             torch.save(sd, p)
             if durable:
                 make_durable(p)
 
         return {
             "save": tsave,
-            "load": lambda p: torch.load(p, weights_only=True),
+            "load": lambda p, threads, template: torch.load(p, weights_only=True),
             "mmap": lambda p: torch.load(p, mmap=True, weights_only=True),
         }
     if name == "safetensors":
         from safetensors.torch import load_file, save_file
 
-        def ssave(sd: Any, p: str, durable: bool) -> None:
+        def ssave(sd: Any, p: str, durable: bool, threads: Any) -> None:
             save_file(sd, p)
             if durable:
                 make_durable(p)
@@ -228,198 +300,418 @@ def _system(name: str) -> dict[str, Callable[..., Any]]:
         # memory that the other systems' plain loads do.
         return {
             "save": ssave,
-            "load": lambda p: load_file(p, backend="pread"),
+            "load": lambda p, threads, template: load_file(p, backend="pread"),
             "mmap": lambda p: load_file(p),
         }
+    if name == "numpy":
+        import numpy as np
+        import torch
+
+        def nsave(sd: Any, p: str, durable: bool, threads: Any) -> None:
+            # One .npz archive (np.savez, uncompressed) per state dict: numpy's own way to
+            # keep named arrays in one file. Tensors are handed over without a copy.
+            arrays = {k: v.numpy() for k, v in _flat_tensors(sd, "np.savez").items()}
+            with open(p, "wb") as f:  # a file object, so np.savez adds no ".npz"
+                np.savez(f, **arrays)
+            if durable:
+                make_durable(p)
+
+        def nload(p: str, threads: Any, template: Any) -> Any:
+            with np.load(p) as z:
+                return {k: torch.from_numpy(z[k]) for k in z.files}
+
+        return {"save": nsave, "load": nload}
+    if name == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        def dsave(sd: Any, p: str, durable: bool, threads: Any) -> None:
+            # No process group: DCP saves from this one process (its no_dist path).
+            writer = dcp.FileSystemWriter(p, thread_count=cores, sync_files=durable)
+            dcp.save(sd, storage_writer=writer)
+            if durable:
+                make_durable(p)
+
+        def dload(p: str, threads: Any, template: Any) -> Any:
+            dcp.load(template, storage_reader=dcp.FileSystemReader(p))
+            return template
+
+        return {"save": dsave, "load": dload}
+    if name == "tensorizer":
+        from tensorizer import TensorDeserializer, TensorSerializer
+
+        def zsave(sd: Any, p: str, durable: bool, threads: Any) -> None:
+            ser = TensorSerializer(p)
+            ser.write_state_dict(sd)
+            ser.close()
+            if durable:
+                make_durable(p)
+
+        def zload(p: str, threads: Any, template: Any) -> Any:
+            de = TensorDeserializer(p, device="cpu")
+            out = dict(de.items())
+            de.close()
+            return out
+
+        return {"save": zsave, "load": zload}
     raise ValueError(f"unknown system {name!r}")
 
 
-# --------------------------------------------------------------------------- the child
+# --------------------------------------------------------------------------- measuring
 
 
-class _Recorder:
-    """Collects measures and rewrites the result file after each, so that a child that
-    dies part way still reports what it measured."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.data: dict[str, Any] = {"measures": {}}
-
-    def measure(
-        self,
-        name: str,
-        fn: Callable[[], Any],
-        *,
-        inner: bool = False,
-        check: Callable[[Any], None] | None = None,
-        **extra: Any,
-    ) -> None:
-        """Times fn() and records its peak RSS, then (untimed) runs check on its result.
-        With inner=True, fn times itself and returns the entry's fields."""
-        _trim()
-        base = _rss_mib()
-        per_measure = _reset_peak()
-        entry: dict[str, Any] = {"rss_base_mib": base}
-        try:
-            t0 = time.perf_counter()
-            out = fn()
-            entry["seconds"] = time.perf_counter() - t0
-            entry["rss_peak_mib"] = _peak_mib() if per_measure else None
-            if inner:
-                entry.update(out)
-            if check is not None:
-                check(out)
-            del out
-        except Exception as e:
-            entry.pop("seconds", None)
-            entry["error"] = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
-            entry["traceback"] = traceback.format_exc()[-4000:]
-        entry.setdefault("rss_peak_mib", _peak_mib() if per_measure else None)
-        entry.update(extra)
-        self.data["measures"][name] = entry
-        self.flush()
-
-    def note(self, name: str, **extra: Any) -> None:
-        self.data["measures"].setdefault(name, {}).update(extra)
-        self.flush()
-
-    def flush(self) -> None:
-        tmp = self.path + ".part"
-        with open(tmp, "w") as f:
-            json.dump(self.data, f)
-        os.replace(tmp, self.path)
+def _error(e: BaseException) -> dict[str, Any]:
+    return {
+        "error": f"{type(e).__name__}: {e}".strip().splitlines()[0][:500],
+        "traceback": traceback.format_exc()[-4000:],
+    }
 
 
-def _check(obj: Any, spec: dict[str, Any]) -> None:
-    n = len(obj)
-    nb = sum(t.numel() * t.element_size() for t in obj.values())
-    if n != spec["count"] or nb != spec["nbytes"]:
+def _start() -> dict[str, Any]:
+    """The baseline: RSS after the imports and the payload, with the peak reset to it."""
+    _trim()
+    entry = {"rss_base_mib": _rss_mib()}
+    entry["peak_reset"] = _reset_peak()
+    return entry
+
+
+# The payload of the current (rep, workload), built once by the server before it forks
+# the save children, which share its pages; dropped before the load children.
+_PAYLOAD: dict[str, Any] = {}
+
+
+def _payload_key(job: dict[str, Any]) -> tuple[Any, ...]:
+    return (job["rep"], job["workload"], job["size_mb"], job["small_count"])
+
+
+def payload_for(job: dict[str, Any]) -> Any:
+    """The object to save: the server's, or (outside the server) a freshly built one."""
+    if _PAYLOAD.get("key") == _payload_key(job):
+        return _PAYLOAD["obj"]
+    return _workloads.build_workload(job["workload"], job["size_mb"], job["small_count"])
+
+
+def _hold_payload(job: dict[str, Any] | None) -> None:
+    """Builds the job's payload in the server (through numpy: no torch thread pool may
+    start before a fork), or drops the one held, handing its memory back."""
+    key = None if job is None else _payload_key(job)
+    if _PAYLOAD.get("key") == key:
+        return
+    _PAYLOAD.clear()
+    gc.collect()
+    _trim()
+    if job is not None:
+        _PAYLOAD["obj"] = _workloads.build_workload(
+            job["workload"], job["size_mb"], job["small_count"], fork_safe=True
+        )
+        _PAYLOAD["key"] = key
+        gc.freeze()  # the children's gc passes skip it, and so leave its pages shared
+
+
+def _check(obj: Any, job: dict[str, Any]) -> None:
+    ts = tensors_in(obj)
+    nb = sum(t.numel() * t.element_size() for t in ts)
+    if len(ts) != job["count"] or nb != job["nbytes"]:
         raise RuntimeError(
-            f"wrong result: loaded {n} tensors, {nb} bytes; saved {spec['count']}, {spec['nbytes']}"
+            f"wrong result: loaded {len(ts)} tensors, {nb} bytes; saved {job['count']}, {job['nbytes']}"
         )
 
 
-def run_raw(spec: dict[str, Any], rec: _Recorder) -> None:
+def _thread_counts(cores: int) -> list[int]:
+    """1, 2, 4, ... and the core count itself."""
+    out = {cores}
+    n = 1
+    while n < cores:
+        out.add(n)
+        n *= 2
+    return sorted(out)
+
+
+def _write_file(path: str, size: int, threads: int, src: bytes) -> None:
+    """Writes `size` bytes with `threads` threads, each pwriting one contiguous share in
+    large calls, into space reserved first, then fsyncs: a tuned writer's raw system calls."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        # Reserve the space first, as tensorfile does: on ext4 writes into reserved
+        # extents ran up to 2.7x faster here, and the limit must be the best a writer can do.
+        if size:
+            os.posix_fallocate(fd, 0, size)
+        view = memoryview(src)
+
+        def span(off: int, end: int) -> None:
+            while off < end:
+                off += os.pwrite(fd, view[: min(end - off, len(view))], off)
+
+        share = -(-size // threads) if size else 0
+        share = -(-share // _PAGE) * _PAGE
+        bounds = [(o, min(size, o + share)) for o in range(0, size, share or 1)]
+        if len(bounds) <= 1:
+            for a, b in bounds:
+                span(a, b)
+        else:
+            with ThreadPoolExecutor(len(bounds)) as pool:
+                for j in [pool.submit(span, a, b) for a, b in bounds]:
+                    j.result()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_raw(job: dict[str, Any]) -> dict[str, Any]:
+    """One raw limit: the best the plain system calls achieve over 1..N threads."""
     import numpy as np
 
-    path, size, threads = spec["path"], spec["nbytes"], spec["threads"]
-    src = b"\x01" * min(size, _CHUNK)  # one buffer, resident, written over and over
-
-    def write() -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            # Reserve the space first, as tensorfile does: on ext4 writes into reserved
-            # extents ran up to 2.7x faster here, and the limit must be the best a writer can do.
-            os.posix_fallocate(fd, 0, size)
-            left = size
-            view = memoryview(src)
-            while left:
-                left -= os.write(fd, view[: min(left, len(view))])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    if os.path.exists(path):
-        os.unlink(path)
-    rec.measure("write_fsync", write)
+    path, size, measure = job["path"], job["nbytes"], job["measure"]
+    counts = _thread_counts(job["cores"])
+    if measure == "write_fsync":
+        src = b"\x01" * min(size, _CHUNK)  # one buffer, resident, written over and over
+        entry = _start()
+        times = {}
+        for n in counts:
+            remove(path)
+            t0 = time.perf_counter()
+            _write_file(path, size, n, src)
+            times[n] = time.perf_counter() - t0
+        best = min(times, key=lambda k: times[k])
+        entry.update(seconds=times[best], threads=best, by_threads=times)
+        entry["rss_peak_mib"] = _peak_mib()
+        return entry
+    if measure == "memcpy":
+        dst = np.empty(size, dtype=np.uint8)
+        dst.fill(0)
+        big = np.ones(size, dtype=np.uint8)
+        entry = _start()
+        t0 = time.perf_counter()
+        np.copyto(dst, big)
+        entry["seconds"] = time.perf_counter() - t0
+        entry["rss_peak_mib"] = _peak_mib()
+        return entry
+    if not os.path.exists(path):
+        raise RuntimeError("not measured: the raw write made no file")
+    cold = measure == "cold_read"
     dst = np.empty(size, dtype=np.uint8)
     dst.fill(0)  # touched: the limit is for copying into resident memory
     warm(path)
+    entry = _start()
+    times = {}
+    resident = None
+    for n in counts:
+        if cold:
+            evict(path)
+            resident = resident_fraction(path)
+        t0 = time.perf_counter()
+        _read_file(path, dst, n)
+        times[n] = time.perf_counter() - t0
+    best = min(times, key=lambda k: times[k])
+    entry.update(seconds=times[best], threads=best, by_threads=times)
+    entry["rss_peak_mib"] = _peak_mib()
+    if cold:
+        entry["resident_after_evict"] = resident
+    return entry
 
-    def best_of(cold: bool) -> dict[str, Any]:
-        times = {}
-        resident = None
-        for n in sorted({1, threads}):
-            if cold:
-                evict(path)
-                resident = resident_fraction(path)
+
+def _header_times(job: dict[str, Any], reps: int = 5) -> dict[str, Any]:
+    """Median wall time of tensorfile's per-tensor Python work for the workload: saving,
+    flatten + plan + header encode; loading, the header read, parse and validation."""
+    import tensorfile
+    from tensorfile._plan import plan_save
+    from tensorfile._tree import Flattener
+    from tensorfile.formats import native
+
+    times = []
+    if job["measure"] == "header_save":
+        obj = payload_for(job)
+        entry = _start()
+        for _ in range(reps):
             t0 = time.perf_counter()
-            _read_file(path, dst, n)
-            times[n] = time.perf_counter() - t0
-        best = min(times, key=lambda k: times[k])
-        return {
-            "seconds": times[best],
-            "threads": best,
-            "by_threads": {str(k): v for k, v in times.items()},
-            "resident_after_evict": resident,
-        }
+            flat = Flattener()
+            tree = flat.flatten(obj)
+            plan = plan_save(flat.leaves, lambda i, m: TypeError(m))
+            native.encode_header(tree, plan.tensors, plan.storages, {})
+            times.append(time.perf_counter() - t0)
+    else:
+        if not os.path.exists(job["path"]):
+            raise RuntimeError("not measured: the save made no file")
+        warm(job["path"])
+        entry = _start()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            with tensorfile.open(job["path"]) as f:
+                n = len(f)
+            times.append(time.perf_counter() - t0)
+        if n != job["count"]:
+            raise RuntimeError(f"wrong result: the header lists {n} tensors, not {job['count']}")
+    entry.update(seconds=statistics.median(times), samples=times)
+    entry["rss_peak_mib"] = _peak_mib()
+    return entry
 
-    rec.measure("pagecache_read", lambda: best_of(cold=False), inner=True)
-    rec.measure("cold_read", lambda: best_of(cold=True), inner=True)
-    big = np.ones(size, dtype=np.uint8)
-    rec.measure("memcpy", lambda: np.copyto(dst, big))
 
-
-def run_system(spec: dict[str, Any], rec: _Recorder) -> None:
-    from . import _workloads
-
-    path = spec["path"]
-    shapes, dtype = _workloads.shapes_for(spec["workload"], spec["size_mb"], spec["small_count"])
-    sys_ = _system(spec["system"])
-    # Held in a dict so that dropping it before the loads frees the memory.
-    held = {"sd": _workloads.build(shapes, dtype, seed=spec.get("seed", 0))}
-
-    def save(durable: bool) -> None:
+def run_system(job: dict[str, Any], fns: dict[str, Callable[..., Any]]) -> dict[str, Any]:
+    """One (system, measure): a save of a freshly built payload, or a load of the file
+    the saves left."""
+    path, measure, threads = job["path"], job["measure"], job.get("threads")
+    if measure.startswith("header_"):
+        return _header_times(job)
+    if measure in ("save_durable", "save"):
+        obj = payload_for(job)
+        remove(path)
+        entry = _start()
+        t0 = time.perf_counter()
+        fns["save"](obj, path, measure == "save_durable", threads)
+        entry["seconds"] = time.perf_counter() - t0
+        entry["rss_peak_mib"] = _peak_mib()
         if os.path.exists(path):
-            os.unlink(path)
-        rec.measure(
-            "save_durable" if durable else "save", lambda: sys_["save"](held["sd"], path, durable)
-        )
-
-    save(True)
-    save(False)
-    if os.path.exists(path):
-        fsync_file(path)  # so the non-durable save's writeback does not land in a later measure
-    held.clear()
-    gc.collect()
+            # So that the non-durable save's writeback does not land in a later measure.
+            for p in files_of(path):
+                fsync_file(p)
+        return entry
     if not os.path.exists(path):
-        for m in ("load_hot", "load_cold", "mmap_hot", "mmap_cold"):
-            rec.note(m, error="not measured: the save made no file")
-        return
+        raise RuntimeError("not measured: the save made no file")
+    kind = "mmap" if measure.startswith("mmap") else "load"
+    cold = measure.endswith("cold")
+    if cold:
+        evict(path)
+    else:
+        warm(path)
+    resident = resident_fraction(path) if cold else None
+    entry = _start()
+    t0 = time.perf_counter()
+    if kind == "mmap":
+        obj = fns["mmap"](path)
+        touch(obj)
+    else:
+        template = None
+        if job["system"] == "dcp":
+            # DCP loads in place: the caller allocates the destination (fresh, untouched
+            # memory, as every other load allocates its own) inside the timing.
+            template = _workloads.build_workload(
+                job["workload"], job["size_mb"], job["small_count"], empty=True
+            )
+        obj = fns["load"](path, threads, template)
+    entry["seconds"] = time.perf_counter() - t0
+    entry["rss_peak_mib"] = _peak_mib()
+    if cold:
+        entry["resident_after_evict"] = resident
+    _check(obj, job)  # untimed: the figure counts only if the bytes came back
+    return entry
 
-    def load(kind: str) -> Callable[[], Any]:
-        def go() -> Any:
-            obj = sys_[kind](path)
-            if kind == "mmap":
-                touch(obj)
-            return obj  # freed after the clock stops, as a caller keeping it would
 
-        return go
-
-    def check(obj: Any) -> None:
-        _check(obj, spec)
-
-    warm(path)
-    rec.measure("load_hot", load("load"), check=check)
-    evict(path)
-    rec.measure(
-        "load_cold", load("load"), check=check, resident_after_evict=resident_fraction(path)
-    )
-    warm(path)
-    rec.measure("mmap_hot", load("mmap"), check=check)
-    evict(path)
-    rec.measure(
-        "mmap_cold", load("mmap"), check=check, resident_after_evict=resident_fraction(path)
-    )
+# --------------------------------------------------------------------------- the server
 
 
-def main(argv: list[str]) -> int:
-    spec = json.loads(argv[0])
-    rec = _Recorder(spec["result"])
+def _child(job: dict[str, Any], fns: dict[str, Any] | None, out: str) -> None:
+    """Runs in the forked child: one measure, its entry written to `out`."""
     try:
-        if spec["system"] == "raw":
-            run_raw(spec, rec)
+        if job["system"] == "raw":
+            entry = run_raw(job)
         else:
-            run_system(spec, rec)
-    finally:
-        rec.data["child_peak_mib"] = _peak_mib()
-        rec.flush()
+            assert fns is not None
+            entry = run_system(job, fns)
+    except BaseException as e:
+        entry = _error(e)
+        entry.pop("seconds", None)
+    tmp = out + ".part"
+    with open(tmp, "w") as f:
+        json.dump(entry, f)
+    os.replace(tmp, out)
+
+
+def _fork_and_wait(
+    job: dict[str, Any], fns: dict[str, Any] | None, timeout: float
+) -> dict[str, Any]:
+    out = job["path"] + f".{os.getpid()}.result.json"
+    try:
+        os.unlink(out)
+    except FileNotFoundError:
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into the server's loop
+        code = 1
         try:
-            os.unlink(spec["path"])
-        except OSError:
-            pass
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _child(job, fns, out)
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    status = None
+    while status is None:
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = st
+        elif time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return {"error": f"timed out after {timeout:.0f} s"}
+        else:
+            time.sleep(0.005)
+    try:
+        with open(out) as f:
+            entry: dict[str, Any] = json.load(f)
+        os.unlink(out)
+    except (OSError, ValueError):
+        if os.WIFSIGNALED(status):
+            why = f"killed by signal {os.WTERMSIG(status)} ({signal.Signals(os.WTERMSIG(status)).name})"
+        else:
+            why = f"exited with status {os.WEXITSTATUS(status)}"
+        entry = {"error": f"the measuring child {why} without a result"}
+    return entry
+
+
+def serve(jobs_path: str, results_path: str) -> int:
+    """Runs every job of the plan in order, one forked child each, appending each result
+    as a JSON line (so a server that dies part way still leaves what it measured) and
+    printing a progress line per job."""
+    with open(jobs_path) as f:
+        plan = json.load(f)
+    jobs, cores = plan["jobs"], plan["cores"]
+    # Import every system here, before any fork and before any tensor exists, so that a
+    # child starts with the modules loaded and no thread pool yet started.
+    fns: dict[str, Any] = {}
+    broken: dict[str, str] = {}
+    for name in plan["systems"]:
+        try:
+            importlib.import_module(MODULES[name])
+            fns[name] = system(name, cores)
+        except Exception as e:
+            broken[name] = f"import failed: {type(e).__name__}: {e}".splitlines()[0][:500]
+    # Objects alive now are never collected in the children: frozen, a child's gc passes
+    # skip them instead of writing to (and so copying) every page of the imported modules.
+    gc.collect()
+    gc.freeze()
+    saved: set[str] = set()  # paths that a save of the current group wrote
+    with open(results_path, "a") as results:
+        for k, job in enumerate(jobs):
+            is_save = job["measure"] in ("save_durable", "save", "write_fsync")
+            if job["system"] != "raw":
+                _hold_payload(job if job["phase"] == "save" else None)
+            t0 = time.perf_counter()
+            if job["system"] in broken:
+                entry: dict[str, Any] = {"error": broken[job["system"]]}
+            elif (
+                not is_save
+                and job["measure"] not in ("memcpy", "header_save")
+                and job["path"] not in saved
+            ):
+                # A file a failed save left behind is not the system's file: loading it
+                # would report the damage as a load failure.
+                entry = {
+                    "error": "not measured: every save of this system failed (see its save rows)"
+                }
+            else:
+                entry = _fork_and_wait(job, fns.get(job["system"]), job["timeout"])
+            entry["wall_s"] = time.perf_counter() - t0
+            if is_save and "seconds" in entry:
+                saved.add(job["path"])
+            for p in job.get("cleanup", []):
+                remove(p)
+                saved.discard(p)
+            results.write(json.dumps({"job": k, "entry": entry}) + "\n")
+            results.flush()
+            print(f"{k + 1}\t{len(jobs)}\t{job['label']}: {entry['wall_s']:.1f} s", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(serve(sys.argv[1], sys.argv[2]))

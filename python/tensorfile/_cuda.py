@@ -79,11 +79,11 @@ def _load_cufile() -> bool:
     return _cufile_state
 
 
-def _gds_open(path: str, write: bool, mode: str) -> int:
+def _gds_open(path: str, write: bool, mode: str, name: str = "") -> int:
     """An O_DIRECT descriptor of `path` for cuFile, or -1 to use staging. With mode "on"
     any reason that GPUDirect Storage cannot be used raises (cuFile's compatibility mode
     is accepted); with "auto" it is logged at debug level, and GPUDirect is used only
-    where the nvidia-fs driver is loaded."""
+    where the nvidia-fs driver is loaded. `name` names the file in messages."""
     if mode == "off":
         return -1
     why = ""
@@ -102,8 +102,10 @@ def _gds_open(path: str, write: bool, mode: str) -> int:
         except OSError as e:
             why = f"cannot open {path} with O_DIRECT: {e.strerror}"
     if mode == "on":
-        raise RuntimeError(f"{path}: TENSORFILE_GDS=on but GPUDirect Storage cannot be used: {why}")
-    log.debug("%s: GPUDirect Storage not used (%s); using pinned staging", path, why)
+        raise RuntimeError(
+            f"{name or path}: TENSORFILE_GDS=on but GPUDirect Storage cannot be used: {why}"
+        )
+    log.debug("%s: GPUDirect Storage not used (%s); using pinned staging", name or path, why)
     return -1
 
 
@@ -117,7 +119,7 @@ def _transfer(write: bool, fd: int, path: str, gds_path: str | None, call: Any) 
     """Runs call(gds_fd) with GPUDirect Storage when TENSORFILE_GDS and the file allow it,
     else with staging; in auto mode a file that cuFile refuses falls back to staging."""
     mode = _config.gds() if gds_path else "off"
-    gds_fd = _gds_open(gds_path, write, mode) if gds_path else -1
+    gds_fd = _gds_open(gds_path, write, mode, path) if gds_path else -1
     if gds_fd < 0:
         return call(-1)
     try:
@@ -143,11 +145,13 @@ def read_regions_to_device(
     zero_ranges: Sequence[tuple[int, int]] = (),
     num_threads: int | None = None,
     gds_path: str | None = None,
+    zip_crc: bool = False,
     backend: str = "cuda",
 ) -> np.ndarray:
     """Reads regions of the open file `fd` into device memory: region i's `nbytes[i]`
     bytes at `file_offsets[i]` land at device address `ptrs[i]` on CUDA device `device`.
-    Returns the CRC32C of each region (zeros when not `checksum`), in the order given.
+    Returns the CRC32C of each region (zip's CRC-32 with `zip_crc`; zeros when not
+    `checksum`), in the order given.
     `zero_ranges` are (file_offset, nbytes) ranges that must hold zeros (FormatError
     otherwise). `path` names the file in errors; `gds_path`, when given, lets
     TENSORFILE_GDS read with cuFile through a second, O_DIRECT descriptor of that path.
@@ -183,6 +187,7 @@ def read_regions_to_device(
             checksum,
             path,
             gds_fd,
+            zip_crc,
         )
 
     crcs = _transfer(False, fd, path, gds_path if backend == "cuda" else None, call)
@@ -315,6 +320,7 @@ def read_storages(
     verify: bool,
     threads: int,
     zeros: list[tuple[int, int]],
+    zip_crc: bool = False,
 ) -> tuple[dict[int, Any], list[int], np.ndarray]:
     """Allocates each target storage on its CUDA device and fills it from the file.
     Returns ({storage index: UntypedStorage}, storage indexes, their CRC32Cs)."""
@@ -341,6 +347,7 @@ def read_storages(
             zero_ranges=zeros if first else (),
             num_threads=threads,
             gds_path=path,
+            zip_crc=zip_crc,
         )
         first = False
         order += group
@@ -354,7 +361,7 @@ def read_storages(
 def write_storages(
     fd: int,
     path: str,
-    tmp_path: str,
+    gds_path: str,
     devices: Sequence[str],
     ptrs: np.ndarray,
     nbytes: np.ndarray,
@@ -363,7 +370,8 @@ def write_storages(
     task: int,
 ) -> np.ndarray:
     """Writes a save plan's storages, host ones with the engine's write_regions and CUDA
-    ones through the staging pipeline, device by device; returns every CRC32C."""
+    ones through the staging pipeline, device by device; returns every CRC32C.
+    `gds_path` opens the same file again for cuFile (e.g. /proc/self/fd/N)."""
     crcs = np.zeros(len(nbytes), dtype=np.uint32)
     dev = np.array(devices, dtype=object)
     full = nbytes > 0
@@ -389,7 +397,7 @@ def write_storages(
             file_offsets[mask],
             index,
             num_threads=threads,
-            gds_path=tmp_path,
+            gds_path=gds_path,
         )
     return crcs
 

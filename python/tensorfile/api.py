@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import math
 import mmap as _mmap
 import os
 import secrets
@@ -17,10 +18,11 @@ from typing import IO, Any, Union
 import numpy as np
 
 from . import _config, _cuda, _engine
+from ._dtypes import TORCH_ITEMSIZE, numpy_name
 from ._errors import ChecksumError, FormatError
 from ._plan import plan_save
 from ._tree import _SURROGATE, Builder, Flattener, _path_str, key_paths
-from .formats import native
+from .formats import native, safetensors, torchzip
 
 PathLike = Union[str, "os.PathLike[str]"]
 FileLike = Union[PathLike, IO[bytes]]
@@ -111,6 +113,120 @@ def _save(
         _save_stream(f, plan, header, crc_pos, total, base, threads, task)
 
 
+def save_safetensors(
+    tensors: dict[str, Any],
+    path: PathLike,
+    metadata: dict[str, str] | None = None,
+    *,
+    copy_shared: bool = False,
+    durable: bool = True,
+    num_threads: int | None = None,
+) -> None:
+    """Writes a flat dict of str -> tensor (torch, or numpy arrays) as a safetensors file,
+    atomically like `save` (a temporary file, fsync, rename). Bytes go to the file
+    straight from tensor memory; a non-contiguous tensor is written from a contiguous
+    copy of itself. Tensors whose memory overlaps are refused, as safetensors refuses
+    them, unless `copy_shared=True`, which stores each one's own bytes. Tensors are laid
+    out widest element first, then by name, so every tensor is aligned to its element."""
+    with _no_gc():
+        if not isinstance(tensors, dict):
+            raise TypeError("tensorfile.save_safetensors: expected a dict of str -> tensor")
+        meta = _check_metadata(metadata)
+        rows: list[
+            tuple[int, str, str, list[int], int, int]
+        ] = []  # -itemsize, name, dtype, shape, nbytes, ptr
+        spans: list[tuple[int, int, str]] = []
+        keep: list[Any] = []
+        torch = sys.modules.get("torch")
+        for name, t in tensors.items():
+            if type(name) is not str:
+                raise TypeError(f"tensorfile.save_safetensors: key {name!r} is not a str")
+            dtype, shape, nbytes, ptr, span, data = _flat_tensor(torch, name, t)
+            keep.append(data)
+            rows.append(
+                (
+                    -(nbytes // max(1, math.prod(shape))) if nbytes else 0,
+                    name,
+                    dtype,
+                    shape,
+                    nbytes,
+                    ptr,
+                )
+            )
+            if span[1] > span[0]:
+                spans.append((span[0], span[1], name))
+        spans.sort()
+        for (_, hi, a), (lo, _, b) in zip(spans, spans[1:]):
+            if lo < hi and not copy_shared:
+                raise ValueError(
+                    f"tensorfile.save_safetensors: tensors {a!r} and {b!r} share memory, which safetensors "
+                    "cannot express; pass copy_shared=True to store a copy of each, or clone one of them"
+                )
+        rows.sort(key=lambda r: (r[0], r[1]))
+        head, offsets = safetensors.encode_header([(r[1], r[2], r[3], r[4]) for r in rows], meta)
+        total = len(head) + sum(r[4] for r in rows)
+        ptrs = np.array([r[5] for r in rows], dtype=np.uint64)
+        sizes = np.array([r[4] for r in rows], dtype=np.uint64)
+        offs = np.array(offsets, dtype=np.uint64) + np.uint64(len(head))
+        full = sizes > 0
+        spath = os.fspath(path)
+        with _atomic_file(spath, total, durable) as fd:
+            if full.any():
+                _engine.write_regions(
+                    fd,
+                    ptrs[full],
+                    sizes[full],
+                    offs[full],
+                    _config.num_threads(num_threads),
+                    _config.task_nbytes(write=True),
+                    False,
+                    spath,
+                )
+            _pwrite_all(fd, head, 0)
+        del keep
+
+
+def _flat_tensor(
+    torch: Any, name: str, t: Any
+) -> tuple[str, list[int], int, int, tuple[int, int], Any]:
+    """(dtype name, shape, nbytes, address of contiguous bytes, (lo, hi) memory span of the
+    original, owner of the bytes) for one safetensors entry."""
+
+    def refuse(why: str) -> TypeError:
+        return TypeError(f"tensorfile.save_safetensors: cannot save {name!r}: {why}")
+
+    if torch is not None and isinstance(t, torch.Tensor):
+        if t.layout is not torch.strided or t.is_quantized:
+            raise refuse(f"{t.layout} / quantized tensors are not supported")
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in safetensors.NAME_OF:
+            raise refuse(f"safetensors has no dtype for {t.dtype}")
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        span = (0, 0)
+        if t.numel():
+            lo = t.data_ptr()
+            hi = lo + t.element_size() * (1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride())))
+            span = (lo, hi)
+        if t.is_conj() or t.is_neg() or not t.is_contiguous():
+            t = t.resolve_conj().resolve_neg().contiguous()
+        return dtype, list(t.shape), t.numel() * t.element_size(), t.data_ptr(), span, t
+    if isinstance(t, np.ndarray):
+        dname = numpy_name(t.dtype)
+        if dname is None or not safetensors.numpy_supported(dname):
+            raise refuse(f"numpy dtype {t.dtype} is not supported")
+        span = (0, 0)
+        if t.size:
+            addr = t.__array_interface__["data"][0]
+            lo = addr + sum((d - 1) * s for d, s in zip(t.shape, t.strides) if s < 0)
+            hi = addr + t.itemsize + sum((d - 1) * s for d, s in zip(t.shape, t.strides) if s > 0)
+            span = (lo, hi)
+        data = np.ascontiguousarray(t)
+        return dname, list(t.shape), data.nbytes, data.ctypes.data, span, data
+    raise refuse(f"expected a tensor or numpy array, got {type(t).__name__}")
+
+
 def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     if metadata is None:
         return {}
@@ -182,6 +298,32 @@ def _save_path(
     task: int,
     durable: bool,
 ) -> None:
+    with _atomic_file(path, total, durable) as fd:
+        # Empty storages have no bytes, no padding, CRC 0; CUDA ones are staged (or
+        # written with cuFile through a second, O_DIRECT descriptor of the same file).
+        crcs = _cuda.write_storages(
+            fd,
+            path,
+            f"/proc/self/fd/{fd}",
+            [row[2] for row in plan.storages],
+            plan.ptrs,
+            plan.nbytes,
+            plan.offsets + base,
+            threads,
+            task,
+        )
+        native.set_checksums(header, crc_pos, crcs)
+        head = native.make_preamble(header, total) + bytes(header)
+        _phase("header")
+        _pwrite_all(fd, head, 0)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str, total: int, durable: bool) -> Iterator[int]:
+    """Yields the descriptor of a temporary file beside `path`, with `total` bytes
+    reserved, for the caller to fill; then fsyncs it (when durable), renames it over
+    `path` and fsyncs the directory. On any error the temporary file is removed and
+    `path` is left as it was; OSErrors say so."""
     target = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
     directory = os.path.dirname(target)
     if os.path.isdir(target):
@@ -203,22 +345,7 @@ def _save_path(
             _phase("created")
             _engine.preallocate(fd, total, path)
             _phase("writing")
-            # Empty storages have no bytes, no padding, CRC 0; CUDA ones are staged.
-            crcs = _cuda.write_storages(
-                fd,
-                path,
-                tmp,
-                [row[2] for row in plan.storages],
-                plan.ptrs,
-                plan.nbytes,
-                plan.offsets + base,
-                threads,
-                task,
-            )
-            native.set_checksums(header, crc_pos, crcs)
-            head = native.make_preamble(header, total) + bytes(header)
-            _phase("header")
-            _pwrite_all(fd, head, 0)
+            yield fd
             if durable:
                 _phase("fsync")
                 os.fsync(fd)
@@ -407,14 +534,43 @@ class _Source:
         self.fd = None
 
 
-class _Reader:
-    """An open, validated tensorfile: the header is trusted, storages are read on demand."""
+def _open_reader(f: FileLike, verify: bool = True) -> _Reader:
+    """Opens `f` with the reader its first bytes call for: a tensorfile, a torch.save zip
+    or a safetensors file (the name of the file plays no part)."""
+    src = _Source(f)
+    try:
+        head = src.read(native.PREAMBLE_NBYTES, 0)
+        if head.startswith(native.MAGIC):
+            return _Reader(src, head, verify)
+        if torchzip.looks_like(head):
+            return _TorchZipReader(src, head, verify)
+        if safetensors.looks_like(head):
+            return _SafetensorsReader(src, head, verify)
+        if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+            raise FormatError(
+                f"{src.name}: this looks like a pickle: a legacy (before PyTorch 1.6) torch.save "
+                "file or a plain pickle, which tensorfile does not load; re-save it with a current torch.save"
+            )
+        return _Reader(src, head, verify)  # reports the bad magic
+    except BaseException:
+        src.close()
+        raise
 
-    def __init__(self, f: FileLike, *, verify: bool = True) -> None:
-        self.src = _Source(f)
+
+class _Reader:
+    """An open, validated tensorfile: the header is trusted, storages are read on demand.
+    Subclasses read other formats into the same Layout; they differ in how the layout is
+    parsed, how stored checksums are checked and how the object graph is rebuilt."""
+
+    format = "tensorfile"
+    crc_kind = "crc32c"  # what storage_crcs hold: "crc32c", "crc32" (zip) or "none"
+    canonical_gaps = True  # the bytes between storages must be zero padding
+    pin_memory = False  # CPU torch storages in pinned memory (load(pin_memory=True))
+
+    def __init__(self, src: _Source, raw: bytes, verify: bool = True) -> None:
+        self.src = src
         try:
             self.name = self.src.name
-            raw = self.src.read(native.PREAMBLE_NBYTES, 0)
             pre = native.parse_preamble(raw, self.src.nbytes, self.name)
             header_end = native.PREAMBLE_NBYTES + pre.header_nbytes
             upto = min(native.data_start(pre.header_nbytes), pre.file_nbytes)
@@ -426,12 +582,13 @@ class _Reader:
             if any(blob[pre.header_nbytes :]):
                 raise FormatError(f"{self.name}: nonzero padding after the header")
             self.header_end = header_end
+            self.version = f"{pre.major}.{pre.minor}"
+            self.header_nbytes = pre.header_nbytes
         except BaseException:
             self.src.close()
             raise
         self._keys: dict[str, int] | None = None
         self.ambiguous: set[str] = set()
-        self.pin_memory = False  # CPU torch storages in pinned memory (load(pin_memory=True))
 
     # Key paths -----------------------------------------------------------------
     def key_index(self) -> dict[str, int]:
@@ -496,7 +653,8 @@ class _Reader:
         lay = self.layout
         assert self.src.fd is not None
         zeros: list[tuple[int, int]] = []
-        if whole:
+        checksum = verify and self.crc_kind != "none"
+        if whole and self.canonical_gaps:
             begin = int(lay.storage_offsets[0]) if len(lay.storage_offsets) else lay.file_nbytes
             zeros = _cuda.zero_ranges(
                 lay.storage_offsets, lay.storage_nbytes, begin, lay.file_nbytes
@@ -510,11 +668,12 @@ class _Reader:
             direct,
             lay.storage_offsets,
             lay.storage_nbytes,
-            verify,
+            checksum,
             threads,
             zeros,
+            zip_crc=self.crc_kind == "crc32",
         )
-        if verify and order:
+        if checksum and order:
             self._check_crcs(order, crcs)
         rest = [s for s in idx if s not in direct]
         if rest:  # numpy arrays, CPU tensors: the padding was checked above
@@ -547,11 +706,14 @@ class _Reader:
     def _check_crcs(self, idx: list[int], got: np.ndarray) -> None:
         want = self.layout.storage_crcs[idx]
         bad = np.nonzero(got != want)[0]
+        if self.crc_kind == "crc32":
+            bad = bad[want[bad] != 0]  # torch.save writes 0 when told not to compute CRCs
         if len(bad):
             s = idx[int(bad[0])]
             keys = ", ".join(self.storage_keys(s)[:4])
+            what = "zip CRC-32" if self.crc_kind == "crc32" else "checksum"
             raise ChecksumError(
-                f"{self.name}: storage {s} ({keys}) checksum mismatch (file damaged after it was written); "
+                f"{self.name}: storage {s} ({keys}) {what} mismatch (file damaged after it was written); "
                 "re-save it, or pass verify=False to read anyway"
             )
 
@@ -575,29 +737,48 @@ class _Reader:
             lay.storage_offsets[idx][full],
             threads,
             _config.task_nbytes(),
-            verify,
-            check_gaps,
+            verify and self.crc_kind != "none",
+            check_gaps and self.canonical_gaps,
             int(lay.storage_offsets[0]) if len(lay.storage_offsets) else lay.file_nbytes,
             lay.file_nbytes,
             self.name,
             _config.hugepages(),
+            self.crc_kind == "crc32",
         )
         if verify:
-            self._check_crcs(idx, crcs)
+            self._verify(idx, ptrs, threads, crcs)
         return bufs
+
+    def _verify(
+        self, idx: list[int], ptrs: np.ndarray, threads: int, crcs: np.ndarray | None
+    ) -> None:
+        """Checks the stored checksums of storages `idx` now in memory at `ptrs`; `crcs`
+        are the CRC32Cs the engine computed while reading, if it did."""
+        if self.crc_kind == "none":
+            return
+        if crcs is None:
+            crcs = _engine.checksum_regions(
+                ptrs,
+                self.layout.storage_nbytes[idx],
+                threads,
+                _config.task_nbytes(),
+                self.crc_kind == "crc32",
+            )
+        self._check_crcs(idx, crcs)
 
     def _stream_storages(
         self, idx: list[int], verify: bool, threads: int, whole: bool
     ) -> dict[int, Any]:
         lay = self.layout
         bufs, ptrs = self._allocate(idx)
+        pad_check = whole and self.canonical_gaps
         cursor = min(native.data_start(lay.header_end - native.PREAMBLE_NBYTES), lay.file_nbytes)
         for j, s in enumerate(idx):
             off = int(lay.storage_offsets[s])
             nb = int(lay.storage_nbytes[s])
             if nb == 0:
                 continue
-            if off > cursor and whole:
+            if off > cursor and pad_check:
                 pad = self.src.read(off - cursor, cursor)
                 if len(pad) != off - cursor:
                     raise FormatError(
@@ -611,12 +792,7 @@ class _Reader:
         if whole and not self.src.seekable and self.src.read(1, self.src.consumed):
             raise FormatError(f"{self.name}: trailing bytes after the last storage")
         if verify:
-            self._check_crcs(
-                idx,
-                _engine.checksum_regions(
-                    ptrs, lay.storage_nbytes[idx], threads, _config.task_nbytes()
-                ),
-            )
+            self._verify(idx, ptrs, threads, None)
         return bufs
 
     def _map_storages(
@@ -627,7 +803,7 @@ class _Reader:
             raise ValueError("tensorfile.load: mmap=True needs a path, not a stream")
         mm = _mmap.mmap(self.src.fd, 0, access=_mmap.ACCESS_COPY)
         whole = np.frombuffer(mm, dtype=np.uint8)
-        if check_gaps:
+        if check_gaps and self.canonical_gaps:
             cursor = int(lay.storage_offsets[0]) if len(idx) else lay.file_nbytes
             for s in range(len(lay.storage_kind)):
                 off = int(lay.storage_offsets[s])
@@ -636,13 +812,7 @@ class _Reader:
                 cursor = max(cursor, off + int(lay.storage_nbytes[s]))
         if verify and idx:
             base = whole.ctypes.data
-            ptrs = lay.storage_offsets[idx] + np.uint64(base)
-            self._check_crcs(
-                idx,
-                _engine.checksum_regions(
-                    ptrs, lay.storage_nbytes[idx], threads, _config.task_nbytes()
-                ),
-            )
+            self._verify(idx, lay.storage_offsets[idx] + np.uint64(base), threads, None)
         out: dict[int, Any] = {}
         torch = _torch_for(self) if any(lay.storage_kind[s] == "torch" for s in idx) else None
         for s in idx:
@@ -705,6 +875,170 @@ class _Reader:
 
     def close(self) -> None:
         self.src.close()
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _SafetensorsReader(_Reader):
+    """A safetensors file, strictly validated; each tensor is a storage of its own."""
+
+    format = "safetensors"
+    crc_kind = "none"
+    canonical_gaps = False
+
+    def __init__(self, src: _Source, raw: bytes, verify: bool = True) -> None:
+        self.src = src
+        self.name = src.name
+        self.version = ""
+
+        def read(nbytes: int, offset: int) -> bytes:
+            # the first bytes were read already (a pipe cannot give them again)
+            if offset + nbytes <= len(raw):
+                return raw[offset : offset + nbytes]
+            if offset < len(raw):
+                return raw[offset:] + src.read(offset + nbytes - len(raw), len(raw))
+            return src.read(nbytes, offset)
+
+        self.layout = safetensors.parse(raw, read, src.nbytes, self.name)
+        self.header_nbytes = self.layout.header_end - 8
+        if sys.modules.get("torch") is None:
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                self._as_numpy()
+        self._keys: dict[str, int] | None = None
+        self.ambiguous: set[str] = set()
+
+    def _as_numpy(self) -> None:
+        lay = self.layout
+        for row in lay.tensors:
+            if not safetensors.numpy_supported(row[2]):
+                raise ImportError(f"{self.name} holds {row[2]} tensors: install torch to load it")
+            itemsize = np.dtype(row[2]).itemsize
+            row[0] = "numpy"
+            row[4] = [s * itemsize for s in row[4]]
+        lay.storage_kind = ["numpy"] * len(lay.storage_kind)
+
+
+class _TorchZipReader(_Reader):
+    """A torch.save zip file: the pickle read by a restricted unpickler into tensor
+    records, storages read like any other, each checked against its zip CRC-32."""
+
+    format = "torch.save"
+    crc_kind = "crc32"
+    canonical_gaps = False
+
+    def __init__(self, src: _Source, raw: bytes, verify: bool = True) -> None:
+        self.src = src
+        self.name = src.name
+        if not src.seekable or src.nbytes is None:
+            raise ValueError(
+                f"{self.name}: a torch.save zip file is read from its end; pass a path or a seekable stream"
+            )
+        torch = _torch_for(self)
+        arch = torchzip.open_archive(src.read, src.nbytes, torch, self.name, self._read_many)
+        rows: list[list[Any]] = []
+        storage_tensors: list[list[int]] = [[] for _ in arch.storages]
+        for rec in arch.records:
+            flags = (native.FLAG_REQUIRES_GRAD if rec.requires_grad else 0) | (
+                native.FLAG_PARAMETER if rec.parameter else 0
+            )
+            itemsize = TORCH_ITEMSIZE[rec.dtype]
+            rows.append(
+                [
+                    "torch",
+                    rec.storage.index,
+                    rec.dtype,
+                    rec.shape,
+                    rec.strides,
+                    rec.offset * itemsize,
+                    flags,
+                ]
+            )
+            storage_tensors[rec.storage.index].append(rec.index)
+        devices = []
+        for ref in arch.storages:
+            try:
+                devices.append(str(torch.device(ref.location)))
+            except RuntimeError:
+                raise FormatError(
+                    f"{self.name}: storage {ref.key!r} has an invalid location {ref.location!r}"
+                ) from None
+        table = torchzip.storage_table(arch)
+        self.layout = native.Layout(
+            tree=None,
+            tensors=rows,
+            storage_kind=["torch"] * len(arch.storages),
+            storage_device=devices,
+            storage_nbytes=table["nbytes"],
+            storage_offsets=table["offsets"],
+            storage_crcs=table["crc32"],
+            storage_tensors=storage_tensors,
+            metadata={},
+            header_end=0,
+            file_nbytes=src.nbytes,
+            minor=0,
+        )
+        self.archive = arch
+        self.version = arch.version
+        self.header_nbytes = arch.pickle_nbytes
+        self._keys: dict[str, int] | None = None
+        self.ambiguous: set[str] = set()
+
+    def _read_many(self, offsets: list[int], sizes: list[int]) -> bytes:
+        """Sorted, disjoint small ranges in one engine call (a few gathered preads)."""
+        if self.src.fd is None:
+            return b"".join(self.src.read(n, o) for o, n in zip(offsets, sizes))
+        nbytes = np.array(sizes, dtype=np.uint64)
+        buf = np.zeros(int(nbytes.sum()), dtype=np.uint8)
+        ptrs = np.concatenate(([0], np.cumsum(nbytes)[:-1])).astype(np.uint64) + np.uint64(
+            buf.ctypes.data
+        )
+        _engine.read_regions(
+            self.src.fd,
+            ptrs,
+            nbytes,
+            np.array(offsets, dtype=np.uint64),
+            1,
+            _config.task_nbytes(),
+            False,
+            False,
+            0,
+            0,
+            self.name,
+        )
+        return buf.tobytes()
+
+    def key_index(self) -> dict[str, int]:
+        if self._keys is None:
+            keys: dict[str, int] = {}
+
+            def visit(path: str, rec: torchzip.TensorRecord) -> None:
+                if keys.setdefault(path, rec.index) != rec.index:
+                    self.ambiguous.add(path)
+
+            torchzip.walk_records(self.archive.root, visit)
+            self._keys = keys
+        return self._keys
+
+    def build_tensor(
+        self, i: int, storages: dict[int, Any], cache: dict[int, Any] | None = None
+    ) -> Any:
+        fresh = cache is None or i not in cache
+        out = super().build_tensor(i, storages, cache)
+        meta = self.archive.records[i].meta
+        if meta and fresh:
+            _torch_for(self)._utils.set_tensor_metadata(out, meta)
+        return out
+
+    def build(self, storages: dict[int, Any]) -> Any:
+        cache: dict[int, Any] = {}
+        tensors = [self.build_tensor(i, storages, cache) for i in range(len(self.layout.tensors))]
+        return torchzip.substitute(self.archive.root, tensors)
 
 
 _TORCH_DTYPES: dict[str, Any] = {}
@@ -829,7 +1163,7 @@ def load(
                 "tensorfile.load: pin_memory=True needs CUDA, which is not available here"
             )
     with _no_gc():
-        reader = _Reader(f, verify=verify)
+        reader = _open_reader(f, verify)
         reader.pin_memory = pin_memory
         try:
             storages = reader.read_storages(
@@ -846,7 +1180,7 @@ class TensorFile:
 
     def __init__(self, f: FileLike, *, verify: bool = True) -> None:
         with _no_gc():
-            self._reader = _Reader(f, verify=verify)
+            self._reader = _open_reader(f, verify)
         self._verify = verify
 
     def keys(self) -> list[str]:
@@ -878,7 +1212,13 @@ class TensorFile:
         )
         return self._reader.build_tensor(index, storages)
 
+    @property
+    def format(self) -> str:
+        """What the file is: "tensorfile", "torch.save" or "safetensors"."""
+        return self._reader.format
+
     def metadata(self) -> dict[str, str]:
+        """The str -> str metadata saved with the file (safetensors' __metadata__; empty for torch.save)."""
         return dict(self._reader.layout.metadata)
 
     def load(self, map_location: Any = None, *, num_threads: int | None = None) -> Any:

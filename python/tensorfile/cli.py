@@ -1,16 +1,17 @@
-"""The `tensorfile` command line: demo, bench and clean."""
+"""The `tensorfile` command line: inspect, verify, convert, diff, clean, bench and demo."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
 from . import __version__
-from .formats import native
 
 # Heavy modules (torch, the benchmark) are imported inside the commands so that
 # `tensorfile --help` and `tensorfile clean` start fast.
@@ -35,8 +36,61 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="tensorfile")
-def main() -> None:
-    """Fast, safe save and load of tensors and checkpoints."""
+@click.option(
+    "-q", "--quiet", is_flag=True, help="No progress bars (they show only on a terminal anyway)."
+)
+@click.pass_context
+def main(ctx: click.Context, quiet: bool) -> None:
+    """Fast, safe save and load of tensors and checkpoints.
+
+    Reads tensorfile, torch.save (zip) and safetensors files; writes tensorfile and safetensors."""
+    ctx.obj = {"quiet": quiet}
+
+
+def _quiet_option(f: Any) -> Any:
+    """Lets `--quiet` follow the command too (tensorfile verify --quiet FILE)."""
+
+    def remember(ctx: click.Context, _param: Any, value: bool) -> bool:
+        if value:
+            ctx.ensure_object(dict)["quiet"] = True
+        return value
+
+    return click.option(
+        "-q",
+        "--quiet",
+        is_flag=True,
+        expose_value=False,
+        callback=remember,
+        help="No progress bars.",
+    )(f)
+
+
+@contextlib.contextmanager
+def _progress(total: int, desc: str, unit: str = "B") -> Iterator[Any]:
+    """A tqdm bar on stderr when it is a terminal and --quiet was not given; else a no-op.
+    Yields update(n)."""
+    ctx = click.get_current_context(silent=True)
+    quiet = bool(ctx and (ctx.find_root().obj or {}).get("quiet")) or bool(
+        ctx and (ctx.obj or {}).get("quiet")
+    )
+    if quiet or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit == "B",
+        unit_divisor=1024 if unit == "B" else 1000,
+        leave=False,
+        file=sys.stderr,
+    )
+    try:
+        yield bar.update
+    finally:
+        bar.close()
 
 
 @main.command()
@@ -218,8 +272,7 @@ def describe_file(path: str) -> dict[str, Any]:
     from . import api
     from ._dtypes import ITEMSIZE
 
-    reader = api._Reader(path)
-    try:
+    with api._open_reader(path) as reader:
         lay = reader.layout
         tensors = []
         for key, i in reader.key_index().items():
@@ -241,17 +294,15 @@ def describe_file(path: str) -> dict[str, Any]:
             )
         return {
             "file": path,
-            "format": "tensorfile",
-            "version": f"{native.MAJOR}.{lay.minor}",
+            "format": reader.format,
+            "version": reader.version,
             "file_nbytes": lay.file_nbytes,
-            "header_nbytes": lay.header_end - native.PREAMBLE_NBYTES,
+            "header_nbytes": reader.header_nbytes,
             "storages": len(lay.storage_kind),
             "storage_nbytes": int(lay.storage_nbytes.sum()),
             "tensors": tensors,
             "metadata": dict(lay.metadata),
         }
-    finally:
-        reader.close()
 
 
 @main.command()
@@ -265,7 +316,8 @@ def inspect(file: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"{file}: {info['format']} {info['version']}, {info['file_nbytes']:,} bytes")
+    version = f" {info['version']}" if info["version"] else ""
+    click.echo(f"{file}: {info['format']}{version}, {info['file_nbytes']:,} bytes")
     rows = [
         (
             t["key"],
@@ -298,20 +350,109 @@ def inspect(file: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_quiet_option
 def verify(files: tuple[str, ...]) -> None:
-    """Check files completely (structure, padding, every checksum); exit 0 only if all are sound."""
-    from . import api
+    """Check files completely (structure, padding, every checksum) in bounded memory; exit 0
+    only if all are sound. Works on tensorfile, torch.save and safetensors files."""
+    from . import _convert
     from ._errors import FormatError
 
     bad = 0
     for path in files:
         try:
-            api.load(path, map_location="cpu", verify=True)
-        except (FormatError, OSError) as e:
+            total = os.path.getsize(path)
+            with _progress(total, os.path.basename(path)) as update:
+                info = _convert.verify(path, update)
+        except (FormatError, OSError, ImportError, ValueError) as e:
             bad += 1
-            msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.strerror else str(e)
-            click.echo(f"FAIL {path}: {msg}")
+            msg = str(e)
+            if isinstance(e, OSError) and e.strerror:
+                msg = f"{e.filename or path}: {e.strerror}"
+            elif path not in msg:
+                msg = f"{path}: {msg}"
+            click.echo(f"FAIL {msg}")
         else:
-            click.echo(f"ok   {path}")
+            click.echo(
+                f"ok   {path} ({info['format']}, {info['tensors']} tensors, {info['nbytes']:,} bytes checked)"
+            )
     if bad:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("src", metavar="IN", type=click.Path(exists=True))
+@click.argument("dst", metavar="OUT", type=click.Path())
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["tensorfile", "safetensors", "dcp"]),
+    default=None,
+    help="Format to write.  [default: from OUT's extension: .safetensors, a directory for dcp, else tensorfile]",
+)
+@click.option(
+    "--skip-non-tensors",
+    is_flag=True,
+    help="For safetensors output: leave out values that are not tensors (safetensors holds tensors only).",
+)
+@_quiet_option
+def convert(src: str, dst: str, to: str | None, skip_non_tensors: bool) -> None:
+    """Convert IN (tensorfile, torch.save, safetensors, or a torch.distributed.checkpoint
+    directory) to OUT, streaming through a bounded buffer. OUT is replaced atomically; the
+    source's checksums are verified on the way."""
+    from . import _convert
+
+    if to is None:
+        if os.path.isdir(dst) or dst.endswith(os.sep):
+            to = "dcp"
+        else:
+            to = "safetensors" if dst.endswith(".safetensors") else "tensorfile"
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise click.ClickException("IN and OUT are the same file")
+    total = os.path.getsize(src) if os.path.isfile(src) else 0
+    try:
+        with _progress(total, "convert") as update:
+            info = _convert.convert(src, dst, to, update, skip_non_tensors=skip_non_tensors)
+    except (ValueError, TypeError, ImportError) as e:
+        raise click.ClickException(str(e)) from None
+    skipped = info["skipped"]
+    note = f"; left out {len(skipped)} non-tensor value(s)" if skipped else ""
+    click.echo(f"wrote {dst} ({to}) from {src} ({info['from']}){note}")
+
+
+@main.command()
+@click.argument("a", metavar="A", type=click.Path(exists=True))
+@click.argument("b", metavar="B", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("--all", "show_all", is_flag=True, help="List identical tensors too.")
+@_quiet_option
+def diff(a: str, b: str, as_json: bool, show_all: bool) -> None:
+    """Compare the tensors of A and B by key path, across formats: keys only in one, dtype
+    or shape changes, max absolute difference per common tensor. Exit 0 when identical, 1 if not."""
+    from . import _convert
+
+    with _progress(0, "diff", unit="tensor") as update:
+        report = _convert.diff(a, b, update)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for key in report["only_in_a"]:
+            click.echo(f"only in A: {key}")
+        for key in report["only_in_b"]:
+            click.echo(f"only in B: {key}")
+        for c in report["changed"]:
+            fa = f"{c['a'][0]}[{','.join(map(str, c['a'][1]))}]"
+            fb = f"{c['b'][0]}[{','.join(map(str, c['b'][1]))}]"
+            click.echo(f"changed:   {c['key']}: {fa} -> {fb}")
+        for key, d in report["max_abs_diff"].items():
+            if d != 0 or show_all:
+                click.echo(
+                    f"differs:   {key}: max abs difference {d:.6g}" if d else f"same:      {key}"
+                )
+        same = sum(1 for d in report["max_abs_diff"].values() if d == 0)
+        click.echo(
+            f"{len(report['max_abs_diff']) + len(report['changed'])} common tensor(s): {same} identical, "
+            f"{len(report['max_abs_diff']) - same} with different values, {len(report['changed'])} with "
+            f"different dtype or shape; {len(report['only_in_a'])} only in A, {len(report['only_in_b'])} only in B"
+        )
+    if not report["identical"]:
         raise SystemExit(1)

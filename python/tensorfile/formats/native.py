@@ -132,7 +132,10 @@ def parse_preamble(raw: bytes, actual_nbytes: int | None, name: str) -> Preamble
     if magic != MAGIC:
         kind = sniff(raw)
         hint = f" (it looks like a {kind} file)" if kind != "unknown" else ""
-        raise FormatError(f"{name}: not a tensorfile: bad magic {magic!r}{hint}")
+        raise FormatError(
+            f"{name}: not a tensorfile: bad magic {magic!r}{hint}; tensorfile reads its own files, "
+            "torch.save zip and safetensors files"
+        )
     if major != MAJOR:
         raise FormatError(
             f"{name}: tensorfile format version {major}.{minor} is not supported by this reader "
