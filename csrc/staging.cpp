@@ -210,7 +210,7 @@ void run_lanes(Device& device, const StagingOptions& o, size_t nbatches, Fn fn) 
   default_pool().parallel_for(workers, workers, [&](size_t, size_t) {
     Lane lane(device, o.staging_nbytes);
     try {
-      lane.open(o.staging_buffers);
+      lane.open(std::min(o.staging_buffers, nbatches));  // a small transfer pins little
       fn(lane, stop);
       device.synchronize(lane.stream());
     } catch (...) {
