@@ -9,9 +9,13 @@
 
 #include "crc32.hpp"
 #include "crc32c.hpp"
+#include "device.hpp"
 #include "engine.hpp"
 #include "errors.hpp"
 #include "file.hpp"
+#include "shim/cuda.hpp"
+#include "shim/cufile.hpp"
+#include "staging.hpp"
 
 namespace py = pybind11;
 using namespace tensorfile;
@@ -51,6 +55,24 @@ TransferOptions options(size_t num_threads, size_t task_nbytes, bool checksum, b
   return o;
 }
 
+Device& device_for(const std::string& backend, int index) {
+  if (backend == "cuda") return cuda_device(index);
+  if (backend == "sim") return sim_device();
+  throw std::invalid_argument("backend must be 'cuda' or 'sim', got '" + backend + "'");
+}
+
+StagingOptions staging(size_t num_threads, size_t staging_nbytes, size_t staging_buffers, bool checksum, int gds_fd,
+                       bool zip_crc = false) {
+  StagingOptions o;
+  o.zip_crc = zip_crc;
+  o.num_threads = num_threads;
+  o.staging_nbytes = staging_nbytes;
+  o.staging_buffers = staging_buffers;
+  o.checksum = checksum;
+  o.gds_fd = gds_fd;
+  return o;
+}
+
 // A checksum of a contiguous buffer, continuing from `crc`. PyBUF_SIMPLE accepts only
 // contiguous buffers (BufferError otherwise), so the bytes checksummed are exactly the
 // bytes of the object.
@@ -72,7 +94,8 @@ PYBIND11_MODULE(_engine, m) {
   m.doc() = "tensorfile's native engine: parallel checksummed transfers between memory and files";
 
   // The one translation table: FormatError -> tensorfile.FormatError, IoError -> OSError
-  // (errno picks the subclass, e.g. FileNotFoundError), invalid_argument -> ValueError.
+  // (errno picks the subclass, e.g. FileNotFoundError), CudaError -> tensorfile.CudaError,
+  // invalid_argument -> ValueError.
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
@@ -83,6 +106,9 @@ PYBIND11_MODULE(_engine, m) {
       py::object err = py::reinterpret_steal<py::object>(
           PyObject_CallFunction(PyExc_OSError, "iss", e.error_number(), e.what(), e.path().c_str()));
       if (err) PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
+    } catch (const CudaError& e) {
+      py::object cls = py::module_::import("tensorfile._errors").attr("CudaError");
+      PyErr_SetObject(cls.ptr(), cls(e.what(), e.call(), e.name()).ptr());
     }
   });
 
@@ -166,4 +192,102 @@ PYBIND11_MODULE(_engine, m) {
   m.def("advise_hugepages", &advise_hugepages, py::arg("ptr"), py::arg("nbytes"));
   m.def("_inject_write_fault", &inject_write_fault, py::arg("countdown"), py::arg("error_number"),
         "Test hook: the countdown-th following write fails with error_number (0 disarms).");
+
+  m.def("cuda_load", &cuda::load, py::arg("path") = "",
+        "Opens libcudart (the given path, else the one in the process, else the system's); never raises.");
+  m.def("cuda_available", &cuda::available, "True when libcudart loaded and a device is visible; never raises.");
+  m.def("cuda_error", &cuda::load_error, "Why CUDA is unavailable ('' when it is available).");
+  m.def("cuda_library", &cuda::library_path, "The libcudart that was opened ('' when none).");
+  m.def("cufile_load", &cufile::load, py::arg("path") = "",
+        "Opens libcufile and the cuFile driver (the given path, else libcufile.so.0); never raises.");
+  m.def("cufile_error", &cufile::load_error, "Why cuFile is unavailable ('' when it is available).");
+
+  m.def(
+      "device_read_regions",
+      [](const std::string& backend, int device, int fd, const U64Array& ptrs, const U64Array& nbytes,
+         const U64Array& offsets, const U64Array& zero_offsets, const U64Array& zero_nbytes, size_t num_threads,
+         size_t staging_nbytes, size_t staging_buffers, bool checksum, const std::string& path, int gds_fd,
+         bool zip_crc) {
+        auto regions = to_regions(ptrs, nbytes, offsets);
+        auto zr = to_regions(zero_offsets, zero_nbytes, zero_offsets);
+        std::vector<ZeroRange> zeros(zr.size());
+        for (size_t i = 0; i < zr.size(); i++) zeros[i] = ZeroRange{zr[i].file_offset, zr[i].nbytes};
+        std::vector<uint32_t> crcs;
+        {
+          py::gil_scoped_release release;
+          Device& dev = device_for(backend, device);
+          crcs = read_to_device(dev, fd, regions, zeros,
+                                staging(num_threads, staging_nbytes, staging_buffers, checksum, gds_fd, zip_crc), path);
+        }
+        return to_array(crcs);
+      },
+      py::arg("backend"), py::arg("device"), py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"), py::arg("file_offsets"),
+      py::arg("zero_offsets"), py::arg("zero_nbytes"), py::arg("num_threads"), py::arg("staging_nbytes"),
+      py::arg("staging_buffers"), py::arg("checksum"), py::arg("path"), py::arg("gds_fd") = -1,
+      py::arg("zip_crc") = false,
+      "Read file regions into device memory through pinned staging buffers (or cuFile when gds_fd >= 0), "
+      "checking that the zero ranges hold zeros; returns the CRC32C (zip's CRC-32 with zip_crc) of each region.");
+
+  m.def(
+      "device_write_regions",
+      [](const std::string& backend, int device, int fd, const U64Array& ptrs, const U64Array& nbytes,
+         const U64Array& offsets, size_t num_threads, size_t staging_nbytes, size_t staging_buffers, bool checksum,
+         const std::string& path, int gds_fd) {
+        auto regions = to_regions(ptrs, nbytes, offsets);
+        std::vector<uint32_t> crcs;
+        {
+          py::gil_scoped_release release;
+          Device& dev = device_for(backend, device);
+          crcs = write_from_device(dev, fd, regions,
+                                   staging(num_threads, staging_nbytes, staging_buffers, checksum, gds_fd), path);
+        }
+        return to_array(crcs);
+      },
+      py::arg("backend"), py::arg("device"), py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"), py::arg("file_offsets"),
+      py::arg("num_threads"), py::arg("staging_nbytes"), py::arg("staging_buffers"), py::arg("checksum"),
+      py::arg("path"), py::arg("gds_fd") = -1,
+      "Write device memory regions at file offsets through pinned staging buffers (or cuFile when gds_fd >= 0); "
+      "returns the CRC32C of each region.");
+
+  m.def(
+      "staging_trim",
+      [](const std::string& backend, int device) {
+        py::gil_scoped_release release;
+        return device_for(backend, device).trim_pinned();
+      },
+      py::arg("backend"), py::arg("device") = 0, "Frees the cached pinned staging buffers; returns how many.");
+
+  // Test hooks for the simulated device.
+  m.def("_sim_alloc", &sim_alloc, py::arg("nbytes"));
+  m.def("_sim_free", &sim_free, py::arg("ptr"));
+  m.def(
+      "_sim_read",
+      [](uintptr_t ptr, size_t nbytes) {
+        std::string out(nbytes, '\0');
+        sim_read(ptr, out.data(), nbytes);
+        return py::bytes(out);
+      },
+      py::arg("ptr"), py::arg("nbytes"));
+  m.def(
+      "_sim_write",
+      [](uintptr_t ptr, const py::bytes& data) {
+        std::string s = data;
+        sim_write(ptr, s.data(), s.size());
+      },
+      py::arg("ptr"), py::arg("data"));
+  m.def("_sim_configure", &sim_configure, py::arg("copy_fault_countdown"), py::arg("delay_us"));
+  m.def("_sim_reset_peak", &sim_reset_peak);
+  m.def("_sim_counters", [] {
+    SimCounters c = sim_counters();
+    py::dict d;
+    d["pinned_live"] = c.pinned_live;
+    d["pinned_in_use"] = c.pinned_in_use;
+    d["pinned_peak"] = c.pinned_peak;
+    d["streams_live"] = c.streams_live;
+    d["events_live"] = c.events_live;
+    d["threads_live"] = c.threads_live;
+    d["device_allocs_live"] = c.device_allocs_live;
+    d["copies"] = c.copies;
+    return d;
+  });
 }

@@ -25,4 +25,18 @@ class IoError : public std::runtime_error {
   std::string path_;
 };
 
+// A failed CUDA runtime or cuFile call, carrying the call and the library's name for the
+// error code (e.g. "cudaErrorIllegalAddress"), so a message can be looked up.
+class CudaError : public std::runtime_error {
+ public:
+  CudaError(std::string call, std::string name, const std::string& what)
+      : std::runtime_error(what), call_(std::move(call)), name_(std::move(name)) {}
+  const std::string& call() const noexcept { return call_; }
+  const std::string& name() const noexcept { return name_; }
+
+ private:
+  std::string call_;
+  std::string name_;
+};
+
 }  // namespace tensorfile

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from ._async import async_save
-from ._errors import ChecksumError, FormatError
+from ._cuda import cuda_available
+from ._errors import ChecksumError, CudaError, FormatError
 from .api import TensorFile, clean, load, open, save, save_safetensors
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ChecksumError",
+    "CudaError",
     "FormatError",
     "TensorFile",
     "__version__",
     "async_save",
     "clean",
+    "cuda_available",
     "load",
     "open",
     "save",

@@ -52,3 +52,24 @@ def hugepages() -> bool:
     backed by the hypervisor page by page and ran at 0.4 GB/s, against 2.5 GB/s for
     ordinary pages (later loads in the same process reached 4-5 GB/s with huge pages)."""
     return os.environ.get("TENSORFILE_HUGEPAGES", "0") not in ("", "0")
+
+
+def staging_buffers() -> int:
+    """Pinned staging buffers per worker for CUDA transfers: TENSORFILE_STAGING_BUFFERS, else 4."""
+    return _env_int("TENSORFILE_STAGING_BUFFERS", 4)
+
+
+def staging_nbytes() -> int:
+    """Bytes per pinned staging buffer (one read or write of a CUDA transfer):
+    TENSORFILE_STAGING_NBYTES, else 16 MiB; values under 4096 act as 4096."""
+    return max(4096, _env_int("TENSORFILE_STAGING_NBYTES", 16 << 20))
+
+
+def gds() -> str:
+    """TENSORFILE_GDS: "auto" (the default) uses GPUDirect Storage when cuFile and the file
+    system allow it and falls back to staging quietly; "on" raises when it cannot be
+    used; "off" never tries."""
+    raw = os.environ.get("TENSORFILE_GDS", "auto").strip().lower() or "auto"
+    if raw not in ("auto", "on", "off"):
+        raise ValueError(f"TENSORFILE_GDS={raw!r} must be auto, on or off")
+    return raw

@@ -27,10 +27,10 @@ def _raise(message: str) -> TypeError:
 class SavePlan:
     tensors: list[list[Any]]  # header rows: [kind, storage, dtype, shape, strides, offset, flags]
     storages: list[list[Any]]  # header rows: [offset, nbytes, device]
-    ptrs: np.ndarray  # uint64 host address of each storage's bytes
+    ptrs: np.ndarray  # uint64 address of each storage's bytes (on storages[i][2]'s device)
     nbytes: np.ndarray  # uint64
     offsets: np.ndarray  # uint64, relative to the data section
-    keepalive: list[Any] = field(default_factory=list)  # objects owning the memory above
+    keepalive: list[Any] = field(default_factory=list)  # per storage: the object owning its memory
 
 
 def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> SavePlan:
@@ -135,19 +135,10 @@ def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> S
                 rows[i][1] = s
                 off = firsts[i] - lo
                 rows[i][5] = off if 0 <= off <= nbytes else 0
-            if device.type == "cpu":
-                base = ptr + lo
-                keepalive.append(owner)
-            else:
-                # Device memory is staged through a host copy of the referenced span.
-                assert torch is not None
-                host = (
-                    torch.empty(0, dtype=torch.uint8, device=device)
-                    .set_(owner, lo, (nbytes,))
-                    .cpu()
-                )
-                keepalive.append(host)
-                base = host.data_ptr()
+            # A device address for CUDA storages: the writer drains them through
+            # pinned staging buffers, never a host copy of the whole span.
+            base = ptr + lo
+            keepalive.append(owner)
         storages.append([0, nbytes, dev])
         ptrs.append(base)
         sizes.append(nbytes)

@@ -17,7 +17,7 @@ from typing import IO, Any, Union
 
 import numpy as np
 
-from . import _config, _engine
+from . import _config, _cuda, _engine
 from ._dtypes import TORCH_ITEMSIZE, numpy_name
 from ._errors import ChecksumError, FormatError
 from ._plan import plan_save
@@ -299,17 +299,18 @@ def _save_path(
     durable: bool,
 ) -> None:
     with _atomic_file(path, total, durable) as fd:
-        crcs = np.zeros(len(plan.nbytes), dtype=np.uint32)
-        full = plan.nbytes > 0  # empty storages have no bytes, no padding, CRC 0
-        crcs[full] = _engine.write_regions(
+        # Empty storages have no bytes, no padding, CRC 0; CUDA ones are staged (or
+        # written with cuFile through a second, O_DIRECT descriptor of the same file).
+        crcs = _cuda.write_storages(
             fd,
-            plan.ptrs[full],
-            plan.nbytes[full],
-            plan.offsets[full] + base,
+            path,
+            f"/proc/self/fd/{fd}",
+            [row[2] for row in plan.storages],
+            plan.ptrs,
+            plan.nbytes,
+            plan.offsets + base,
             threads,
             task,
-            True,
-            path,
         )
         native.set_checksums(header, crc_pos, crcs)
         head = native.make_preamble(header, total) + bytes(header)
@@ -409,7 +410,10 @@ def _save_stream(
         raise TypeError(
             f"tensorfile.save: f must be a path or a writable binary file object, got {type(f).__name__}"
         )
-    crcs = _engine.checksum_regions(plan.ptrs, plan.nbytes, threads, task)
+    ptrs, _host = _cuda.host_copies(
+        [row[2] for row in plan.storages], plan.ptrs, plan.nbytes, plan.keepalive
+    )
+    crcs = _engine.checksum_regions(ptrs, plan.nbytes, threads, task)
     native.set_checksums(header, crc_pos, crcs)
     sizes = plan.nbytes.tolist()
     offsets = plan.offsets.tolist()
@@ -417,7 +421,7 @@ def _save_stream(
     f.write(bytes(header))
     cursor = native.PREAMBLE_NBYTES + len(header)
     zeros = bytes(native.ALIGN)
-    for ptr, nb, off in zip(plan.ptrs.tolist(), sizes, offsets):
+    for ptr, nb, off in zip(ptrs.tolist(), sizes, offsets):
         if nb == 0:
             continue
         at = int(base) + off
@@ -561,6 +565,7 @@ class _Reader:
     format = "tensorfile"
     crc_kind = "crc32c"  # what storage_crcs hold: "crc32c", "crc32" (zip) or "none"
     canonical_gaps = True  # the bytes between storages must be zero padding
+    pin_memory = False  # CPU torch storages in pinned memory (load(pin_memory=True))
 
     def __init__(self, src: _Source, raw: bytes, verify: bool = True) -> None:
         self.src = src
@@ -614,11 +619,68 @@ class _Reader:
         if use_mmap:
             raw = self._map_storages(idx, verify, threads, check_gaps=which is None)
         elif self.src.fd is not None:
+            direct = self._cuda_targets(idx, map_location)
+            if direct:
+                return self._read_to_cuda(idx, direct, map_location, verify, threads, which is None)
             raw = self._pread_storages(idx, verify, threads, check_gaps=which is None)
         else:
             raw = self._stream_storages(idx, verify, threads, whole=which is None)
         place = _placer(self, map_location)
         return {s: place(s, raw[s]) for s in idx}
+
+    def _cuda_targets(self, idx: list[int], map_location: Any) -> dict[int, Any]:
+        """The storages that go straight from the file to CUDA memory (see _cuda)."""
+        lay = self.layout
+        if not any(lay.storage_kind[s] == "torch" for s in idx):
+            return {}
+        torch = _torch_for(self)
+        targets = _cuda.target_devices(
+            torch, lay.storage_device, lay.storage_kind, idx, map_location
+        )
+        for dev in {str(d) for d in targets.values()}:
+            _check_device(self, torch, dev)
+        return targets
+
+    def _read_to_cuda(
+        self,
+        idx: list[int],
+        direct: dict[int, Any],
+        map_location: Any,
+        verify: bool,
+        threads: int,
+        whole: bool,
+    ) -> dict[int, Any]:
+        lay = self.layout
+        assert self.src.fd is not None
+        zeros: list[tuple[int, int]] = []
+        checksum = verify and self.crc_kind != "none"
+        if whole and self.canonical_gaps:
+            begin = int(lay.storage_offsets[0]) if len(lay.storage_offsets) else lay.file_nbytes
+            zeros = _cuda.zero_ranges(
+                lay.storage_offsets, lay.storage_nbytes, begin, lay.file_nbytes
+            )
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.src.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        out, order, crcs = _cuda.read_storages(
+            _torch_for(self),
+            self.src.fd,
+            self.name,
+            direct,
+            lay.storage_offsets,
+            lay.storage_nbytes,
+            checksum,
+            threads,
+            zeros,
+            zip_crc=self.crc_kind == "crc32",
+        )
+        if checksum and order:
+            self._check_crcs(order, crcs)
+        rest = [s for s in idx if s not in direct]
+        if rest:  # numpy arrays, CPU tensors: the padding was checked above
+            raw = self._pread_storages(rest, verify, threads, check_gaps=False)
+            place = _placer(self, map_location)
+            out.update({s: place(s, raw[s]) for s in rest})
+        return out
 
     def _allocate(self, idx: list[int]) -> tuple[dict[int, Any], np.ndarray]:
         lay = self.layout
@@ -629,7 +691,10 @@ class _Reader:
             nb = int(lay.storage_nbytes[s])
             if lay.storage_kind[s] == "torch":
                 assert torch is not None
-                st = torch.UntypedStorage(nb)
+                if self.pin_memory:
+                    st = torch.empty(nb, dtype=torch.uint8, pin_memory=True).untyped_storage()
+                else:
+                    st = torch.UntypedStorage(nb)
                 bufs[s] = st
                 ptrs[j] = st.data_ptr()
             else:
@@ -1049,6 +1114,13 @@ def _to_device(reader: _Reader, storage: Any, target: str) -> Any:
     dev = torch.device(target)
     if dev.type == "cpu":
         return storage
+    _check_device(reader, torch, target)
+    return storage.to(device=dev)
+
+
+def _check_device(reader: _Reader, torch: Any, target: str) -> None:
+    """Raises torch.load's errors for a CUDA device that is missing here."""
+    dev = torch.device(target)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(
@@ -1060,7 +1132,6 @@ def _to_device(reader: _Reader, storage: Any, target: str) -> Any:
                 f"{reader.name}: a storage is meant for {target} but only {torch.cuda.device_count()} CUDA "
                 "device(s) exist; pass map_location to put it elsewhere"
             )
-    return storage.to(device=dev)
 
 
 def load(
@@ -1070,18 +1141,30 @@ def load(
     mmap: bool = False,
     verify: bool = True,
     num_threads: int | None = None,
+    pin_memory: bool = False,
 ) -> Any:
     """Loads what `save` wrote: the same containers, tensors, sharing and plain values.
 
     `map_location` works as in torch.load (None, a device string, a torch.device, a dict
-    remapping saved devices, or a callable(storage, location)). `mmap=True` returns
-    tensors backed by a private copy-on-write mapping of the file. `verify=False` skips
-    the checksums, never the structural checks. Raises FormatError (ChecksumError for
-    damaged bytes) naming the file; no code in the file is ever executed. Releases the
-    GIL while bytes move.
+    remapping saved devices, or a callable(storage, location)). Storages bound for CUDA
+    are read from the file straight into device memory through pinned staging buffers
+    (or GPUDirect Storage, see TENSORFILE_GDS); a callable receives CPU storages, as in
+    torch.load. `mmap=True` returns tensors backed by a private copy-on-write mapping of
+    the file. `pin_memory=True` puts CPU tensors in pinned (page-locked) memory, ready
+    for fast copies to CUDA; it needs CUDA. `verify=False` skips the checksums, never
+    the structural checks. Raises FormatError (ChecksumError for damaged bytes) naming
+    the file; no code in the file is ever executed. Releases the GIL while bytes move.
     """
+    if pin_memory:
+        if mmap:
+            raise ValueError("tensorfile.load: pin_memory=True cannot be combined with mmap=True")
+        if not _cuda.cuda_available():
+            raise RuntimeError(
+                "tensorfile.load: pin_memory=True needs CUDA, which is not available here"
+            )
     with _no_gc():
         reader = _open_reader(f, verify)
+        reader.pin_memory = pin_memory
         try:
             storages = reader.read_storages(
                 None, map_location, verify, _config.num_threads(num_threads), mmap

@@ -1,0 +1,61 @@
+// The few CUDA runtime functions tensorfile uses, declared here and bound at run time
+// with dlopen, so one build serves machines with and without CUDA.
+#pragma once
+
+#include <cstddef>
+#include <string>
+
+namespace tensorfile::cuda {
+
+// Values from the CUDA runtime API (driver_types.h); stable across CUDA 11 to 13.
+constexpr int kSuccess = 0;
+constexpr int kErrorNotReady = 600;
+constexpr int kMemcpyHostToDevice = 1;
+constexpr int kMemcpyDeviceToHost = 2;
+constexpr unsigned kStreamNonBlocking = 1;
+constexpr unsigned kEventDisableTiming = 2;
+constexpr unsigned kHostAllocPortable = 1;
+
+using Stream = void*;
+using Event = void*;
+
+// Function pointers filled once from libcudart; every entry is non-null once loaded.
+struct Api {
+  int (*GetDeviceCount)(int*);
+  int (*SetDevice)(int);
+  int (*GetDevice)(int*);
+  int (*HostAlloc)(void**, size_t, unsigned);
+  int (*FreeHost)(void*);
+  int (*StreamCreateWithFlags)(Stream*, unsigned);
+  int (*StreamDestroy)(Stream);
+  int (*StreamSynchronize)(Stream);
+  int (*MemcpyAsync)(void*, const void*, size_t, int, Stream);
+  int (*EventCreateWithFlags)(Event*, unsigned);
+  int (*EventRecord)(Event, Stream);
+  int (*EventQuery)(Event);
+  int (*EventSynchronize)(Event);
+  int (*EventDestroy)(Event);
+  const char* (*GetErrorName)(int);
+  const char* (*GetErrorString)(int);
+};
+
+// Opens libcudart once: `path` when given, else a libcudart already in the process (the
+// one torch loaded), else the system's. Later calls return the first outcome. Never
+// throws; thread safe.
+bool load(const std::string& path = "") noexcept;
+
+// True once load() succeeded and at least one device is visible. Never throws.
+bool available() noexcept;
+
+// Why load() or available() said no ("" when they said yes), and the library path used.
+std::string load_error();
+std::string library_path();
+
+// The table; throws CudaError("dlopen", ...) when the runtime could not be loaded.
+const Api& api();
+
+// Throws CudaError naming `call` and the runtime's name and text for `code` unless it
+// is kSuccess.
+void check(int code, const char* call);
+
+}  // namespace tensorfile::cuda

@@ -1,0 +1,206 @@
+"""The real CUDA code path (the dlopen shim, the function table, the CUDA device and its
+error mapping) driven on any machine through a stand-in libcudart built from
+tests/data/fake_cudart.c, in a child process since a process opens libcudart once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tensorfile import _engine
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CHILD = r"""
+import ctypes, json, os, sys
+import numpy as np
+from tensorfile import _engine
+
+lib, path, mode, device, cufile = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+out = {"loaded": _engine.cuda_load(lib)}
+fake = ctypes.CDLL(lib)
+fake.fake_live.restype = ctypes.c_long
+gds = -1
+if cufile:
+    out["cufile"] = _engine.cufile_load(cufile)
+    fake_cufile = ctypes.CDLL(cufile)
+    fake_cufile.fake_cufile_live.restype = ctypes.c_long
+    fake_cufile.fake_cufile_reads.restype = ctypes.c_long
+out["available"] = _engine.cuda_available()
+out["library"] = _engine.cuda_library()
+data = open(path, "rb").read()
+sizes = [100, 5000, 3 << 20, 7]
+offs = [0, 4096, 12288, (3 << 20) + 16384]
+try:
+    if mode == "read":
+        dst = [np.zeros(n, np.uint8) for n in sizes]
+        fd = os.open(path, os.O_RDONLY)
+        gds = os.open(path, os.O_RDONLY) if cufile else -1
+        try:
+            crcs = _engine.device_read_regions(
+                "cuda", device, fd, [d.ctypes.data for d in dst], sizes, offs,
+                [100, 9096], [3996, 3192], 3, 1 << 20, 2, True, path, gds)
+        finally:
+            os.close(fd)
+        out["same"] = all(d.tobytes() == data[o:o + n] for d, o, n in zip(dst, offs, sizes))
+    else:
+        src = [np.frombuffer(data[o:o + n], np.uint8).copy() for o, n in zip(offs, sizes)]
+        target = path + ".out"
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        gds = os.open(target, os.O_WRONLY) if cufile else -1
+        try:
+            crcs = _engine.device_write_regions(
+                "cuda", device, fd, [s.ctypes.data for s in src], sizes, offs, 3, 1 << 20, 2, True, path, gds)
+        finally:
+            os.close(fd)
+        written = open(target, "rb").read()
+        out["same"] = all(written[o:o + n] == data[o:o + n] for o, n in zip(offs, sizes))
+    out["crcs_ok"] = [int(c) for c in crcs] == [_engine.crc32c(data[o:o + n]) for o, n in zip(offs, sizes)]
+except Exception as e:
+    out["exc"] = type(e).__module__ + "." + type(e).__name__
+    out["msg"] = str(e)
+    out["call"] = getattr(e, "call", None)
+    out["name"] = getattr(e, "name", None)
+if gds >= 0:
+    os.close(gds)
+    out["cufile_live"] = fake_cufile.fake_cufile_live()
+    out["cufile_reads"] = fake_cufile.fake_cufile_reads()
+out["current_after"] = fake.fake_current_device()
+out["trimmed"] = _engine.staging_trim("cuda", device) if out["available"] and device < 2 else 0
+out["live"] = fake.fake_live()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def build(tmp_path_factory, source: str, name: str) -> str:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler to build the stand-in libraries")
+    lib = str(tmp_path_factory.mktemp("fake") / name)
+    subprocess.run(
+        [cc, "-shared", "-fPIC", "-o", lib, os.path.join(HERE, "data", source)], check=True
+    )
+    return lib
+
+
+@pytest.fixture(scope="module")
+def fake_cudart(tmp_path_factory):
+    return build(tmp_path_factory, "fake_cudart.c", "libcudart.so.99")
+
+
+@pytest.fixture(scope="module")
+def fake_cufile(tmp_path_factory):
+    return build(tmp_path_factory, "fake_cufile.c", "libcufile.so.0")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "f.bin"
+    raw = bytearray(np.random.default_rng(0).integers(0, 256, (3 << 20) + 20480, dtype=np.uint8))
+    raw[100:4096] = bytes(3996)  # the zero ranges checked on read
+    raw[9096:12288] = bytes(3192)
+    path.write_bytes(bytes(raw))
+    return str(path)
+
+
+def child(lib: str, path: str, mode: str, device: int = 1, cufile: str = "", **env: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, lib, path, mode, str(device), cufile],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_transfers_through_the_cuda_device(fake_cudart, data_file, mode):
+    out = child(fake_cudart, data_file, mode)
+    assert out["loaded"] and out["available"] and out["library"] == fake_cudart
+    assert "exc" not in out, out
+    assert out["same"] and out["crcs_ok"]
+    assert out["current_after"] == 0  # the caller's current device is restored
+    # Cached after the call: 2 buffers per worker, at most 3 workers (a worker done early
+    # may run a second lane with the buffers the first one returned).
+    assert out["trimmed"] in (2, 4, 6)
+    assert out["live"] == 0  # every buffer, stream and event released
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_an_asynchronous_copy_fault_maps_to_cuda_error(fake_cudart, data_file, mode):
+    out = child(fake_cudart, data_file, mode, FAKE_CUDART_FAIL_COPY="2")
+    assert out["exc"] == "tensorfile._errors.CudaError", out
+    assert out["name"] == "cudaErrorIllegalAddress"
+    assert out["call"] in ("cudaEventSynchronize", "cudaStreamSynchronize")
+    assert "illegal memory access" in out["msg"]
+    assert out["current_after"] == 0 and out["live"] == 0
+
+
+def test_a_failed_pinned_allocation_leaks_nothing(fake_cudart, data_file):
+    out = child(fake_cudart, data_file, "read", FAKE_CUDART_FAIL_HOSTALLOC="1")
+    assert out["exc"] == "tensorfile._errors.CudaError", out
+    assert (out["call"], out["name"]) == ("cudaHostAlloc", "cudaErrorMemoryAllocation")
+    assert out["live"] == 0
+
+
+def test_a_missing_device_is_a_cuda_error(fake_cudart, data_file):
+    out = child(fake_cudart, data_file, "read", device=5)
+    assert (out["call"], out["name"]) == ("cudaSetDevice", "cudaErrorInvalidDevice"), out
+    assert out["live"] == 0
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_gpudirect_path_through_cufile(fake_cudart, fake_cufile, data_file, mode):
+    out = child(fake_cudart, data_file, mode, cufile=fake_cufile)
+    assert out["cufile"] is True and "exc" not in out, out
+    assert out["same"] and out["crcs_ok"]  # checksums still come from staged bytes
+    assert out["cufile_live"] == 0 and out["live"] == 0  # the file handle is deregistered
+    if mode == "read":
+        assert out["cufile_reads"] >= (3 << 20) // 300000  # short transfers were continued
+
+
+def test_a_failed_cufile_read_names_the_error_and_the_file(fake_cudart, fake_cufile, data_file):
+    out = child(fake_cudart, data_file, "read", cufile=fake_cufile, FAKE_CUFILE_FAIL_READ="3")
+    assert out["exc"] == "tensorfile._errors.CudaError", out
+    assert (out["call"], out["name"]) == ("cuFileRead", "CU_FILE_IO_NOT_SUPPORTED")
+    assert data_file in out["msg"]
+    assert out["cufile_live"] == 0 and out["live"] == 0
+
+
+def test_a_refused_file_is_a_register_error(fake_cudart, fake_cufile, data_file):
+    # The Python side falls back to staging on exactly this error in TENSORFILE_GDS=auto.
+    out = child(fake_cudart, data_file, "read", cufile=fake_cufile, FAKE_CUFILE_FAIL_REGISTER="1")
+    assert (out["call"], out["name"]) == ("cuFileHandleRegister", "CU_FILE_INVALID_FILE_TYPE"), out
+    assert out["cufile_live"] == 0 and out["live"] == 0
+
+
+def test_an_unloadable_runtime_is_reported_not_raised(tmp_path):
+    bogus = tmp_path / "libcudart.so.0"
+    bogus.write_bytes(b"not a library")
+    code = (
+        "from tensorfile import _engine; import sys\n"
+        f"print('RESULT', _engine.cuda_load({str(bogus)!r}), _engine.cuda_available(), "
+        "bool(_engine.cuda_error()))\n"
+        "try:\n"
+        "    _engine.device_read_regions('cuda', 0, 0, [], [], [], [], [], 1, 4096, 1, True, 'f')\n"
+        "except Exception as e:\n"
+        "    print('RESULT', type(e).__name__, e.name)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert lines == ["RESULT False False True", "RESULT CudaError cudaErrorLibraryNotFound"], (
+        proc.stdout + proc.stderr
+    )
+
+
+def test_engine_in_this_process_never_raises_on_availability():
+    assert isinstance(_engine.cuda_available(), bool)
+    assert isinstance(_engine.cuda_error(), str)
