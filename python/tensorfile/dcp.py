@@ -241,12 +241,13 @@ class StorageWriter(_storage.StorageWriter):
                     t = t.contiguous()
             tensors[key] = t
         block_crcs = _block_checksums(tensors, self.num_threads)
-        _save(
-            tensors,
-            os.path.join(self.path, sp.file),
-            durable=self.durable,
-            num_threads=self.num_threads,
-        )
+        if tensors:  # a rank the planner gave nothing to write leaves no file
+            _save(
+                tensors,
+                os.path.join(self.path, sp.file),
+                durable=self.durable,
+                num_threads=self.num_threads,
+            )
         for item in plan.items:
             key = _item_key(item.index)
             t = tensors[key]
