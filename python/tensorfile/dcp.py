@@ -584,16 +584,17 @@ def _decode_metadata(doc: Any, where: str) -> tuple[Metadata, dict[str, int]]:
                     pin_memory=bool(pin),
                 )
             )
+        sizes: dict[tuple[Any, ...], torch.Size] = {}
         sdm: dict[str, Any] = {}
         for fqn, e in doc["state_dict_metadata"].items():
             if e is None:
                 sdm[fqn] = BytesStorageMetadata()
                 continue
             pi, size_raw, chunk_rows = e
-            size = _size(size_raw)
+            size = _size(size_raw, sizes)
             chunks = []
             for off, sz in chunk_rows:
-                o, c = _size(off), _size(sz)
+                o, c = _size(off, sizes), _size(sz, sizes)
                 if (
                     len(o) != len(size)
                     or len(c) != len(size)
@@ -619,6 +620,7 @@ def _decode_metadata(doc: Any, where: str) -> tuple[Metadata, dict[str, int]]:
         if type(blocks) is not dict:
             raise ValueError("block_crcs")
         storage: dict[MetadataIndex, _Location] = {}
+        suffixes: dict[Any, str] = {}
         for j in range(n):
             fqn, off, f, nb = fqns[j], offsets[j], fidx[j], nbytes[j]
             if type(fqn) is not str or type(f) is not int or not 0 <= f < len(file_names):
@@ -633,10 +635,17 @@ def _decode_metadata(doc: Any, where: str) -> tuple[Metadata, dict[str, int]]:
                 raise ValueError(f"block checksums of {fqn!r}")
             index = MetadataIndex(
                 fqn,
-                None if off is None else _size(off),
+                None if off is None else _size(off, sizes),
                 hints[j] if type(hints[j]) is int else None,
             )
-            storage[index] = _Location(file_names[f], _item_key(index), nb, tuple(crcs))
+            if off is None:
+                key = fqn
+            else:  # as _item_key, with the offsets' text shared between items
+                suffix = suffixes.get(index.offset)
+                if suffix is None:
+                    suffix = suffixes[index.offset] = "@" + ",".join(map(str, off))
+                key = fqn + suffix
+            storage[index] = _Location(file_names[f], key, nb, tuple(crcs))
         sm = doc["storage_meta"]
         storage_meta = (
             None
@@ -664,13 +673,23 @@ def _decode_metadata(doc: Any, where: str) -> tuple[Metadata, dict[str, int]]:
     return md, files
 
 
-def _size(v: Any) -> torch.Size:
+def _size(v: Any, cache: dict[tuple[Any, ...], torch.Size] | None = None) -> torch.Size:
+    """A validated torch.Size from a JSON list; `cache` shares equal sizes (20,000 small
+    tensors have a handful of distinct shapes and offsets)."""
     if type(v) is not list:
         raise ValueError(f"bad shape {v!r}")
+    if cache is not None:
+        key = tuple(v)
+        hit = cache.get(key)  # a list element (unhashable) raises TypeError: malformed
+        if hit is not None:
+            return hit
     for x in v:
         if type(x) is not int or x < 0:
             raise ValueError(f"bad shape {v!r}")
-    return torch.Size(v)
+    out = torch.Size(v)
+    if cache is not None:
+        cache[key] = out
+    return out
 
 
 # --------------------------------------------------------------------------- reader
