@@ -480,3 +480,12 @@ def test_per_rank_commit_without_collectives(tmp_path: Path) -> None:
         use_collectives=False,
     )
     assert len([n for n in os.listdir(d) if n.endswith(".tf")]) == 1
+
+
+@single_process
+def test_a_stock_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    dcp.save(
+        {"w": torch.randn(4)}, storage_writer=dcp.FileSystemWriter(tmp_path / "s"), no_dist=True
+    )
+    with pytest.raises(tensorfile.FormatError, match="written by torch's FileSystemWriter"):
+        tdcp.StorageReader(tmp_path / "s").read_metadata()
