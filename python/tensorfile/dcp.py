@@ -919,12 +919,8 @@ def _read_file(
 
 def _open_native(path: str, verify: bool) -> Any:
     """Opens a rank file with tensorfile's own reader (header validated, checksummed)."""
-    opener = getattr(_api, "_open_reader", None)
-    if opener is not None:
-        reader = opener(path, verify)
-    else:  # releases whose _Reader opens the path itself
-        reader = getattr(_api, "_Reader")(path, verify=verify)  # noqa: B009
-    if getattr(reader, "format", "tensorfile") != "tensorfile" or reader.src.fd is None:
+    reader = _api._open_reader(path, verify)
+    if reader.format != "tensorfile" or reader.src.fd is None:
         reader.close()
         raise FormatError(f"{path}: not a tensorfile; the checkpoint's rank files must be")
     return reader
