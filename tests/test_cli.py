@@ -393,3 +393,29 @@ def test_progress_bars_on_a_terminal_and_quiet(tmp_path: Path) -> None:
     quiet = _stderr_on_a_terminal("--quiet", "verify", str(path))
     quiet_after = _stderr_on_a_terminal("verify", "-q", str(path))
     assert "model.pt" not in quiet and "model.pt" not in quiet_after, quiet + quiet_after
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_convert_dcp_directories_both_ways(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    import tensorfile
+    import tensorfile.dcp
+
+    state = {"model": {"w": torch.randn(6, 4), "b": torch.arange(4.0)}, "step": torch.tensor(9)}
+    stock = tmp_path / "stock_ckpt"
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(stock)), no_dist=True)
+    out = tmp_path / "from_dcp.tf"
+    p = tf("convert", str(stock), str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = tensorfile.load(out)
+    assert torch.equal(got["model"]["w"], state["model"]["w"]) and int(got["step"]) == 9
+    # and back: a tensorfile to a DCP directory written by tensorfile's plugin
+    again = tmp_path / "again_ckpt"
+    p = tf("convert", str(out), str(again), "--to", "dcp")
+    assert p.returncode == 0, p.stdout + p.stderr
+    reloaded = {"model": {"w": torch.zeros(6, 4), "b": torch.zeros(4)}, "step": torch.tensor(0)}
+    dcp.load(reloaded, storage_reader=tensorfile.dcp.StorageReader(str(again)), no_dist=True)
+    assert torch.equal(reloaded["model"]["w"], state["model"]["w"]) and int(reloaded["step"]) == 9
+    p = tf("diff", str(stock), str(again))
+    assert p.returncode == 0, p.stdout + p.stderr
