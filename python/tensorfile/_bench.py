@@ -938,11 +938,17 @@ def _names(p: _Parser, text: str | None, allowed: tuple[str, ...], what: str) ->
 
 def main(argv: list[str] | None = None, prog: str = "tensorfile bench") -> int:
     """The whole benchmark from the command line: runs it, prints the table and the
-    targets, writes the JSON and the PNG. Returns the exit status."""
+    targets, writes the JSON and the PNG. Returns the exit status. `dcp` as the first
+    argument runs the 2-rank torch.distributed.checkpoint benchmark instead."""
+    if argv and argv[0] == "dcp":
+        from . import _bench_dcp
+
+        return _bench_dcp.main(argv[1:], prog=f"{prog} dcp")
     p = _Parser(
         prog=prog,
         description="Measure tensorfile against the raw I/O limits of this machine and its peers "
-        "(torch, safetensors, numpy, torch.distributed.checkpoint, tensorizer), every figure in its own child process.",
+        "(torch, safetensors, numpy, torch.distributed.checkpoint, tensorizer), every figure in its own child process. "
+        f"'{prog} dcp --help': the 2-rank torch.distributed.checkpoint plugin benchmark.",
     )
     p.add_argument(
         "--size-mb",
