@@ -112,12 +112,9 @@ def _drop(obj: Any) -> None:
 
 
 def evict(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    from tensorfile._workloads import evict as drop
+
+    drop(path)
 
 
 def read_file(path: str, dst: np.ndarray, threads: int, chunk: int = 8 << 20) -> None:

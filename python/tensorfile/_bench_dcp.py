@@ -23,6 +23,8 @@ import warnings
 from datetime import timedelta
 from typing import Any
 
+from ._workloads import evict
+
 WORLD = 2
 SYSTEMS = ("tensorfile", "stock")
 
@@ -65,19 +67,6 @@ def _empty_like(sd: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     return {k: torch.zeros_like(v) for k, v in sd.items()}
-
-
-def _evict(directory: str) -> None:
-    for name in os.listdir(directory):
-        p = os.path.join(directory, name)
-        if not os.path.isfile(p):
-            continue
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _rank(rank: int, a: dict[str, Any], out: str) -> None:
@@ -130,7 +119,7 @@ def _rank_main(rank: int, a: dict[str, Any], out: str) -> None:
                 saves.append(time.perf_counter() - t0)
                 dest = _empty_like(sd)
                 if not a["hot"] and rank == 0:
-                    _evict(path)
+                    evict(path)
                 dist.barrier()
                 t0 = time.perf_counter()
                 dcp.load(dest, storage_reader=reader)

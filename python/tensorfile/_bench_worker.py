@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from . import _workloads
-from ._workloads import fsync_file, make_durable, tensors_in
+from ._workloads import evict, files_of, fsync_file, make_durable, tensors_in
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _CHUNK = 64 << 20  # one large write or read per call, as a tuned copy loop would do
@@ -76,29 +76,11 @@ def _reset_peak() -> bool:
 # --------------------------------------------------------------------------- page cache
 
 
-def files_of(path: str) -> list[str]:
-    """The file, or every file under the directory (torch.distributed.checkpoint writes one)."""
-    if not os.path.isdir(path):
-        return [path]
-    return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-
-
 def remove(path: str) -> None:
     if os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
         os.unlink(path)
-
-
-def evict(path: str) -> None:
-    """Drops the files' pages from the page cache; fsync first because dirty pages stay."""
-    for p in files_of(path):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def warm(path: str) -> None:

@@ -262,6 +262,25 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
+def files_of(path: str) -> list[str]:
+    """The file, or every file under the directory (torch.distributed.checkpoint writes one)."""
+    if not os.path.isdir(path):
+        return [path]
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+
+
+def evict(path: str) -> None:
+    """Drops the pages of a file, or of every file under a directory, from the page
+    cache, for a cold read; fsync first because dirty pages stay."""
+    for p in files_of(path):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def make_durable(path: str) -> None:
     """What tensorfile's durable=True promises, for the peers: the file's bytes and its
     directory entry on disk."""

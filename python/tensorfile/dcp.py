@@ -55,7 +55,7 @@ from torch.futures import Future
 from . import _config, _engine
 from . import api as _api
 from ._errors import ChecksumError, FormatError
-from .api import clean
+from .api import _fsync_dir, clean
 from .api import save as _save
 
 __all__ = [
@@ -357,17 +357,6 @@ def _commit(directory: str, name: str, doc: dict[str, Any], durable: bool) -> No
         raise
     if durable:
         _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    # The rename is durable only once the directory entry is on disk (rename(2), fsync(2)).
-    dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories
-    finally:
-        os.close(dfd)
 
 
 def _remove_replaced(directory: str, keep: set[str], rank: int | None) -> None:

@@ -74,7 +74,17 @@ class ZipRecord:
     compressed_nbytes: int
 
 
-class StorageType:
+class _Inert:
+    """Base of the stand-ins the unpickler hands to the pickle: slotted, and a BUILD
+    opcode aimed at one (to rewrite its fields) is refused."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise FormatError(f"the pickle tries to set state on a {type(self).__name__}")
+
+
+class StorageType(_Inert):
     """What a `torch.FloatStorage`-like global resolves to: only its element dtype."""
 
     __slots__ = ("dtype",)
@@ -82,25 +92,19 @@ class StorageType:
     def __init__(self, dtype: str) -> None:
         self.dtype = dtype
 
-    def __setstate__(self, state: Any) -> None:
-        raise FormatError("the pickle tries to set state on a storage type")
 
-
-class _TypeMarker:
+class _TypeMarker(_Inert):
     __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
         self.name = name
-
-    def __setstate__(self, state: Any) -> None:
-        raise FormatError("the pickle tries to set state on a type")
 
 
 _TENSOR = _TypeMarker("torch.Tensor")
 _PARAMETER = _TypeMarker("torch.nn.Parameter")
 
 
-class TypedRef:
+class TypedRef(_Inert):
     """What a persistent id resolves to: a storage seen with an element type."""
 
     __slots__ = ("dtype", "numel", "ref")
@@ -110,11 +114,8 @@ class TypedRef:
         self.dtype = dtype
         self.numel = numel
 
-    def __setstate__(self, state: Any) -> None:
-        raise FormatError("the pickle tries to set state on a storage")
 
-
-class StorageRef:
+class StorageRef(_Inert):
     """A storage named by a persistent id: ('storage', type, key, location, numel)."""
 
     __slots__ = ("dtype", "index", "key", "location", "numel")
@@ -126,11 +127,8 @@ class StorageRef:
         self.numel = numel
         self.index = index
 
-    def __setstate__(self, state: Any) -> None:
-        raise FormatError("the pickle tries to set state on a storage")
 
-
-class TensorRecord:
+class TensorRecord(_Inert):
     """A tensor as the pickle describes it; turned into a real tensor once its storage is read."""
 
     __slots__ = (
@@ -164,9 +162,6 @@ class TensorRecord:
         self.parameter = False
         self.index = -1
         self.meta = meta
-
-    def __setstate__(self, state: Any) -> None:
-        raise FormatError("the pickle tries to set state on a tensor")
 
 
 @dataclass
