@@ -44,7 +44,7 @@ def test_header_encode_20000_tensors(benchmark, small_state):
     flat = Flattener()
     tree = flat.flatten(small_state)
     plan = plan_save(flat.leaves, lambda i, m: TypeError(m))
-    benchmark(native.encode_header, tree, plan.tensors, plan.storages, {})
+    benchmark(native.encode_header, tree, plan.table, plan.offsets, plan.nbytes, plan.devices, {})
 
 
 def test_header_decode_20000_tensors(benchmark, small_state, tmp_path):

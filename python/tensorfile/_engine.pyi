@@ -38,3 +38,22 @@ def crc32c_hardware() -> bool: ...
 def preallocate(fd: int, nbytes: int, path: str) -> None: ...
 def advise_hugepages(ptr: int, nbytes: int) -> None: ...
 def _inject_write_fault(countdown: int, error_number: int) -> None: ...
+def decode_header(
+    header: Any, file_nbytes: int, dtypes: list[tuple[int, str, int, bool]]
+) -> tuple[Any, ...] | None: ...
+def encode_tables(
+    kind: npt.ArrayLike,
+    storage: npt.ArrayLike,
+    dtype: npt.ArrayLike,
+    dim_begin: npt.ArrayLike,
+    ndim: npt.ArrayLike,
+    offset: npt.ArrayLike,
+    flags: npt.ArrayLike,
+    shapes: npt.ArrayLike,
+    strides: npt.ArrayLike,
+    dtype_names: list[str],
+    storage_offsets: npt.ArrayLike,
+    storage_nbytes: npt.ArrayLike,
+    device: npt.ArrayLike,
+    devices: list[str],
+) -> tuple[bytes, bytes]: ...

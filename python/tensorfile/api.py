@@ -94,14 +94,14 @@ def _save(
             f"tensorfile.save: cannot save the object at key path {_path_str(flattener.leaf_paths[i])!r}: {m}"
         ),
     )
-    header, crc_pos = native.encode_header(tree, plan.tensors, plan.storages, meta)
+    header, crc_pos = native.encode_header(
+        tree, plan.table, plan.offsets, plan.nbytes, plan.devices, meta
+    )
     if len(header) > native.MAX_HEADER_NBYTES:
         raise ValueError(
             f"tensorfile.save: the header would be {len(header)} bytes, over the format's limit"
         )
-    sizes = [row[1] for row in plan.storages]
-    offsets = [row[0] for row in plan.storages]
-    total = native.file_nbytes(len(header), offsets, sizes)
+    total = native.file_nbytes(len(header), plan.offsets.tolist(), plan.nbytes.tolist())
     base = np.uint64(native.data_start(len(header)))
     threads = _config.num_threads(num_threads)
     task = _config.task_nbytes(write=True)
