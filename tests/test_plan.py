@@ -37,6 +37,8 @@ def _cases():
         "params": [torch.nn.Parameter(torch.ones(3)), torch.zeros(2, requires_grad=True), z],
         "frozen_param": [torch.nn.Parameter(torch.ones(2), requires_grad=False)],
         "scalars": [torch.tensor(3), torch.tensor(2.5), torch.tensor(True)],
+        "ranks_1_0_2": [torch.ones(3), torch.tensor(2.0), torch.ones(2, 3)[:, 1:]],
+        "same_rank_empty": [torch.ones(2, 3), torch.empty(0, 4), torch.ones(5, 1)],
         "expanded": [torch.ones(1, 4).expand(5, 4), torch.ones(3)[:, None]],
         "complex": [torch.randn(3, dtype=torch.complex64)],
         "dtypes": [

@@ -170,7 +170,10 @@ def _describe_all(torch: Any, ts: list[Any]) -> _Part | None:
         data_ptr = np.fromiter(map(tensor_cls.data_ptr, ts), np.uint64, n)
     except RuntimeError:
         return None
-    dtype = np.fromiter(map(code.__getitem__, dtypes), np.int32, n)
+    if len(code) == 1:
+        dtype = np.zeros(n, dtype=np.int32)
+    else:
+        dtype = np.fromiter(map(code.__getitem__, dtypes), np.int32, n)
     itemsize = np.array(itemsizes, dtype=np.int64)[dtype]
     first = np.fromiter(map(tensor_cls.storage_offset, ts), np.int64, n) * itemsize
     flags = np.fromiter(map(_requires_grad, ts), np.int64, n)
@@ -184,12 +187,18 @@ def _describe_all(torch: Any, ts: list[Any]) -> _Part | None:
     np.cumsum(ndim[:-1], out=dim_begin[1:])
     # The byte just past the last element: first + itemsize * (1 + sum((d - 1) * stride))
     # for a tensor with elements, first for an empty one (as describe() computes it).
-    row = np.repeat(np.arange(n), ndim)
-    reach = np.zeros(n, dtype=np.int64)
-    np.add.at(reach, row, (shape - 1) * stride)
-    empty = np.zeros(n, dtype=np.int64)
-    np.add.at(empty, row, shape == 0)
-    end = np.where(empty > 0, first, first + itemsize * (1 + reach))
+    k = int(ndim[0])
+    if (ndim == k).all():  # one rank for all: no ragged sums
+        reach = ((shape - 1) * stride).reshape(n, k).sum(axis=1)
+        empty = (shape == 0).reshape(n, k).any(axis=1)
+    else:
+        row = np.repeat(np.arange(n), ndim)
+        reach = np.zeros(n, dtype=np.int64)
+        np.add.at(reach, row, (shape - 1) * stride)
+        zeros = np.zeros(n, dtype=np.int64)
+        np.add.at(zeros, row, shape == 0)
+        empty = zeros > 0
+    end = np.where(empty, first, first + itemsize * (1 + reach))
     # A tensor's data pointer is its storage's plus its byte offset, which spares
     # creating a storage object per tensor; only for empty tensors is it null.
     sptr = data_ptr - first.astype(np.uint64)
@@ -201,18 +210,24 @@ def _describe_all(torch: Any, ts: list[Any]) -> _Part | None:
     key = sptr.astype(np.int64)
     nomem = np.nonzero(sptr == 0)[0]
     key[nomem] = -1 - nomem
-    uniq, first_use, inverse = np.unique(key, return_index=True, return_inverse=True)
-    by_use = np.argsort(first_use, kind="stable")
-    rank = np.empty(len(uniq), dtype=np.int64)
-    rank[by_use] = np.arange(len(uniq))
-    group = rank[inverse.reshape(-1)]
-    lead = first_use[by_use]  # the first tensor of each storage
     used = end > first
-    lo = np.full(len(uniq), np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(lo, group[used], first[used])
-    hi = np.zeros(len(uniq), dtype=np.int64)
-    np.maximum.at(hi, group[used], end[used])
-    lo[hi == 0] = 0  # no tensor references bytes of it: an empty span
+    ordered = np.sort(key)
+    if not (ordered[1:] == ordered[:-1]).any():  # no sharing: one storage per tensor
+        group = lead = np.arange(n)
+        lo = np.where(used, first, 0)
+        hi = np.where(used, end, 0)
+    else:
+        uniq, first_use, inverse = np.unique(key, return_index=True, return_inverse=True)
+        by_use = np.argsort(first_use, kind="stable")
+        rank = np.empty(len(uniq), dtype=np.int64)
+        rank[by_use] = np.arange(len(uniq))
+        group = rank[inverse.reshape(-1)]
+        lead = first_use[by_use]  # the first tensor of each storage
+        lo = np.full(len(uniq), np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(lo, group[used], first[used])
+        hi = np.zeros(len(uniq), dtype=np.int64)
+        np.maximum.at(hi, group[used], end[used])
+        lo[hi == 0] = 0  # no tensor references bytes of it: an empty span
     lo -= lo % _SPAN_ALIGN
     nbytes = hi - lo
     offset = first - lo[group]
@@ -230,7 +245,7 @@ def _describe_all(torch: Any, ts: list[Any]) -> _Part | None:
         flags=flags,
     )
     ptrs = sptr[lead] + lo.astype(np.uint64)
-    return _Part(table, ["cpu"] * len(uniq), ptrs, nbytes.astype(np.uint64), ts)
+    return _Part(table, ["cpu"] * len(lead), ptrs, nbytes.astype(np.uint64), ts)
 
 
 def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> SavePlan:
