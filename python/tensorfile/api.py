@@ -101,7 +101,7 @@ def _save(
         raise ValueError(
             f"tensorfile.save: the header would be {len(header)} bytes, over the format's limit"
         )
-    total = native.file_nbytes(len(header), plan.offsets.tolist(), plan.nbytes.tolist())
+    total = native.file_nbytes(len(header), plan.offsets, plan.nbytes)
     base = np.uint64(native.data_start(len(header)))
     threads = _config.num_threads(num_threads)
     task = _config.task_nbytes(write=True)

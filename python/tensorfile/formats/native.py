@@ -62,8 +62,14 @@ def data_start(header_nbytes: int) -> int:
     return align_up(PREAMBLE_NBYTES + header_nbytes)
 
 
-def file_nbytes(header_nbytes: int, offsets: list[int], nbytes: list[int]) -> int:
-    end = max((o + n for o, n in zip(offsets, nbytes) if n), default=0)
+def file_nbytes(
+    header_nbytes: int, offsets: list[int] | np.ndarray, nbytes: list[int] | np.ndarray
+) -> int:
+    if isinstance(offsets, np.ndarray) and isinstance(nbytes, np.ndarray):
+        full = nbytes > 0
+        end = int((offsets[full] + nbytes[full]).max()) if full.any() else 0
+    else:
+        end = max((o + n for o, n in zip(offsets, nbytes) if n), default=0)
     return data_start(header_nbytes) + end if end else PREAMBLE_NBYTES + header_nbytes
 
 
