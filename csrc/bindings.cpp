@@ -13,6 +13,7 @@
 #include "engine.hpp"
 #include "errors.hpp"
 #include "file.hpp"
+#include "header.hpp"
 #include "shim/cuda.hpp"
 #include "shim/cufile.hpp"
 #include "staging.hpp"
@@ -22,7 +23,8 @@ using namespace tensorfile;
 
 namespace {
 
-using U64Array = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
+constexpr int kIn = py::array::c_style | py::array::forcecast;
+using U64Array = py::array_t<uint64_t, kIn>;
 
 std::vector<Region> to_regions(const U64Array& ptrs, const U64Array& nbytes, const U64Array& offsets) {
   if (ptrs.ndim() != 1 || nbytes.ndim() != 1 || offsets.ndim() != 1 || ptrs.shape(0) != nbytes.shape(0) ||
@@ -38,9 +40,10 @@ std::vector<Region> to_regions(const U64Array& ptrs, const U64Array& nbytes, con
   return regions;
 }
 
-py::array_t<uint32_t> to_array(const std::vector<uint32_t>& v) {
-  py::array_t<uint32_t> out(static_cast<py::ssize_t>(v.size()));
-  if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(uint32_t));
+template <typename T>
+py::array_t<T> to_array(const std::vector<T>& v) {
+  py::array_t<T> out(static_cast<py::ssize_t>(v.size()));
+  if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(T));
   return out;
 }
 
@@ -179,6 +182,73 @@ PYBIND11_MODULE(_engine, m) {
       "zip's CRC-32 (zlib.crc32) of a contiguous buffer, continuing from `crc`.");
   m.def("crc32_zip_combine", &crc32_zip_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("nbytes_b"));
   m.def("crc32_zip_hardware", &crc32_zip_hardware);
+  m.def(
+      "decode_header",
+      [](py::buffer header, uint64_t file_nbytes,
+         const std::vector<std::tuple<int, std::string, uint64_t, bool>>& dtypes) -> py::object {
+        std::vector<DtypeInfo> table;
+        for (const auto& [kind, name, itemsize, grad_ok] : dtypes)
+          table.push_back(DtypeInfo{kind, name, itemsize, grad_ok});
+        py::buffer_info info = header.request();
+        HeaderTables t;
+        bool accepted;
+        {
+          py::gil_scoped_release release;
+          accepted = decode_header(static_cast<const char*>(info.ptr), static_cast<size_t>(info.size * info.itemsize),
+                                   file_nbytes, table, t);
+        }
+        if (!accepted) return py::none();
+        py::array_t<int64_t> tensors({static_cast<py::ssize_t>(t.tensors.size() / 6), py::ssize_t{6}});
+        if (!t.tensors.empty())
+          std::memcpy(tensors.mutable_data(), t.tensors.data(), t.tensors.size() * sizeof(int64_t));
+        return py::make_tuple(t.tree_begin, t.tree_end, t.metadata_begin, t.metadata_end, to_array(t.storage_offsets),
+                              to_array(t.storage_nbytes), to_array(t.storage_crcs), to_array(t.storage_device),
+                              t.devices, to_array(t.storage_kind), tensors, to_array(t.shapes), to_array(t.strides));
+      },
+      py::arg("header"), py::arg("file_nbytes"), py::arg("dtypes"),
+      "Tables of a canonical header, validated; None where the full validator must decide.");
+  m.def(
+      "encode_tables",
+      [](const py::array_t<int8_t, kIn>& kind, const py::array_t<int64_t, kIn>& storage,
+         const py::array_t<int32_t, kIn>& dtype, const py::array_t<int64_t, kIn>& dim_begin,
+         const py::array_t<int64_t, kIn>& ndim, const py::array_t<int64_t, kIn>& offset,
+         const py::array_t<int64_t, kIn>& flags, const py::array_t<int64_t, kIn>& shapes,
+         const py::array_t<int64_t, kIn>& strides, const std::vector<std::string>& dtype_names,
+         const U64Array& storage_offsets, const U64Array& storage_nbytes, const py::array_t<int32_t, kIn>& device,
+         const std::vector<std::string>& devices) {
+        const auto n = static_cast<size_t>(kind.size());
+        const auto k = static_cast<size_t>(storage_offsets.size());
+        if (static_cast<size_t>(storage.size()) != n || static_cast<size_t>(dtype.size()) != n ||
+            static_cast<size_t>(dim_begin.size()) != n || static_cast<size_t>(ndim.size()) != n ||
+            static_cast<size_t>(offset.size()) != n || static_cast<size_t>(flags.size()) != n ||
+            shapes.size() != strides.size() || static_cast<size_t>(storage_nbytes.size()) != k ||
+            static_cast<size_t>(device.size()) != k) {
+          throw std::invalid_argument("encode_tables: column lengths differ");
+        }
+        TensorColumns t;
+        t.count = n;
+        t.kind = kind.data();
+        t.storage = storage.data();
+        t.dtype = dtype.data();
+        t.dim_begin = dim_begin.data();
+        t.ndim = ndim.data();
+        t.offset = offset.data();
+        t.flags = flags.data();
+        t.shapes = shapes.data();
+        t.strides = strides.data();
+        t.dims = static_cast<size_t>(shapes.size());
+        std::string tensors, storages;
+        {
+          py::gil_scoped_release release;
+          tensors = encode_tensor_rows(t, dtype_names);
+          storages = encode_storage_rows(k, storage_offsets.data(), storage_nbytes.data(), device.data(), devices);
+        }
+        return py::make_tuple(py::bytes(tensors), py::bytes(storages));
+      },
+      py::arg("kind"), py::arg("storage"), py::arg("dtype"), py::arg("dim_begin"), py::arg("ndim"), py::arg("offset"),
+      py::arg("flags"), py::arg("shapes"), py::arg("strides"), py::arg("dtype_names"), py::arg("storage_offsets"),
+      py::arg("storage_nbytes"), py::arg("device"), py::arg("devices"),
+      "The header's tensor and storage tables as compact JSON arrays (bytes).");
   m.def("crc32c_combine", &crc32c_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("nbytes_b"));
   m.def("crc32c_hardware", &crc32c_hardware);
 

@@ -17,6 +17,7 @@ import sys
 import tempfile
 
 import atheris
+import numpy as np
 import tensorfile
 from tensorfile import FormatError
 from tensorfile.formats import native
@@ -39,11 +40,39 @@ def _fix_up(data: bytes) -> bytes:
     return pre + data[native.PREAMBLE_NBYTES :]
 
 
+def _same_as_reference(data: bytes) -> None:
+    """The engine's header decoder may decline anything, but what it accepts the
+    reference validator must accept too, with the same Layout."""
+    try:
+        pre = native.parse_preamble(data[: native.PREAMBLE_NBYTES], len(data), "input")
+    except FormatError:
+        return
+    header = data[native.PREAMBLE_NBYTES : native.PREAMBLE_NBYTES + pre.header_nbytes]
+    if len(header) != pre.header_nbytes:
+        return
+    fast = native.decode_fast(header, pre)
+    if fast is None:
+        return
+    try:
+        ref = native.parse_header_reference(header, pre, "input")
+    except FormatError as e:
+        raise AssertionError(f"the engine accepted a header the reference refuses: {e}") from None
+    for field in native.Layout.__dataclass_fields__:
+        a, b = getattr(fast, field), getattr(ref, field)
+        if isinstance(a, np.ndarray):
+            same = a.dtype == b.dtype and np.array_equal(a, b)
+        else:
+            same = type(a) is type(b) and a == b
+        if not same:
+            raise AssertionError(f"the engine and the reference disagree on {field}")
+
+
 def test_one_input(raw: bytes) -> None:
     # The first byte picks the mode: odd values fix the preamble up (see _fix_up).
     if not raw:
         return
     data = _fix_up(raw[1:]) if raw[0] & 1 else raw[1:]
+    _same_as_reference(data)
     with open(_PATH, "wb") as f:
         f.write(data)
     for source in (_PATH, io.BytesIO(data)):

@@ -357,3 +357,14 @@ def test_cli_subprocess_refuses_evil_file(tmp_path):
     )
     assert r.returncode == 1 and "system" in (r.stdout + r.stderr)
     assert not marker.exists()
+
+
+def test_a_view_smaller_than_its_storage_keeps_the_whole_storage(tmp_path):
+    # torch.save writes whole storages: loading must neither lose nor overrun them
+    x = torch.arange(1000.0)
+    path = tmp_path / "head.pt"
+    torch.save({"head": x[:2], "strided": torch.arange(64.0)[::4][:3]}, path)
+    got = tensorfile.load(path)
+    assert torch.equal(got["head"], x[:2]) and got["head"].untyped_storage().nbytes() == 4000
+    assert torch.equal(got["strided"], torch.tensor([0.0, 4.0, 8.0]))
+    assert got["strided"].untyped_storage().nbytes() == 256

@@ -520,7 +520,7 @@ def _header_times(job: dict[str, Any], reps: int = 5) -> dict[str, Any]:
             flat = Flattener()
             tree = flat.flatten(obj)
             plan = plan_save(flat.leaves, lambda i, m: TypeError(m))
-            native.encode_header(tree, plan.tensors, plan.storages, {})
+            native.encode_header(tree, plan.table, plan.offsets, plan.nbytes, plan.devices, {})
             times.append(time.perf_counter() - t0)
     else:
         if not os.path.exists(job["path"]):

@@ -252,8 +252,14 @@ def _to_native(reader: api._Reader, out: str, stream: _Stream, progress: Progres
     devices = [
         d if native._valid_device(d) else "cpu" for d in (lay.storage_device[s] for s in used)
     ]
-    storages = [[o, n, d] for o, n, d in zip(offs, sizes, devices)]
-    header, crc_pos = native.encode_header(tree, rows, storages, dict(lay.metadata))
+    header, crc_pos = native.encode_header(
+        tree,
+        native.TensorTable.from_rows(rows),
+        np.array(offs, dtype=np.uint64),
+        np.array(sizes, dtype=np.uint64),
+        devices,
+        dict(lay.metadata),
+    )
     if len(header) > native.MAX_HEADER_NBYTES:
         raise ValueError(f"{reader.name}: the converted header would exceed the format's limit")
     total = native.file_nbytes(len(header), offs, sizes)

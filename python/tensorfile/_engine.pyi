@@ -91,3 +91,22 @@ def _sim_write(ptr: int, data: bytes) -> None: ...
 def _sim_configure(copy_fault_countdown: int, delay_us: int) -> None: ...
 def _sim_reset_peak() -> None: ...
 def _sim_counters() -> dict[str, int]: ...
+def decode_header(
+    header: Any, file_nbytes: int, dtypes: list[tuple[int, str, int, bool]]
+) -> tuple[Any, ...] | None: ...
+def encode_tables(
+    kind: npt.ArrayLike,
+    storage: npt.ArrayLike,
+    dtype: npt.ArrayLike,
+    dim_begin: npt.ArrayLike,
+    ndim: npt.ArrayLike,
+    offset: npt.ArrayLike,
+    flags: npt.ArrayLike,
+    shapes: npt.ArrayLike,
+    strides: npt.ArrayLike,
+    dtype_names: list[str],
+    storage_offsets: npt.ArrayLike,
+    storage_nbytes: npt.ArrayLike,
+    device: npt.ArrayLike,
+    devices: list[str],
+) -> tuple[bytes, bytes]: ...

@@ -1,16 +1,18 @@
-"""Leaves -> storages (aliasing found, byte spans computed) -> rows and a write plan."""
+"""Leaves -> storages (aliasing found, byte spans computed) -> the tensor table and a write plan."""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import attrgetter
 from typing import Any, Callable
 
 import numpy as np
 
 from ._dtypes import numpy_name
-from ._torch import describe
-from .formats.native import storage_offsets
+from ._torch import FLAG_PARAMETER, describe, dtype_info
+from .formats.native import ALIGN, TensorTable
 
 _SPAN_ALIGN = 16  # the widest element; keeps every tensor's offset a multiple of its size
 
@@ -25,20 +27,240 @@ def _raise(message: str) -> TypeError:
 
 @dataclass
 class SavePlan:
-    tensors: list[list[Any]]  # header rows: [kind, storage, dtype, shape, strides, offset, flags]
-    storages: list[list[Any]]  # header rows: [offset, nbytes, device]
-    ptrs: np.ndarray  # uint64 address of each storage's bytes (on storages[i][2]'s device)
+    table: TensorTable  # the header's tensor rows, as columns
+    devices: list[str]  # device of each storage
+    ptrs: np.ndarray  # uint64 address of each storage's bytes (on devices[i])
     nbytes: np.ndarray  # uint64
     offsets: np.ndarray  # uint64, relative to the data section
     keepalive: list[Any] = field(default_factory=list)  # per storage: the object owning its memory
+
+
+@dataclass
+class _Part:
+    """Some of the leaves planned: their rows (storage indexes local to the part) and
+    their storages."""
+
+    table: TensorTable
+    devices: list[str]
+    ptrs: np.ndarray  # uint64
+    nbytes: np.ndarray  # uint64
+    keepalive: list[Any]
+
+    def finish(self) -> SavePlan:
+        # The canonical layout (storage_offsets): each storage at the aligned end of the
+        # previous one, so the offsets are a running sum of aligned sizes.
+        mask = np.uint64(ALIGN - 1)
+        aligned = (self.nbytes + mask) & ~mask
+        offsets = np.zeros(len(aligned), dtype=np.uint64)
+        np.cumsum(aligned[:-1], out=offsets[1:])
+        return SavePlan(self.table, self.devices, self.ptrs, self.nbytes, offsets, self.keepalive)
+
+    @staticmethod
+    def from_rows(
+        rows: list[list[Any]], storages: list[list[Any]], ptrs: list[int], keepalive: list[Any]
+    ) -> _Part:
+        return _Part(
+            TensorTable.from_rows(rows),
+            [row[2] for row in storages],
+            np.array(ptrs, dtype=np.uint64),
+            np.array([row[1] for row in storages], dtype=np.uint64),
+            keepalive,
+        )
+
+    @staticmethod
+    def merge(n: int, parts: list[tuple[list[int], _Part]]) -> _Part:
+        """One part from several, each covering the leaves at its positions; storages
+        keep the parts' order."""
+        names: list[str] = []
+        kind = np.zeros(n, dtype=np.int8)
+        storage = np.zeros(n, dtype=np.int64)
+        dtype = np.zeros(n, dtype=np.int32)
+        dim_begin = np.zeros(n, dtype=np.int64)
+        ndim = np.zeros(n, dtype=np.int64)
+        offset = np.zeros(n, dtype=np.int64)
+        flags = np.zeros(n, dtype=np.int64)
+        shapes, strides, devices, keepalive = [], [], [], []
+        nstorage = ndims = 0
+        for pos, p in parts:
+            t = p.table
+            code = np.array([_index(names, d) for d in t.dtype_names], dtype=np.int32)
+            kind[pos] = t.kind
+            storage[pos] = t.storage + nstorage
+            dtype[pos] = code[t.dtype] if len(code) else t.dtype
+            dim_begin[pos] = t.dim_begin + ndims
+            ndim[pos] = t.ndim
+            offset[pos] = t.offset
+            flags[pos] = t.flags
+            shapes.append(t.shapes)
+            strides.append(t.strides)
+            devices += p.devices
+            keepalive += p.keepalive
+            nstorage += len(p.devices)
+            ndims += len(t.shapes)
+        table = TensorTable(
+            kind, storage, dtype, names, dim_begin, ndim,
+            np.concatenate(shapes), np.concatenate(strides), offset, flags,
+        )  # fmt: skip
+        ptrs = np.concatenate([p.ptrs for _, p in parts])
+        nbytes = np.concatenate([p.nbytes for _, p in parts])
+        return _Part(table, devices, ptrs, nbytes, keepalive)
+
+
+def _index(names: list[str], name: str) -> int:
+    if name not in names:
+        names.append(name)
+    return names.index(name)
+
+
+_layout = attrgetter("layout")
+_is_cpu = attrgetter("is_cpu")
+_dtype = attrgetter("dtype")
+_requires_grad = attrgetter("requires_grad")
+_shape = attrgetter("shape")
+
+
+def _describe_all(torch: Any, ts: list[Any]) -> _Part | None:
+    """describe() and grouping for a whole list of tensors at once, in the common case:
+    plain tensors and Parameters, dense, on the CPU, of dtypes the format holds, without
+    the lazy conjugate/negative bits. Each attribute is read for all tensors in one pass
+    of a C iterator, and the spans are computed with numpy, so there is no Python code
+    per tensor. Returns None when any tensor is outside that case: the caller then
+    describes each one (and refuses what must be refused, with its message)."""
+    n = len(ts)
+    tensor_cls, param_cls = torch.Tensor, torch.nn.Parameter
+    types = list(map(type, ts))
+    classes = set(types)
+    if not classes <= {tensor_cls, param_cls}:
+        return None
+    if set(map(_layout, ts)) != {torch.strided} or not all(map(_is_cpu, ts)):
+        return None
+    dtypes = list(map(_dtype, ts))
+    code: dict[Any, int] = {}
+    names: list[str] = []
+    itemsizes: list[int] = []
+    for dt in set(dtypes):
+        info = dtype_info(dt)
+        if info is None:
+            return None
+        code[dt] = len(names)
+        names.append(info[0])
+        itemsizes.append(info[1])
+    if any(map(tensor_cls.is_neg, ts)):
+        return None
+    if any(dt.is_complex for dt in code) and any(map(tensor_cls.is_conj, ts)):
+        return None
+    try:
+        shapes = list(map(_shape, ts))
+        strides = list(map(tensor_cls.stride, ts))
+        data_ptr = np.fromiter(map(tensor_cls.data_ptr, ts), np.uint64, n)
+    except RuntimeError:
+        return None
+    if len(code) == 1:
+        dtype = np.zeros(n, dtype=np.int32)
+    else:
+        dtype = np.fromiter(map(code.__getitem__, dtypes), np.int32, n)
+    itemsize = np.array(itemsizes, dtype=np.int64)[dtype]
+    first = np.fromiter(map(tensor_cls.storage_offset, ts), np.int64, n) * itemsize
+    flags = np.fromiter(map(_requires_grad, ts), np.int64, n)
+    if param_cls in classes:
+        flags |= FLAG_PARAMETER * np.fromiter((c is param_cls for c in types), np.int64, n)
+    ndim = np.fromiter(map(len, shapes), np.int64, n)
+    ndims = int(ndim.sum())
+    shape = np.fromiter(chain.from_iterable(shapes), np.int64, ndims)
+    stride = np.fromiter(chain.from_iterable(strides), np.int64, ndims)
+    dim_begin = np.zeros(n, dtype=np.int64)
+    np.cumsum(ndim[:-1], out=dim_begin[1:])
+    # The byte just past the last element: first + itemsize * (1 + sum((d - 1) * stride))
+    # for a tensor with elements, first for an empty one (as describe() computes it).
+    k = int(ndim[0])
+    if (ndim == k).all():  # one rank for all: no ragged sums
+        reach = ((shape - 1) * stride).reshape(n, k).sum(axis=1)
+        empty = (shape == 0).reshape(n, k).any(axis=1)
+    else:
+        row = np.repeat(np.arange(n), ndim)
+        reach = np.zeros(n, dtype=np.int64)
+        np.add.at(reach, row, (shape - 1) * stride)
+        zeros = np.zeros(n, dtype=np.int64)
+        np.add.at(zeros, row, shape == 0)
+        empty = zeros > 0
+    end = np.where(empty, first, first + itemsize * (1 + reach))
+    # A tensor's data pointer is its storage's plus its byte offset, which spares
+    # creating a storage object per tensor; only for empty tensors is it null.
+    sptr = data_ptr - first.astype(np.uint64)
+    for i in np.nonzero(empty)[0].tolist():
+        sptr[i] = ts[i].untyped_storage().data_ptr()
+
+    # Group by storage pointer, in order of first use; storages without memory share
+    # nothing, so each gets a key of its own.
+    key = sptr.astype(np.int64)
+    nomem = np.nonzero(sptr == 0)[0]
+    key[nomem] = -1 - nomem
+    used = end > first
+    ordered = np.sort(key)
+    if not (ordered[1:] == ordered[:-1]).any():  # no sharing: one storage per tensor
+        group = lead = np.arange(n)
+        lo = np.where(used, first, 0)
+        hi = np.where(used, end, 0)
+    else:
+        uniq, first_use, inverse = np.unique(key, return_index=True, return_inverse=True)
+        by_use = np.argsort(first_use, kind="stable")
+        rank = np.empty(len(uniq), dtype=np.int64)
+        rank[by_use] = np.arange(len(uniq))
+        group = rank[inverse.reshape(-1)]
+        lead = first_use[by_use]  # the first tensor of each storage
+        lo = np.full(len(uniq), np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(lo, group[used], first[used])
+        hi = np.zeros(len(uniq), dtype=np.int64)
+        np.maximum.at(hi, group[used], end[used])
+        lo[hi == 0] = 0  # no tensor references bytes of it: an empty span
+    lo -= lo % _SPAN_ALIGN
+    nbytes = hi - lo
+    offset = first - lo[group]
+    offset[(offset < 0) | (offset > nbytes[group])] = 0
+    table = TensorTable(
+        kind=np.zeros(n, dtype=np.int8),
+        storage=group,
+        dtype=dtype,
+        dtype_names=names,
+        dim_begin=dim_begin,
+        ndim=ndim,
+        shapes=shape,
+        strides=stride,
+        offset=offset,
+        flags=flags,
+    )
+    ptrs = sptr[lead] + lo.astype(np.uint64)
+    owners = [ts[i] for i in lead.tolist()]  # one per storage, as _plan_rows keeps them
+    return _Part(table, ["cpu"] * len(lead), ptrs, nbytes.astype(np.uint64), owners)
 
 
 def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> SavePlan:
     """Groups leaves by the memory they share and lays the storages out. Storages of
     torch tensors keep torch's sharing (one storage, one region); numpy arrays share a
     region when their bytes overlap. Only the span of a storage that some tensor
-    references is written."""
+    references is written. Torch storages come first, in order of first use."""
     torch = sys.modules.get("torch")
+    everything = list(range(len(leaves)))
+    if torch is None or not leaves:
+        return _plan_rows(torch, leaves, everything, error_at).finish()
+    if set(map(type, leaves)) <= {torch.Tensor, torch.nn.Parameter}:
+        fast = _describe_all(torch, leaves)
+        return (fast or _plan_rows(torch, leaves, everything, error_at)).finish()
+    tensor_type = torch.Tensor
+    t_pos = [i for i, leaf in enumerate(leaves) if isinstance(leaf, tensor_type)]
+    fast = _describe_all(torch, [leaves[i] for i in t_pos]) if t_pos else None
+    if fast is None:
+        return _plan_rows(torch, leaves, everything, error_at).finish()
+    n_pos = sorted(set(range(len(leaves))) - set(t_pos))
+    rest = _plan_rows(torch, [leaves[i] for i in n_pos], n_pos, error_at)
+    return _Part.merge(len(leaves), [(t_pos, fast), (n_pos, rest)]).finish()
+
+
+def _plan_rows(
+    torch: Any, leaves: list[Any], positions: list[int], error_at: Callable[[int, str], TypeError]
+) -> _Part:
+    """describe() and grouping one leaf at a time: every case the vectorised path leaves
+    out (numpy arrays, CUDA tensors, refusals with their messages)."""
     tensor_type = torch.Tensor if torch is not None else None
     groups: dict[Any, list[Any]] = {}  # key -> [storage owner, device, ptr, lo, hi, [row indexes]]
     rows: list[list[Any]] = []
@@ -53,7 +275,7 @@ def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> S
                     torch, leaf, _raise
                 )
             except _Refused as e:
-                raise error_at(i, str(e)) from None
+                raise error_at(positions[i], str(e)) from None
             g = groups.get(key)
             if g is None:
                 g = groups[key] = [storage, leaf.device, ptr, None, None, []]
@@ -74,7 +296,7 @@ def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> S
             name = numpy_name(a.dtype)
             if name is None:
                 raise error_at(
-                    i,
+                    positions[i],
                     f"numpy dtype {a.dtype} is not supported (numeric and bool types, native byte order)",
                 )
             addr = a.__array_interface__["data"][0]
@@ -142,17 +364,7 @@ def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> S
         storages.append([0, nbytes, dev])
         ptrs.append(base)
         sizes.append(nbytes)
-    offs = storage_offsets(sizes)
-    for row, off in zip(storages, offs):
-        row[0] = off
-    return SavePlan(
-        tensors=rows,
-        storages=storages,
-        ptrs=np.array(ptrs, dtype=np.uint64),
-        nbytes=np.array(sizes, dtype=np.uint64),
-        offsets=np.array(offs, dtype=np.uint64),
-        keepalive=keepalive,
-    )
+    return _Part.from_rows(rows, storages, ptrs, keepalive)
 
 
 def _allocation_start(a: np.ndarray, lo: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import collections
 import math
+import operator
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -50,18 +51,46 @@ def _path_str(path: list[Any]) -> str:
     return ".".join(str(p) for p in path) or "<root>"
 
 
+class _LeafPaths:
+    """The key path of each leaf, for error messages: `paths[i]` is a list of keys.
+    Runs of leaves under one dict are kept as (prefix, keys), so a state dict of many
+    tensors costs no list per tensor unless a message asks for one."""
+
+    def __init__(self) -> None:
+        self._one: dict[int, list[Any]] = {}
+        self._runs: list[tuple[int, list[Any], list[Any]]] = []  # (first leaf, prefix, keys)
+
+    def add(self, index: int, path: list[Any]) -> None:
+        self._one[index] = list(path)
+
+    def add_run(self, start: int, prefix: list[Any], keys: list[Any]) -> None:
+        self._runs.append((start, list(prefix), keys))
+
+    def __getitem__(self, index: int) -> list[Any]:
+        path = self._one.get(index)
+        if path is not None:
+            return path
+        for start, prefix, keys in self._runs:
+            if start <= index < start + len(keys):
+                return [*prefix, keys[index - start]]
+        raise IndexError(index)
+
+
 class Flattener:
     """Walks an object once, producing the tree and the leaf list (tensors and arrays)."""
 
     def __init__(self) -> None:
         self.leaves: list[Any] = []
-        self.leaf_paths: list[list[Any]] = []
+        self.leaf_paths = _LeafPaths()
         self._leaf_index: dict[int, int] = {}
         self._active: set[int] = set()
         self._path: list[Any] = []
         self._in_key = False
         torch = _torch_module()
         self._tensor_type = torch.Tensor if torch is not None else None
+        self._plain_tensor_types = (
+            {torch.Tensor, torch.nn.Parameter} if torch is not None else set()
+        )
         self._torch = torch
 
     def error(self, message: str) -> TypeError:
@@ -81,7 +110,7 @@ class Flattener:
             index = len(self.leaves)
             self._leaf_index[key] = index
             self.leaves.append(obj)
-            self.leaf_paths.append(list(self._path))
+            self.leaf_paths.add(index, self._path)
         return [tag, index]
 
     def _children(
@@ -99,6 +128,8 @@ class Flattener:
         self, tag: str, obj: dict[Any, Any], depth: int, head: list[Any] | None = None
     ) -> list[Any]:
         out = [tag] if head is None else [tag, *head]
+        if len(obj) > 1 and self._tensor_dict(obj, out):
+            return out
         path = self._path
         for k, v in obj.items():
             path.append(k)
@@ -106,6 +137,32 @@ class Flattener:
             out.append(self._node(v, depth + 1))
             path.pop()
         return out
+
+    def _tensor_dict(self, obj: dict[Any, Any], out: list[Any]) -> bool:
+        """The common state dict, ASCII names to tensors not seen before, in C-level
+        passes instead of a walk per item; returns False (having done nothing) when
+        `obj` is anything else."""
+        values = list(obj.values())
+        if not self._plain_tensor_types or not set(map(type, values)) <= self._plain_tensor_types:
+            return False
+        keys = list(obj)
+        if set(map(type, keys)) != {str} or not all(map(str.isascii, keys)):
+            return False
+        ids = list(map(id, values))
+        index = self._leaf_index
+        if any(map(index.__contains__, ids)) or len(set(ids)) != len(ids):
+            return False  # shared tensors: the walk below assigns their indexes
+        start = len(self.leaves)
+        stop = start + len(values)
+        index.update(zip(ids, range(start, stop)))
+        self.leaves += values
+        prefix = self._path
+        self.leaf_paths.add_run(start, prefix, keys)
+        items: list[Any] = [None] * (2 * len(keys))
+        items[::2] = keys
+        items[1::2] = [["tensor", i] for i in range(start, stop)]
+        out += items
+        return True
 
     def _key(self, k: Any, depth: int) -> Any:
         if type(k) is str:
@@ -240,8 +297,12 @@ def _b64(s: Any) -> bytes:
 class Builder:
     """Rebuilds objects from a validated tree; `leaf(tag, index)` supplies tensors."""
 
-    def __init__(self, leaf: Callable[[str, int], Any]) -> None:
+    def __init__(self, leaf: Callable[[str, int], Any], leaves: list[Any] | None = None) -> None:
+        """`leaf(tag, i)` supplies leaf i; `leaves`, when given, holds them all already
+        (leaves[i] is leaf(tag, i)), which lets dicts of leaves be built in C-level
+        passes."""
         self._leaf = leaf
+        self._leaves = leaves
 
     def build(self, node: Any, depth: int = 0) -> Any:
         t = type(node)
@@ -255,6 +316,14 @@ class Builder:
         if tag == "tuple":
             return tuple(self.build(c, depth + 1) for c in node[1:])
         if tag == "dict":
+            if self._leaves is not None and len(node) > 3:
+                keys, values = node[1::2], node[2::2]
+                if (
+                    set(map(type, keys)) == {str}
+                    and set(map(type, values)) == {list}
+                    and set(map(_first, values)) <= _LEAF_TAGS
+                ):
+                    return dict(zip(keys, map(self._leaves.__getitem__, map(_second, values))))
             return {
                 self.build(node[i], depth + 1): self.build(node[i + 1], depth + 1)
                 for i in range(1, len(node), 2)
@@ -269,6 +338,11 @@ class Builder:
                     setattr(out, name, value)
             return out
         return decode_scalar(node)
+
+
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
+_LEAF_TAGS = {"tensor", "ndarray"}
 
 
 def decode_scalar(node: list[Any]) -> Any:

@@ -96,14 +96,14 @@ def _save(
             f"tensorfile.save: cannot save the object at key path {_path_str(flattener.leaf_paths[i])!r}: {m}"
         ),
     )
-    header, crc_pos = native.encode_header(tree, plan.tensors, plan.storages, meta)
+    header, crc_pos = native.encode_header(
+        tree, plan.table, plan.offsets, plan.nbytes, plan.devices, meta
+    )
     if len(header) > native.MAX_HEADER_NBYTES:
         raise ValueError(
             f"tensorfile.save: the header would be {len(header)} bytes, over the format's limit"
         )
-    sizes = [row[1] for row in plan.storages]
-    offsets = [row[0] for row in plan.storages]
-    total = native.file_nbytes(len(header), offsets, sizes)
+    total = native.file_nbytes(len(header), plan.offsets, plan.nbytes)
     base = np.uint64(native.data_start(len(header)))
     threads = _config.num_threads(num_threads)
     task = _config.task_nbytes(write=True)
@@ -305,7 +305,7 @@ def _save_path(
             fd,
             path,
             f"/proc/self/fd/{fd}",
-            [row[2] for row in plan.storages],
+            plan.devices,
             plan.ptrs,
             plan.nbytes,
             plan.offsets + base,
@@ -410,9 +410,7 @@ def _save_stream(
         raise TypeError(
             f"tensorfile.save: f must be a path or a writable binary file object, got {type(f).__name__}"
         )
-    ptrs, _host = _cuda.host_copies(
-        [row[2] for row in plan.storages], plan.ptrs, plan.nbytes, plan.keepalive
-    )
+    ptrs, _host = _cuda.host_copies(plan.devices, plan.ptrs, plan.nbytes, plan.keepalive)
     crcs = _engine.checksum_regions(ptrs, plan.nbytes, threads, task)
     native.set_checksums(header, crc_pos, crcs)
     sizes = plan.nbytes.tolist()
@@ -613,7 +611,8 @@ class _Reader:
         self, which: list[int] | None, map_location: Any, verify: bool, threads: int, use_mmap: bool
     ) -> dict[int, Any]:
         """Reads storages (all when `which` is None) into fresh memory, checks them, and
-        returns {storage index: torch UntypedStorage or numpy uint8 array}."""
+        returns {storage index: torch UntypedStorage or numpy uint8 array}; reading them
+        all onto the CPU, a _Prebuilt dict where some values are their one tensor."""
         lay = self.layout
         idx = list(range(len(lay.storage_kind))) if which is None else which
         if use_mmap:
@@ -622,7 +621,10 @@ class _Reader:
             direct = self._cuda_targets(idx, map_location)
             if direct:
                 return self._read_to_cuda(idx, direct, map_location, verify, threads, which is None)
-            raw = self._pread_storages(idx, verify, threads, check_gaps=which is None)
+            prebuild = which is None and not self.pin_memory and self._stays_on_cpu(map_location)
+            raw = self._pread_storages(idx, verify, threads, which is None, prebuild)
+            if prebuild:
+                return raw  # every storage's place is where it was read
         else:
             raw = self._stream_storages(idx, verify, threads, whole=which is None)
         place = _placer(self, map_location)
@@ -682,12 +684,77 @@ class _Reader:
             out.update({s: place(s, raw[s]) for s in rest})
         return out
 
-    def _allocate(self, idx: list[int]) -> tuple[dict[int, Any], np.ndarray]:
+    def _stays_on_cpu(self, map_location: Any) -> bool:
+        """True when map_location leaves every torch storage on the CPU as read (no
+        copy, no callable), so tensors may be allocated before the read."""
+        lay = self.layout
+        if map_location is None:
+            return all(d == "cpu" for d in set(lay.storage_device))
+        torch = sys.modules.get("torch")
+        if isinstance(map_location, str) or (
+            torch is not None and isinstance(map_location, torch.device)
+        ):
+            return str(map_location) == "cpu"
+        return False
+
+    def _prebuilt_rows(self, idx: list[int]) -> dict[int, int]:
+        """{storage: its one tensor row} for the torch storages whose single tensor
+        starts at byte 0 and spans the whole storage: those tensors are allocated
+        directly with their shape and strides (one call instead of a storage, an empty
+        tensor and set_), and the read lands in them. Bool rows are left out: their
+        bytes are checked on the storage."""
+        lay = self.layout
+        rows = lay.tensors
+        nbytes = lay.storage_nbytes.tolist()
+        out: dict[int, int] = {}
+        for s in idx:
+            members = lay.storage_tensors[s]
+            if len(members) == 1 and lay.storage_kind[s] == "torch":
+                row = rows[members[0]]
+                if row[5] == 0 and row[2] in _PREBUILT_DTYPES:
+                    # The read fills the whole storage, so the tensor's own allocation
+                    # (what empty_strided sizes from shape and strides) must be exactly
+                    # that big: a storage larger than its one view (torch.save keeps
+                    # whole storages) keeps the ordinary path.
+                    shape, strides = row[3], row[4]
+                    if 0 in shape:
+                        need = 0
+                    else:
+                        need = 1
+                        for d, st in zip(shape, strides):
+                            need += (d - 1) * st
+                        need *= TORCH_ITEMSIZE[row[2]]
+                    if need == nbytes[s]:
+                        out[s] = members[0]
+        return out
+
+    def _allocate(
+        self, idx: list[int], prebuild: bool = False
+    ) -> tuple[dict[int, Any], np.ndarray]:
         lay = self.layout
         torch = _torch_for(self) if any(lay.storage_kind[s] == "torch" for s in idx) else None
         bufs: dict[int, Any] = {}
         ptrs = np.zeros(len(idx), dtype=np.uint64)
+        single = self._prebuilt_rows(idx) if prebuild else {}
+        if single:
+            assert torch is not None
+            bufs = _Prebuilt()
+            bufs.prebuilt = set(single)
+            empty_strided = torch.empty_strided
+            rows = lay.tensors
+            for j, s in enumerate(idx):
+                i = single.get(s)
+                if i is None:
+                    continue
+                _, _, dtype, shape, strides, _, _ = rows[i]
+                dt = _TORCH_DTYPES.get(dtype)
+                if dt is None:
+                    dt = _TORCH_DTYPES[dtype] = getattr(torch, dtype)
+                t = bufs[s] = empty_strided(shape, strides, dtype=dt)
+                ptrs[j] = t.data_ptr()
         for j, s in enumerate(idx):
+            if s in bufs:
+                continue
             nb = int(lay.storage_nbytes[s])
             if lay.storage_kind[s] == "torch":
                 assert torch is not None
@@ -718,10 +785,12 @@ class _Reader:
             )
 
     def _pread_storages(
-        self, idx: list[int], verify: bool, threads: int, check_gaps: bool
+        self, idx: list[int], verify: bool, threads: int, check_gaps: bool, prebuild: bool = False
     ) -> dict[int, Any]:
+        """Reads storages into fresh memory; with `prebuild`, some values are already
+        the storage's one tensor (see _prebuilt_rows) rather than a storage."""
         lay = self.layout
-        bufs, ptrs = self._allocate(idx)
+        bufs, ptrs = self._allocate(idx, prebuild)
         assert self.src.fd is not None
         nbytes = lay.storage_nbytes[idx]
         full = nbytes > 0  # empty storages have no bytes and no padding: no I/O
@@ -846,13 +915,16 @@ class _Reader:
         else:
             torch = _torch_for(self)
             storage = storages[s]
-            dt = _TORCH_DTYPES.get(dtype)
-            if dt is None:
-                dt = _TORCH_DTYPES[dtype] = getattr(torch, dtype)
-            itemsize = dt.itemsize
-            out = torch.empty(0, dtype=dt, device=storage.device).set_(
-                storage, off // itemsize, shape, strides
-            )
+            if s in getattr(storages, "prebuilt", ()):
+                out = storage  # allocated with its shape before the read (_prebuilt_rows)
+            else:
+                dt = _TORCH_DTYPES.get(dtype)
+                if dt is None:
+                    dt = _TORCH_DTYPES[dtype] = getattr(torch, dtype)
+                itemsize = dt.itemsize
+                out = torch.empty(0, dtype=dt, device=storage.device).set_(
+                    storage, off // itemsize, shape, strides
+                )
             if dtype == "bool":
                 raw = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(
                     storage, off, shape, strides
@@ -870,8 +942,17 @@ class _Reader:
         return out
 
     def build(self, storages: dict[int, Any]) -> Any:
-        cache: dict[int, Any] = {}
-        return Builder(lambda tag, i: self.build_tensor(i, storages, cache)).build(self.layout.tree)
+        # Every row is referenced by the tree (the header guarantees it): build them all
+        # in one pass, taking tensors allocated before the read as they are.
+        tensors: list[Any] = []
+        append = tensors.append
+        prebuilt = getattr(storages, "prebuilt", ())
+        for i, row in enumerate(self.layout.tensors):
+            if row[6] == 0 and row[1] in prebuilt:
+                append(storages[row[1]])
+            else:
+                append(self.build_tensor(i, storages))
+        return Builder(lambda tag, i: tensors[i], tensors).build(self.layout.tree)
 
     def close(self) -> None:
         self.src.close()
@@ -1041,7 +1122,19 @@ class _TorchZipReader(_Reader):
         return torchzip.substitute(self.archive.root, tensors)
 
 
+class _Prebuilt(dict[int, Any]):
+    """{storage index: storage}, where the storages in `prebuilt` are instead their
+    one tensor, allocated with its shape before the read (_Reader._prebuilt_rows)."""
+
+    prebuilt: set[int]
+
+
 _TORCH_DTYPES: dict[str, Any] = {}
+# dtypes that torch.empty_strided allocates (sub-byte and bit types it may not); bool
+# is left out because its bytes are checked through a uint8 view of the storage.
+_PREBUILT_DTYPES = frozenset(
+    "float16 bfloat16 float32 float64 complex64 complex128 uint8 int8 int16 int32 int64".split()
+)
 
 
 def _check_bool(name: str, raw: np.ndarray, i: int) -> None:
@@ -1169,9 +1262,13 @@ def load(
             storages = reader.read_storages(
                 None, map_location, verify, _config.num_threads(num_threads), mmap
             )
-            return reader.build(storages)
+            out = reader.build(storages)
         finally:
             reader.close()
+        # Free the header's many small objects while the collector is still paused:
+        # alive at gc.enable(), they would make its next pass walk them all.
+        del reader, storages
+        return out
 
 
 class TensorFile:

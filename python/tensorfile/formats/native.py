@@ -11,6 +11,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,6 @@ FLAG_REQUIRES_GRAD = 1
 FLAG_PARAMETER = 2
 
 _HEADER_KEYS = ("tree", "tensors", "storages", "metadata", "crc32c")
-_CRC_PLACEHOLDER = "0"
 _LOWER_HEX = re.compile(r"[0-9a-f]*")
 _STORAGE_DEVICE = re.compile(r"cpu|cuda(?::(?:0|[1-9][0-9]{0,4}))?")
 
@@ -63,25 +63,114 @@ def data_start(header_nbytes: int) -> int:
     return align_up(PREAMBLE_NBYTES + header_nbytes)
 
 
-def file_nbytes(header_nbytes: int, offsets: list[int], nbytes: list[int]) -> int:
-    end = max((o + n for o, n in zip(offsets, nbytes) if n), default=0)
+def file_nbytes(
+    header_nbytes: int, offsets: list[int] | np.ndarray, nbytes: list[int] | np.ndarray
+) -> int:
+    if isinstance(offsets, np.ndarray) and isinstance(nbytes, np.ndarray):
+        full = nbytes > 0
+        end = int((offsets[full] + nbytes[full]).max()) if full.any() else 0
+    else:
+        end = max((o + n for o, n in zip(offsets, nbytes) if n), default=0)
     return data_start(header_nbytes) + end if end else PREAMBLE_NBYTES + header_nbytes
 
 
+@dataclass
+class TensorTable:
+    """The header's tensor rows as columns, as the planner builds them: row i is
+    [KINDS[kind[i]], storage[i], dtype_names[dtype[i]], shapes[dim_begin[i]:][:ndim[i]],
+    strides[...same...], offset[i], flags[i]]."""
+
+    kind: np.ndarray  # int8: 0 torch, 1 numpy
+    storage: np.ndarray  # int64
+    dtype: np.ndarray  # int32, index into dtype_names
+    dtype_names: list[str]
+    dim_begin: np.ndarray  # int64
+    ndim: np.ndarray  # int64
+    shapes: np.ndarray  # int64
+    strides: np.ndarray  # int64
+    offset: np.ndarray  # int64, bytes into the storage
+    flags: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    @staticmethod
+    def from_rows(rows: list[list[Any]]) -> TensorTable:
+        """The columns of header rows [kind, storage, dtype, shape, strides, offset, flags]."""
+        n = len(rows)
+        names: dict[str, int] = {}
+        dims = [len(r[3]) for r in rows]
+        return TensorTable(
+            kind=np.array([KINDS.index(r[0]) for r in rows], dtype=np.int8),
+            storage=np.array([r[1] for r in rows], dtype=np.int64),
+            dtype=np.array([names.setdefault(r[2], len(names)) for r in rows], dtype=np.int32),
+            dtype_names=list(names),
+            dim_begin=np.cumsum([0, *dims[:-1]], dtype=np.int64)[:n],
+            ndim=np.array(dims, dtype=np.int64),
+            shapes=np.fromiter(chain.from_iterable(r[3] for r in rows), np.int64, sum(dims)),
+            strides=np.fromiter(chain.from_iterable(r[4] for r in rows), np.int64, sum(dims)),
+            offset=np.array([r[5] for r in rows], dtype=np.int64),
+            flags=np.array([r[6] for r in rows], dtype=np.int64),
+        )
+
+    def rows(self) -> list[list[Any]]:
+        shapes, strides = self.shapes.tolist(), self.strides.tolist()
+        return [
+            [KINDS[k], s, self.dtype_names[d], shapes[b : b + n], strides[b : b + n], o, f]
+            for k, s, d, b, n, o, f in zip(
+                self.kind.tolist(),
+                self.storage.tolist(),
+                self.dtype.tolist(),
+                self.dim_begin.tolist(),
+                self.ndim.tolist(),
+                self.offset.tolist(),
+                self.flags.tolist(),
+            )
+        ]
+
+
+KINDS = ("torch", "numpy")
+
+
 def encode_header(
-    tree: Any, tensors: list[list[Any]], storages: list[list[Any]], metadata: dict[str, str]
+    tree: Any,
+    tensors: TensorTable,
+    storage_offsets: np.ndarray,
+    storage_nbytes: np.ndarray,
+    storage_devices: list[str],
+    metadata: dict[str, str],
 ) -> tuple[bytearray, int]:
     """The header with every checksum zero; returns it and where the checksum hex begins,
     so `set_checksums` can fill them in once the data has been written. The checksum
-    field is fixed-width, so the header's length never depends on the checksums."""
-    body = json.dumps(
-        {"tree": tree, "tensors": tensors, "storages": storages, "metadata": metadata},
-        separators=(",", ":"),
-        ensure_ascii=True,
-        allow_nan=False,
+    field is fixed-width, so the header's length never depends on the checksums. The
+    bytes are those of json.dumps with compact separators over the header object; the
+    engine writes the two tables."""
+    devices = sorted(set(storage_devices))
+    if any(not _valid_device(d) for d in devices):
+        raise ValueError(f"storage devices must be cpu or cuda[:index], got {devices}")
+    code = {d: i for i, d in enumerate(devices)}
+    device = np.fromiter(map(code.__getitem__, storage_devices), np.int32, len(storage_devices))
+    t = tensors
+    tensor_rows, storage_rows = _engine.encode_tables(
+        t.kind, t.storage, t.dtype, t.dim_begin, t.ndim, t.offset, t.flags, t.shapes, t.strides,
+        t.dtype_names, storage_offsets, storage_nbytes, device, devices,
+    )  # fmt: skip
+    dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
+    head = b"".join(
+        (
+            b'{"tree":',
+            dumps(tree).encode("ascii"),
+            b',"tensors":',
+            tensor_rows,
+            b',"storages":',
+            storage_rows,
+            b',"metadata":',
+            dumps(metadata).encode("ascii"),
+            b',"crc32c":"',
+        )
     )
-    head = body[:-1] + ',"crc32c":"'
-    header = bytearray((head + _CRC_PLACEHOLDER * (8 * len(storages)) + '"}').encode("ascii"))
+    header = bytearray(head)
+    header += b"0" * (8 * len(storage_devices)) + b'"}'
     return header, len(head)
 
 
@@ -202,6 +291,85 @@ def parse_header(
             f"{name}: header checksum mismatch (the file was damaged after it was written); "
             "re-save it, or pass verify=False to skip checksums"
         )
+    layout = decode_fast(raw, pre)
+    return layout if layout is not None else parse_header_reference(raw, pre, name)
+
+
+# The engine's decoder takes the dtype table from here, so the names and widths have
+# one source: (kind 0 torch / 1 numpy, name, itemsize, may carry requires_grad).
+_KINDS = KINDS
+_DTYPE_TABLE = [
+    (_KINDS.index(kind), dtype, itemsize, dtype in TORCH_GRAD_DTYPES)
+    for kind, table in ITEMSIZE.items()
+    for dtype, itemsize in table.items()
+]
+_DTYPE_NAMES = [row[1] for row in _DTYPE_TABLE]
+
+
+def decode_fast(raw: bytes | bytearray | memoryview, pre: Preamble) -> Layout | None:
+    """The engine's decoder (csrc/header.cpp): the same rules as
+    `parse_header_reference`, applied in native code to headers as tensorfile writes
+    them. Returns None where it declines (unusual but possibly valid headers, and every
+    invalid one), leaving the decision and the error message to the reference."""
+    got = _engine.decode_header(raw, pre.file_nbytes, _DTYPE_TABLE)
+    if got is None:
+        return None
+    tb, te, mb, me, offs, sizes, crcs, sdev, devices, skind, table, shapes, strides = got
+    view = memoryview(raw)
+    tree = json.loads(bytes(view[tb:te]))
+    metadata = json.loads(bytes(view[mb:me]))
+    kind_i, store, dtype_i, ndim, off, flags = table.T.tolist()
+    ntensors = len(kind_i)
+    dims = set(ndim)
+    if len(dims) == 1:  # every row has the same rank: split without a Python loop
+        k = dims.pop()
+        shape_rows = shapes.reshape(ntensors, k).tolist()
+        stride_rows = strides.reshape(ntensors, k).tolist()
+    else:
+        flat_shapes, flat_strides = shapes.tolist(), strides.tolist()
+        shape_rows, stride_rows = [], []
+        at = 0
+        for n in ndim:
+            shape_rows.append(flat_shapes[at : at + n])
+            stride_rows.append(flat_strides[at : at + n])
+            at += n
+    tensors = list(
+        map(
+            list,
+            zip(
+                map(_KINDS.__getitem__, kind_i),
+                store,
+                map(_DTYPE_NAMES.__getitem__, dtype_i),
+                shape_rows,
+                stride_rows,
+                off,
+                flags,
+            ),
+        )
+    )
+    storage_tensors: list[list[int]] = [[] for _ in range(len(sizes))]
+    for i, s in enumerate(store):
+        storage_tensors[s].append(i)
+    base = data_start(pre.header_nbytes)
+    return Layout(
+        tree=tree,
+        tensors=tensors,
+        storage_kind=list(map(_KINDS.__getitem__, skind.tolist())),
+        storage_device=list(map(devices.__getitem__, sdev.tolist())),
+        storage_nbytes=sizes,
+        storage_offsets=offs + np.uint64(base),
+        storage_crcs=crcs,
+        storage_tensors=storage_tensors,
+        metadata=metadata,
+        header_end=PREAMBLE_NBYTES + pre.header_nbytes,
+        file_nbytes=pre.file_nbytes,
+        minor=pre.minor,
+    )
+
+
+def parse_header_reference(raw: bytes | bytearray | memoryview, pre: Preamble, name: str) -> Layout:
+    """The complete validator in Python, checksum aside: the normative reading of
+    docs/format.md, which words every error; `decode_fast` must agree with it."""
     try:
         text = bytes(raw).decode("utf-8")
         doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
