@@ -79,16 +79,16 @@ def test_a_second_save_to_the_same_path_waits_for_the_first(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
     events: list[str] = []
-    real = tensorfile.api.save
+    real = tensorfile.api._save
 
-    def slow_save(obj: Any, f: Any, **kw: Any) -> None:
+    def slow_save(obj: Any, f: Any, *args: Any) -> None:
         events.append(f"start {obj['v']}")
         if obj["v"] == 1:
             time.sleep(0.5)
-        real(obj, f, **kw)
+        real(obj, f, *args)
         events.append(f"end {obj['v']}")
 
-    monkeypatch.setattr(tensorfile.api, "save", slow_save)
+    monkeypatch.setattr(tensorfile.api, "_save", slow_save)
     t = torch.zeros(1000)
     first = tensorfile.async_save({"v": 1, "t": t}, tmp_path / "x.tf")
     t.fill_(2)
@@ -141,3 +141,33 @@ def test_concurrent_saves_use_separate_buffers(tmp_path: Path) -> None:
         f.result(timeout=60)
     for i in range(4):
         assert bool((tensorfile.load(tmp_path / f"{i}.tf")["t"] == i).all())
+
+
+def test_snapshot_keeps_the_storages_apart(tmp_path):
+    """Each original storage is a storage of its own in the file, so reading one tensor
+    back reads only its bytes, and sharing is kept exactly where it was."""
+    big = torch.randn(1000)
+    obj = {"a": big, "a_view": big[10:20], "b": torch.ones(3), "c": torch.arange(5)}
+    path = tmp_path / "apart.tf"
+    tensorfile.async_save(obj, path).result()
+    with tensorfile.open(path) as f:
+        lay = f._reader.layout
+        assert len(lay.storage_kind) == 3
+        assert sorted(int(n) for n in lay.storage_nbytes) == [12, 40, 4000]
+    got = tensorfile.load(path)
+    assert got["a_view"].untyped_storage().data_ptr() == got["a"].untyped_storage().data_ptr()
+    assert got["b"].untyped_storage().data_ptr() != got["a"].untyped_storage().data_ptr()
+    assert torch.equal(got["a_view"], big[10:20])
+
+
+def test_saved_from_records_the_original_device(tmp_path):
+    """What async_save does for snapshots of CUDA tensors, checked on the CPU: the file
+    records the device the tensor came from, and map_location brings it to the CPU."""
+    from tensorfile import api
+
+    t = torch.arange(4.0)
+    path = tmp_path / "dev.tf"
+    api._save({"t": t, "u": torch.ones(1)}, str(path), True, None, None, {id(t): "cuda:1"})
+    with tensorfile.open(path) as f:
+        assert f._reader.layout.storage_device == ["cuda:1", "cpu"]
+    assert torch.equal(tensorfile.load(path, map_location="cpu")["t"], t)

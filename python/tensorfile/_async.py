@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import os
 import threading
 from typing import Any
@@ -75,7 +76,7 @@ def async_save(obj: Any, f: Any, **save_kwargs: Any) -> SaveFuture:
     A save to a path that another async_save is still writing starts after that one
     ends, so the last call wins. Thread-safe.
     """
-    from .api import save
+    from .api import _no_gc, _save
 
     if not isinstance(f, (str, os.PathLike)):
         raise TypeError(
@@ -83,7 +84,12 @@ def async_save(obj: Any, f: Any, **save_kwargs: Any) -> SaveFuture:
             "(a stream may be written to by the caller while the save runs)"
         )
     target = os.path.abspath(os.fspath(f))
-    snapshot, buf = _snapshot(obj)
+    snapshot, buf, saved_from = _snapshot(obj)
+    durable = save_kwargs.pop("durable", True)
+    num_threads = save_kwargs.pop("num_threads", None)
+    metadata = save_kwargs.pop("metadata", None)
+    if save_kwargs:
+        raise TypeError(f"tensorfile.async_save: unexpected argument {next(iter(save_kwargs))!r}")
     fut = SaveFuture()
     fut.path = target
     fut.set_running_or_notify_cancel()
@@ -96,7 +102,8 @@ def async_save(obj: Any, f: Any, **save_kwargs: Any) -> SaveFuture:
         try:
             if before is not None:
                 concurrent.futures.wait([before])
-            save(snapshot, target, **save_kwargs)
+            with _no_gc():
+                _save(snapshot, target, durable, num_threads, metadata, saved_from)
         except BaseException as e:
             error = e
         # The buffer goes back before the future completes, so a caller that waits for
@@ -115,8 +122,11 @@ def async_save(obj: Any, f: Any, **save_kwargs: Any) -> SaveFuture:
     return fut
 
 
-def _snapshot(obj: Any) -> tuple[Any, Any]:
-    """A copy of `obj` whose tensors view one pooled buffer; returns (copy, buffer)."""
+def _snapshot(obj: Any) -> tuple[Any, Any, dict[int, str]]:
+    """A copy of `obj` whose tensors view one pooled buffer, each original storage as a
+    storage of its own over its part of the buffer (so the file keeps the original
+    storages, and reading one tensor back reads only its storage); returns (copy,
+    buffer, {id(copy): device of the original} for tensors copied from a device)."""
     flattener = Flattener()
     tree = flattener.flatten(obj)
     leaves = flattener.leaves
@@ -164,25 +174,36 @@ def _snapshot(obj: Any) -> tuple[Any, Any]:
                 devices.add(device)
         for device in devices:
             torch.cuda.synchronize(device)  # the caller may overwrite the source after we return
+    views: dict[Any, Any] = {}
+    if buf is not None:
+        base = buf.data_ptr()
+        for key, (_storage, _device, lo, hi, at) in groups.items():
+            n = max(hi - lo, 0)
+            if n:
+                mem = (ctypes.c_ubyte * n).from_address(base + at)
+                views[key] = torch.frombuffer(mem, dtype=torch.uint8).untyped_storage()
+    saved_from: dict[int, str] = {}
     copies: list[Any] = []
     for i, leaf in enumerate(leaves):
         if i not in described:
             copies.append(leaf.copy())  # numpy array
             continue
         key, first, shape, strides, flags = described[i]
-        _storage, _device, lo, _hi, at = groups[key]
+        _storage, device, lo, _hi, at = groups[key]
         itemsize = leaf.element_size()
         t = torch.empty(0, dtype=leaf.dtype)
-        if buf is not None:
-            t.set_(buf.untyped_storage(), (at + first - lo) // itemsize, shape, strides)
+        if key in views:
+            t.set_(views[key], (first - lo) // itemsize, shape, strides)
         else:
             t = torch.empty_strided(shape, strides, dtype=leaf.dtype)
         if flags & FLAG_PARAMETER:
             t = torch.nn.Parameter(t, requires_grad=bool(flags & FLAG_REQUIRES_GRAD))
         elif flags & FLAG_REQUIRES_GRAD:
             t.requires_grad_(True)
+        if device.type != "cpu":
+            saved_from[id(t)] = str(device)
         copies.append(t)
-    return Builder(lambda tag, i: copies[i]).build(tree), buf
+    return Builder(lambda tag, i: copies[i]).build(tree), buf, saved_from
 
 
 def clear_pool() -> None:

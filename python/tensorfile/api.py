@@ -85,8 +85,15 @@ def save(
 
 
 def _save(
-    obj: Any, f: FileLike, durable: bool, num_threads: int | None, metadata: dict[str, str] | None
+    obj: Any,
+    f: FileLike,
+    durable: bool,
+    num_threads: int | None,
+    metadata: dict[str, str] | None,
+    saved_from: dict[int, str] | None = None,
 ) -> None:
+    """`saved_from` maps id(tensor) to the device to record for its storage, for copies
+    that stand in for tensors elsewhere (async_save's snapshots of CUDA tensors)."""
     meta = _check_metadata(metadata)
     flattener = Flattener()
     tree = flattener.flatten(obj)
@@ -96,8 +103,15 @@ def _save(
             f"tensorfile.save: cannot save the object at key path {_path_str(flattener.leaf_paths[i])!r}: {m}"
         ),
     )
+    recorded = plan.devices  # what the header says; the bytes are written from plan.devices
+    if saved_from:
+        recorded = list(recorded)
+        for i, leaf in enumerate(flattener.leaves):
+            device = saved_from.get(id(leaf))
+            if device is not None:
+                recorded[int(plan.table.storage[i])] = device
     header, crc_pos = native.encode_header(
-        tree, plan.table, plan.offsets, plan.nbytes, plan.devices, meta
+        tree, plan.table, plan.offsets, plan.nbytes, recorded, meta
     )
     if len(header) > native.MAX_HEADER_NBYTES:
         raise ValueError(
