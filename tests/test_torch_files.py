@@ -368,3 +368,25 @@ def test_a_view_smaller_than_its_storage_keeps_the_whole_storage(tmp_path):
     assert torch.equal(got["head"], x[:2]) and got["head"].untyped_storage().nbytes() == 4000
     assert torch.equal(got["strided"], torch.tensor([0.0, 4.0, 8.0]))
     assert got["strided"].untyped_storage().nbytes() == 256
+
+
+def test_a_huge_shape_over_zero_strides_is_refused(tmp_path):
+    # shape (2**40, 2**40) with strides (0, 0) stays inside a 1-element storage
+    path = tmp_path / "huge.pt"
+    torch.save({"w": torch.ones(1).expand(7, 5)}, path)
+    src = zipfile.ZipFile(path)
+    prefix = src.namelist()[0].split("/")[0]
+    pkl = src.read(f"{prefix}/data.pkl")
+    big = b"\x8a\x06\x00\x00\x00\x00\x00\x01"  # LONG1: 6 bytes, 2**40
+    edited = pkl.replace(b"K\x07K\x05\x86", big + big + b"\x86", 1)
+    assert edited != pkl
+    out = tmp_path / "huge2.pt"
+    with zipfile.ZipFile(out, "w") as z:
+        for info in src.infolist():
+            z.writestr(
+                info.filename, edited if info.filename.endswith("data.pkl") else src.read(info)
+            )
+    with pytest.raises(FormatError, match="more elements"):
+        tensorfile.load(out)
+    with pytest.raises(FormatError, match="more elements"):
+        tensorfile.open(out)

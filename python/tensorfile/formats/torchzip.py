@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import struct
 import zlib
@@ -467,6 +468,8 @@ class _Unpickler(pickle.Unpickler):
         strides = _int_list(stride, "strides")
         if len(shape) != len(strides):
             raise FormatError("a tensor's shape and strides differ in length")
+        if math.prod(shape) >= 2**62:  # zero strides keep a huge shape inside a tiny storage
+            raise FormatError(f"a tensor's shape {shape} has more elements than any tensor can")
         if type(requires_grad) is not bool:
             raise FormatError("a tensor's requires_grad must be a bool")
         rec = TensorRecord(ref, dtype, offset, shape, strides, requires_grad, _check_meta(metadata))
