@@ -390,3 +390,14 @@ def test_a_huge_shape_over_zero_strides_is_refused(tmp_path):
         tensorfile.load(out)
     with pytest.raises(FormatError, match="more elements"):
         tensorfile.open(out)
+
+
+def test_a_zip_whose_directory_lists_nothing_is_refused(tmp_path):
+    path = tmp_path / "nothing.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    data = bytearray(path.read_bytes())
+    eocd = data.rfind(b"PK\x05\x06")
+    struct.pack_into("<HHII", data, eocd + 8, 0, 0, 0, eocd)  # no entries, an empty directory
+    path.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match=r"nothing\.pt"):
+        tensorfile.load(path)

@@ -1086,6 +1086,8 @@ class _TorchZipReader(_Reader):
 
     def _read_many(self, offsets: list[int], sizes: list[int]) -> bytes:
         """Sorted, disjoint small ranges in one engine call (a few gathered preads)."""
+        if not sizes:
+            return b""
         if self.src.fd is None:
             return b"".join(self.src.read(n, o) for o, n in zip(offsets, sizes))
         nbytes = np.array(sizes, dtype=np.uint64)
