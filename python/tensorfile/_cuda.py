@@ -267,6 +267,17 @@ def _require_cuda(torch: Any) -> None:
         )
 
 
+def mapped_location(saved: str, map_location: Any) -> str:
+    """Where a storage saved on `saved` goes under a non-callable map_location, as in
+    torch.load: None keeps it, a dict remaps saved device strings, anything else (a
+    string or torch.device) sends every storage there."""
+    if map_location is None:
+        return saved
+    if isinstance(map_location, dict):
+        return str(map_location.get(saved, saved))
+    return str(map_location)
+
+
 def target_devices(
     torch: Any, saved: Sequence[str], kinds: Sequence[str], idx: Sequence[int], map_location: Any
 ) -> dict[int, Any]:
@@ -283,13 +294,7 @@ def target_devices(
         where = saved[s]
         dev = cache.get(where)
         if dev is None:
-            if map_location is None:
-                t = where
-            elif isinstance(map_location, dict):
-                t = str(map_location.get(where, where))
-            else:
-                t = str(map_location)
-            dev = cache[where] = torch.device(t)
+            dev = cache[where] = torch.device(mapped_location(where, map_location))
         if dev.type == "cuda":
             out[s] = dev
     return out

@@ -792,7 +792,7 @@ class _Reader:
         if len(bad):
             s = idx[int(bad[0])]
             keys = ", ".join(self.storage_keys(s)[:4])
-            what = "zip CRC-32" if self.crc_kind == "crc32" else "checksum"
+            what = "zip CRC-32 checksum" if self.crc_kind == "crc32" else "checksum"
             raise ChecksumError(
                 f"{self.name}: storage {s} ({keys}) {what} mismatch (file damaged after it was written); "
                 "re-save it, or pass verify=False to read anyway"
@@ -1183,13 +1183,8 @@ def _placer(reader: _Reader, map_location: Any) -> Any:
     def target_of(saved: str) -> str:
         t = targets.get(saved)
         if t is None:
-            if map_location is None:
-                t = saved
-            elif isinstance(map_location, dict):
-                t = str(map_location.get(saved, saved))
-            else:
-                t = str(map_location)
-            t = targets[saved] = str(_torch_for(reader).device(t))
+            where = _cuda.mapped_location(saved, map_location)
+            t = targets[saved] = str(_torch_for(reader).device(where))
         return t
 
     is_callable = callable(map_location) and not isinstance(map_location, (str, dict))
