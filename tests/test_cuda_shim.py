@@ -128,9 +128,10 @@ def test_transfers_through_the_cuda_device(fake_cudart, data_file, mode):
     assert "exc" not in out, out
     assert out["same"] and out["crcs_ok"]
     assert out["current_after"] == 0  # the caller's current device is restored
-    # Cached after the call: 2 buffers per worker, at most 3 workers (a worker done early
-    # may run a second lane with the buffers the first one returned).
-    assert out["trimmed"] in (2, 4, 6)
+    # Cached after the call: 2 buffers per lane, at most 3 lanes at once. A lane that
+    # opens while another is returning its buffers takes what is cached and allocates the
+    # rest, so any count from one lane's 2 to 3 lanes' 6 is possible, never more.
+    assert 2 <= out["trimmed"] <= 6
     assert out["live"] == 0  # every buffer, stream and event released
 
 
