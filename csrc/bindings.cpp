@@ -48,8 +48,9 @@ py::array_t<T> to_array(const std::vector<T>& v) {
 }
 
 TransferOptions options(size_t num_threads, size_t task_nbytes, bool checksum, bool hugepages = false,
-                        bool zip_crc = false) {
+                        bool zip_crc = false, bool writeback = false) {
   TransferOptions o;
+  o.writeback = writeback;
   o.hugepages = hugepages;
   o.zip_crc = zip_crc;
   o.num_threads = num_threads;
@@ -118,18 +119,19 @@ PYBIND11_MODULE(_engine, m) {
   m.def(
       "write_regions",
       [](int fd, const U64Array& ptrs, const U64Array& nbytes, const U64Array& offsets, size_t num_threads,
-         size_t task_nbytes, bool checksum, const std::string& path) {
+         size_t task_nbytes, bool checksum, const std::string& path, bool writeback) {
         auto regions = to_regions(ptrs, nbytes, offsets);
         std::vector<uint32_t> crcs;
         {
           py::gil_scoped_release release;
-          crcs = write_regions(fd, regions, options(num_threads, task_nbytes, checksum), path);
+          crcs = write_regions(fd, regions, options(num_threads, task_nbytes, checksum, false, false, writeback), path);
         }
         return to_array(crcs);
       },
       py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"), py::arg("file_offsets"), py::arg("num_threads"),
-      py::arg("task_nbytes"), py::arg("checksum"), py::arg("path"),
-      "Write host memory regions at file offsets; returns the CRC32C of each region.");
+      py::arg("task_nbytes"), py::arg("checksum"), py::arg("path"), py::arg("writeback") = false,
+      "Write host memory regions at file offsets; returns the CRC32C of each region. writeback=True "
+      "starts the disk write of each task's bytes as soon as they are written (for a save that fsyncs).");
 
   m.def(
       "read_regions",

@@ -21,6 +21,7 @@ struct TransferOptions {
   bool checksum = true;                  // compute a checksum per region
   bool zip_crc = false;                  // that checksum is zip's CRC-32 rather than CRC32C
   bool hugepages = false;                // read: ask for huge pages on destinations first
+  bool writeback = false;                // write: start writeback of each task's bytes at once
 };
 
 // Writes every region; regions must be sorted by file_offset and must not overlap.

@@ -117,14 +117,17 @@ def _arrays(bufs):
 BIG = ((5, 1 << 20), (40, (3 << 20) + 7), (41, 300_001), (200, 256 << 10))
 
 
+@pytest.mark.parametrize("writeback", [False, True])  # True: a durable save's early writeback
 @pytest.mark.parametrize("threads, task", [(1, 1 << 20), (2, 4096), (4, 65536), (3, 8 << 20)])
-def test_write_then_read_regions(tmp_path, threads, task):
+def test_write_then_read_regions(tmp_path, threads, task, writeback):
     bufs, offsets, end = _random_regions(threads * 31 + task % 97, 300, BIG)
     ptrs, nbytes = _arrays(bufs)
     path = str(tmp_path / "raw.bin")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        crcs = _engine.write_regions(fd, ptrs, nbytes, offsets, threads, task, True, path)
+        crcs = _engine.write_regions(
+            fd, ptrs, nbytes, offsets, threads, task, True, path, writeback=writeback
+        )
         assert crcs.dtype == np.uint32 and len(crcs) == len(bufs)
         for b, c in zip(bufs, crcs):
             assert int(c) == _engine.crc32c(b.tobytes())

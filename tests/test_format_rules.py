@@ -1002,4 +1002,3 @@ def test_golden_file_matches_the_format_description():
     assert start == 4096 and not any(raw[32 + hlen : start])
     assert doc["crc32c"] == f"{crc32c_py(raw[start:]):08x}"
     assert np.frombuffer(raw[start:], dtype="<i4").tolist() == [0, 1, 2]
-

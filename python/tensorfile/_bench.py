@@ -561,7 +561,14 @@ def summarize(
         }
         extra = {
             k: [e.get(k) for e in entries]
-            for k in ("threads", "by_threads", "resident_after_evict", "samples")
+            for k in (
+                "threads",
+                "by_threads",
+                "by_threads_writeback",
+                "writeback",
+                "resident_after_evict",
+                "samples",
+            )
             if any(k in e for e in entries)
         }
         if extra:

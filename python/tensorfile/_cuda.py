@@ -373,17 +373,19 @@ def write_storages(
     file_offsets: np.ndarray,
     threads: int,
     task: int,
+    writeback: bool = False,
 ) -> np.ndarray:
     """Writes a save plan's storages, host ones with the engine's write_regions and CUDA
     ones through the staging pipeline, device by device; returns every CRC32C.
-    `gds_path` opens the same file again for cuFile (e.g. /proc/self/fd/N)."""
+    `gds_path` opens the same file again for cuFile (e.g. /proc/self/fd/N). `writeback`
+    (for a save that fsyncs) starts the disk write of host bytes as they are written."""
     crcs = np.zeros(len(nbytes), dtype=np.uint32)
     dev = np.array(devices, dtype=object)
     full = nbytes > 0
     host = full & (dev == "cpu")
     if host.any():
         crcs[host] = _engine.write_regions(
-            fd, ptrs[host], nbytes[host], file_offsets[host], threads, task, True, path
+            fd, ptrs[host], nbytes[host], file_offsets[host], threads, task, True, path, writeback
         )
     for name in sorted(set(devices) - {"cpu"}):
         mask = full & (dev == name)

@@ -14,6 +14,7 @@ def write_regions(
     task_nbytes: int,
     checksum: bool,
     path: str,
+    writeback: bool = False,
 ) -> npt.NDArray[np.uint32]: ...
 def read_regions(
     fd: int,

@@ -230,7 +230,8 @@ def _describe_all(torch: Any, ts: list[Any]) -> _Part | None:
         flags=flags,
     )
     ptrs = sptr[lead] + lo.astype(np.uint64)
-    owners = [ts[i] for i in lead.tolist()]  # one per storage, as _plan_rows keeps them
+    # One per storage, as _plan_rows keeps them; without sharing, every tensor leads.
+    owners = list(ts) if len(lead) == n else [ts[i] for i in lead.tolist()]
     return _Part(table, ["cpu"] * len(lead), ptrs, nbytes.astype(np.uint64), owners)
 
 

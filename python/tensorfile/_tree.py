@@ -14,7 +14,7 @@ import math
 import operator
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -560,31 +560,45 @@ def _valid_device(s: str) -> bool:
     return _DEVICE_RE.fullmatch(s) is not None
 
 
-def key_paths(tree: Any) -> Iterator[tuple[str, int]]:
-    """(key path, tensor index) for every reference to a tensor, in tree order: a tensor
-    reached by two paths is listed under both. Dict keys (str() of non-string keys) and
-    list positions join with "."; OrderedDict attributes are not walked."""
-    stack: list[tuple[Any, str]] = [(tree, "")]
-    while stack:
-        node, prefix = stack.pop()
-        if type(node) is not list:
-            continue
+def key_index(tree: Any) -> tuple[dict[str, int], set[str]]:
+    """{key path: tensor index} for every reference to a tensor, in tree order, and the
+    paths that name more than one tensor (e.g. {"a.b": t1, "a": {"b": t2}}; the first
+    keeps the path). A tensor reached by two paths is listed under both. Dict keys (str()
+    of non-string keys) and list positions join with "."; OrderedDict attributes are not
+    walked. Recursion depth is bounded by the format's nesting limit."""
+    keys: dict[str, int] = {}
+    ambiguous: set[str] = set()
+
+    def walk(node: list[Any], prefix: str) -> None:
         tag = node[0]
-        if tag in ("tensor", "ndarray"):
-            yield prefix, node[1]
-            continue
-        if tag in ("list", "tuple"):
-            children = [(c, f"{prefix}.{i}" if prefix else str(i)) for i, c in enumerate(node[1:])]
-        elif tag in ("dict", "odict"):
+        if tag == "dict" or tag == "odict":
             first = 1 if tag == "dict" else 2
-            children = []
-            for i in range(first, len(node), 2):
-                k = node[i]
-                name = k if type(k) is str else str(decode_key_for_path(k))
-                children.append((node[i + 1], f"{prefix}.{name}" if prefix else name))
+            names: Any = node[first::2]
+            children = node[first + 1 :: 2]
+        elif tag == "list" or tag == "tuple":
+            names = map(str, range(len(node) - 1))
+            children = node[1:]
         else:
-            continue
-        stack.extend(reversed(children))
+            return
+        for name, child in zip(names, children):
+            if type(child) is not list:
+                continue
+            if type(name) is not str:
+                name = str(decode_key_for_path(name))
+            path = f"{prefix}.{name}" if prefix else name
+            ctag = child[0]
+            if ctag == "tensor" or ctag == "ndarray":
+                if keys.setdefault(path, child[1]) != child[1]:
+                    ambiguous.add(path)
+            else:
+                walk(child, path)
+
+    if type(tree) is list:
+        if tree[0] in ("tensor", "ndarray"):
+            keys[""] = tree[1]
+        else:
+            walk(tree, "")
+    return keys, ambiguous
 
 
 def decode_key_for_path(k: Any) -> Any:

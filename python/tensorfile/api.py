@@ -20,8 +20,8 @@ import numpy as np
 from . import _config, _cuda, _engine
 from ._dtypes import TORCH_ITEMSIZE, numpy_name
 from ._errors import ChecksumError, FormatError
-from ._plan import plan_save
-from ._tree import _SURROGATE, Builder, Flattener, _path_str, key_paths
+from ._plan import SavePlan, plan_save
+from ._tree import _SURROGATE, Builder, Flattener, _path_str, key_index
 from .formats import native, safetensors, torchzip
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -94,6 +94,23 @@ def _save(
 ) -> None:
     """`saved_from` maps id(tensor) to the device to record for its storage, for copies
     that stand in for tensors elsewhere (async_save's snapshots of CUDA tensors)."""
+    plan, header, crc_pos = _plan_and_encode(obj, metadata, saved_from)
+    total = native.file_nbytes(len(header), plan.offsets, plan.nbytes)
+    base = np.uint64(native.data_start(len(header)))
+    threads = _config.num_threads(num_threads)
+    task = _config.task_nbytes(write=True)
+    if isinstance(f, (str, os.PathLike)):
+        _save_path(os.fspath(f), plan, header, crc_pos, total, base, threads, task, durable)
+    else:
+        _save_stream(f, plan, header, crc_pos, total, base, threads, task)
+
+
+def _plan_and_encode(
+    obj: Any, metadata: dict[str, str] | None, saved_from: dict[int, str] | None = None
+) -> tuple[SavePlan, bytearray, int]:
+    """Everything a save does per tensor before bytes move: flatten the object, plan the
+    storages, encode the header. Returns (plan, header, position of its CRC field). Call
+    with the collector paused (_no_gc), as save does."""
     meta = _check_metadata(metadata)
     flattener = Flattener()
     tree = flattener.flatten(obj)
@@ -117,14 +134,7 @@ def _save(
         raise ValueError(
             f"tensorfile.save: the header would be {len(header)} bytes, over the format's limit"
         )
-    total = native.file_nbytes(len(header), plan.offsets, plan.nbytes)
-    base = np.uint64(native.data_start(len(header)))
-    threads = _config.num_threads(num_threads)
-    task = _config.task_nbytes(write=True)
-    if isinstance(f, (str, os.PathLike)):
-        _save_path(os.fspath(f), plan, header, crc_pos, total, base, threads, task, durable)
-    else:
-        _save_stream(f, plan, header, crc_pos, total, base, threads, task)
+    return plan, header, crc_pos
 
 
 def save_safetensors(
@@ -325,6 +335,7 @@ def _save_path(
             plan.offsets + base,
             threads,
             task,
+            writeback=durable,
         )
         native.set_checksums(header, crc_pos, crcs)
         head = native.make_preamble(header, total) + bytes(header)
@@ -605,13 +616,8 @@ class _Reader:
     # Key paths -----------------------------------------------------------------
     def key_index(self) -> dict[str, int]:
         if self._keys is None:
-            keys: dict[str, int] = {}
-            ambiguous: set[str] = set()
-            for path, i in key_paths(self.layout.tree):
-                if keys.setdefault(path, i) != i:
-                    ambiguous.add(path)  # e.g. {"a.b": t1, "a": {"b": t2}}
-            self._keys = keys
-            self.ambiguous = ambiguous
+            with _no_gc():
+                self._keys, self.ambiguous = key_index(self.layout.tree)
         return self._keys
 
     def storage_keys(self, s: int) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -244,22 +245,66 @@ def parse_preamble(raw: bytes, actual_nbytes: int | None, name: str) -> Preamble
     return Preamble(major, minor, hcrc, hlen, flen)
 
 
+class _Lazy(Sequence[Any]):
+    """A list built on first use. The engine's decoder returns columns; opening a file
+    to list its keys or read one tensor never needs a Python row per tensor, and with
+    20,000 tensors building them (and the collector's pass over them) was most of the
+    cost of open()."""
+
+    def __init__(self, n: int, make: Callable[[], list[Any]]) -> None:
+        self._n = n
+        self._make: Callable[[], list[Any]] | None = make
+        self._items: list[Any] = []
+
+    def _all(self) -> list[Any]:
+        if self._make is not None:
+            self._items = self._make()
+            self._make = None
+        return self._items
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._all()[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._all())
+
+
 @dataclass
 class Layout:
     """A fully validated header: everything the loader needs, safe to trust."""
 
     tree: Any
-    tensors: list[list[Any]]  # [kind, storage, dtype, shape, strides, offset, flags]
+    tensors: Sequence[list[Any]]  # [kind, storage, dtype, shape, strides, offset, flags]
     storage_kind: list[str]  # "torch" or "numpy" per storage
     storage_device: list[str]
     storage_nbytes: np.ndarray  # uint64
     storage_offsets: np.ndarray  # uint64, absolute file offsets
     storage_crcs: np.ndarray  # uint32
-    storage_tensors: list[list[int]]  # tensor rows of each storage
+    storage_tensors: Sequence[list[int]]  # tensor rows of each storage
     metadata: dict[str, str]
     header_end: int  # first byte after the header
     file_nbytes: int
     minor: int
+
+
+def layout_difference(a: Layout, b: Layout) -> str | None:
+    """The first field in which two layouts differ, or None: arrays by dtype and values,
+    lazily built lists by their items, everything else by type and value. The engine's
+    decoder and the reference validator must agree exactly (tests and the fuzzer)."""
+    for field in Layout.__dataclass_fields__:
+        x, y = getattr(a, field), getattr(b, field)
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            same = type(x) is type(y) and x.dtype == y.dtype and np.array_equal(x, y)
+        else:
+            x = list(x) if isinstance(x, _Lazy) else x
+            y = list(y) if isinstance(y, _Lazy) else y
+            same = type(x) is type(y) and x == y
+        if not same:
+            return field
+    return None
 
 
 def _bad(name: str, message: str) -> FormatError:
@@ -318,48 +363,54 @@ def decode_fast(raw: bytes | bytearray | memoryview, pre: Preamble) -> Layout | 
     view = memoryview(raw)
     tree = json.loads(bytes(view[tb:te]))
     metadata = json.loads(bytes(view[mb:me]))
-    kind_i, store, dtype_i, ndim, off, flags = table.T.tolist()
-    ntensors = len(kind_i)
-    dims = set(ndim)
-    if len(dims) == 1:  # every row has the same rank: split without a Python loop
-        k = dims.pop()
-        shape_rows = shapes.reshape(ntensors, k).tolist()
-        stride_rows = strides.reshape(ntensors, k).tolist()
-    else:
-        flat_shapes, flat_strides = shapes.tolist(), strides.tolist()
-        shape_rows, stride_rows = [], []
-        at = 0
-        for n in ndim:
-            shape_rows.append(flat_shapes[at : at + n])
-            stride_rows.append(flat_strides[at : at + n])
-            at += n
-    tensors = list(
-        map(
-            list,
-            zip(
-                map(_KINDS.__getitem__, kind_i),
-                store,
-                map(_DTYPE_NAMES.__getitem__, dtype_i),
-                shape_rows,
-                stride_rows,
-                off,
-                flags,
-            ),
+    ntensors, nstorages = len(table), len(sizes)
+
+    def rows() -> list[list[Any]]:
+        kind_i, store, dtype_i, ndim, off, flags = table.T.tolist()
+        dims = set(ndim)
+        if len(dims) == 1:  # every row has the same rank: split without a Python loop
+            k = dims.pop()
+            shape_rows = shapes.reshape(ntensors, k).tolist()
+            stride_rows = strides.reshape(ntensors, k).tolist()
+        else:
+            flat_shapes, flat_strides = shapes.tolist(), strides.tolist()
+            shape_rows, stride_rows = [], []
+            at = 0
+            for n in ndim:
+                shape_rows.append(flat_shapes[at : at + n])
+                stride_rows.append(flat_strides[at : at + n])
+                at += n
+        return list(
+            map(
+                list,
+                zip(
+                    map(_KINDS.__getitem__, kind_i),
+                    store,
+                    map(_DTYPE_NAMES.__getitem__, dtype_i),
+                    shape_rows,
+                    stride_rows,
+                    off,
+                    flags,
+                ),
+            )
         )
-    )
-    storage_tensors: list[list[int]] = [[] for _ in range(len(sizes))]
-    for i, s in enumerate(store):
-        storage_tensors[s].append(i)
+
+    def members() -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(nstorages)]
+        for i, s in enumerate(table[:, 1].tolist()):
+            out[s].append(i)
+        return out
+
     base = data_start(pre.header_nbytes)
     return Layout(
         tree=tree,
-        tensors=tensors,
+        tensors=_Lazy(ntensors, rows),
         storage_kind=list(map(_KINDS.__getitem__, skind.tolist())),
         storage_device=list(map(devices.__getitem__, sdev.tolist())),
         storage_nbytes=sizes,
         storage_offsets=offs + np.uint64(base),
         storage_crcs=crcs,
-        storage_tensors=storage_tensors,
+        storage_tensors=_Lazy(nstorages, members),
         metadata=metadata,
         header_end=PREAMBLE_NBYTES + pre.header_nbytes,
         file_nbytes=pre.file_nbytes,
