@@ -74,6 +74,21 @@ def test_model_and_optimizer_checkpoint(tmp_path):
     model2.load_state_dict(got["model"])
 
 
+def test_more_records_than_a_plain_zip_holds(tmp_path):
+    # Over 65,535 records torch.save writes the zip64 end of central directory (and its
+    # locator); the record count and directory offset come from there.
+    n = 70_000
+    path = tmp_path / "many.pt"
+    torch.save([torch.full((1,), float(i)) for i in range(n)], path)
+    raw = path.read_bytes()
+    assert raw.rfind(b"PK\x06\x06") > 0 and raw.rfind(b"PK\x06\x07") > 0
+    got = tensorfile.load(path)
+    assert len(got) == n
+    assert torch.equal(torch.cat(got), torch.arange(n, dtype=torch.float32))
+    with tensorfile.open(path) as f:
+        assert len(f) == n and f.get("69999").item() == 69999.0
+
+
 def test_views_strides_and_shared_storages(tmp_path):
     base = torch.arange(24.0).reshape(4, 6)
     obj = {
