@@ -312,6 +312,7 @@ def _write(
         _config.task_nbytes(write=True),
         crc,
         path,
+        writeback=True,  # the output is fsynced
     )
 
 

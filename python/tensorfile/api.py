@@ -205,6 +205,7 @@ def save_safetensors(
                     _config.task_nbytes(write=True),
                     False,
                     spath,
+                    writeback=durable,
                 )
             _pwrite_all(fd, head, 0)
         del keep
