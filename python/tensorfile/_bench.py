@@ -98,7 +98,7 @@ NOTES = [
     "GB/s = payload bytes (the tensors' bytes) / seconds; median of the reps; spread = (max - min) / median.",
     "vs limit: against the raw limit of the same run (saves: write+fsync; hot loads: page-cache read; cold loads: cold read).",
     "vs best peer: against the fastest peer (torch, safetensors, numpy, dcp, tensorizer) on the same measure; 1.00x marks that peer.",
-    "limits: the best of 1..N threads of plain pwrite (into fallocated space) + fsync, and pread into touched memory.",
+    "limits: the best of 1..N threads of plain pwrite (into fallocated space, with and without early writeback by sync_file_range) + fsync, and pread into touched memory.",
     "cold: the files' pages dropped with posix_fadvise(DONTNEED) first; durable peers: fsync of file(s) and directory after the save.",
     "load: into fresh memory (safetensors: load_file(backend='pread'); dcp: dcp.load into torch.empty tensors allocated inside the timing); mmap load (safetensors: load_file()) reads a byte of every page.",
     "numpy: one np.savez archive (uncompressed) per state dict, np.load of every array; dcp: FileSystemWriter/Reader, thread_count = cores, one process, no process group.",
