@@ -246,19 +246,20 @@ def parse_preamble(raw: bytes, actual_nbytes: int | None, name: str) -> Preamble
 
 
 class _Lazy(Sequence[Any]):
-    """A list built on first use. The engine's decoder returns columns; opening a file
-    to list its keys or read one tensor never needs a Python row per tensor, and with
-    20,000 tensors building them (and the collector's pass over them) was most of the
-    cost of open()."""
+    """A list built on first indexing. The engine's decoder returns columns; opening a
+    file to list its keys or read one tensor never needs a Python row per tensor, and
+    with 20,000 tensors building them (and the collector's pass over them) was most of
+    the cost of open(). Iterating before any indexing makes each item afresh and keeps
+    none, so one pass over all rows (as a load makes) never holds them all at once."""
 
-    def __init__(self, n: int, make: Callable[[], list[Any]]) -> None:
+    def __init__(self, n: int, make: Callable[[], Iterator[Any]]) -> None:
         self._n = n
-        self._make: Callable[[], list[Any]] | None = make
+        self._make: Callable[[], Iterator[Any]] | None = make
         self._items: list[Any] = []
 
     def _all(self) -> list[Any]:
         if self._make is not None:
-            self._items = self._make()
+            self._items = list(self._make())
             self._make = None
         return self._items
 
@@ -269,7 +270,7 @@ class _Lazy(Sequence[Any]):
         return self._all()[i]
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self._all())
+        return iter(self._items) if self._make is None else self._make()
 
 
 @dataclass
@@ -365,7 +366,7 @@ def decode_fast(raw: bytes | bytearray | memoryview, pre: Preamble) -> Layout | 
     metadata = json.loads(bytes(view[mb:me]))
     ntensors, nstorages = len(table), len(sizes)
 
-    def rows() -> list[list[Any]]:
+    def rows() -> Iterator[list[Any]]:
         kind_i, store, dtype_i, ndim, off, flags = table.T.tolist()
         dims = set(ndim)
         if len(dims) == 1:  # every row has the same rank: split without a Python loop
@@ -380,7 +381,7 @@ def decode_fast(raw: bytes | bytearray | memoryview, pre: Preamble) -> Layout | 
                 shape_rows.append(flat_shapes[at : at + n])
                 stride_rows.append(flat_strides[at : at + n])
                 at += n
-        return list(
+        return iter(
             map(
                 list,
                 zip(
@@ -395,11 +396,11 @@ def decode_fast(raw: bytes | bytearray | memoryview, pre: Preamble) -> Layout | 
             )
         )
 
-    def members() -> list[list[int]]:
+    def members() -> Iterator[list[int]]:
         out: list[list[int]] = [[] for _ in range(nstorages)]
         for i, s in enumerate(table[:, 1].tolist()):
             out[s].append(i)
-        return out
+        return iter(out)
 
     base = data_start(pre.header_nbytes)
     return Layout(
