@@ -806,16 +806,17 @@ def test_map_location_cpu(tmp_path, map_location):
     assert out["t"].device.type == "cpu"
 
 
-def test_map_location_callable(tmp_path):
+@pytest.mark.parametrize("mmap", [False, True])
+def test_map_location_callable(tmp_path, mmap):
     calls = []
 
     def keep(storage, location):
         calls.append(location)
-        assert isinstance(storage, torch.UntypedStorage)
+        assert isinstance(storage, torch.UntypedStorage)  # as torch.load passes it
         return storage
 
     obj = _sample()
-    assert_same(obj, roundtrip(obj, tmp_path, map_location=keep))
+    assert_same(obj, roundtrip(obj, tmp_path, map_location=keep, mmap=mmap))
     assert calls and set(calls) == {"cpu"}
     # None from the callable means "the default placement"
     assert_same(obj, roundtrip(obj, tmp_path, map_location=lambda s, loc: None))
