@@ -161,7 +161,9 @@ void prefault(void* dst, size_t nbytes) noexcept {
 // fsync finds little left to do. Advisory: the fsync that follows reports any error.
 void start_writeback(int fd, uint64_t file_offset, uint64_t nbytes) noexcept {
 #if defined(__linux__) && defined(SYNC_FILE_RANGE_WRITE)
-  (void)::sync_file_range(fd, static_cast<off64_t>(file_offset), static_cast<off64_t>(nbytes), SYNC_FILE_RANGE_WRITE);
+  // nbytes 0 would mean "to the end of the file"
+  if (nbytes)
+    (void)::sync_file_range(fd, static_cast<off_t>(file_offset), static_cast<off_t>(nbytes), SYNC_FILE_RANGE_WRITE);
 #else
   (void)fd;
   (void)file_offset;

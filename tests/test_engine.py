@@ -427,3 +427,42 @@ def test_zip_crc_regions_read_and_memory(tmp_path, threads, task):
     assert [int(c) for c in got] == want
     mem = _engine.checksum_regions(ptrs, nbytes, threads, task, zip_crc=True)
     assert [int(c) for c in mem] == want
+
+
+def test_saves_that_fsync_ask_for_early_writeback(tmp_path, monkeypatch):
+    # Early writeback (sync_file_range after each task) is for writes that end in an
+    # fsync: durable saves, save_safetensors and convert; a non-durable save leaves
+    # writeback to the kernel.
+    torch = pytest.importorskip("torch")
+    import tensorfile
+    from tensorfile import _convert
+
+    seen = []
+    real = _engine.write_regions
+
+    def recording(fd, ptrs, nbytes, offsets, threads, task, checksum, path, writeback=False):
+        seen.append(writeback)
+        return real(fd, ptrs, nbytes, offsets, threads, task, checksum, path, writeback=writeback)
+
+    monkeypatch.setattr(_engine, "write_regions", recording)
+    obj = {"w": torch.arange(1000.0), "b": torch.ones(3)}
+    cases = [
+        (lambda: tensorfile.save(obj, tmp_path / "a.tf"), True),
+        (lambda: tensorfile.save(obj, tmp_path / "b.tf", durable=False), False),
+        (lambda: tensorfile.save_safetensors(obj, tmp_path / "c.safetensors"), True),
+        (
+            lambda: tensorfile.save_safetensors(obj, tmp_path / "d.safetensors", durable=False),
+            False,
+        ),
+        (
+            lambda: _convert.convert(
+                str(tmp_path / "a.tf"), str(tmp_path / "e.safetensors"), "safetensors"
+            ),
+            True,
+        ),
+    ]
+    for run, want in cases:
+        seen.clear()
+        run()
+        assert seen and set(seen) == {want}
+    assert torch.equal(tensorfile.load(tmp_path / "e.safetensors")["w"], obj["w"])

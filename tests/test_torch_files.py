@@ -74,6 +74,7 @@ def test_model_and_optimizer_checkpoint(tmp_path):
     model2.load_state_dict(got["model"])
 
 
+@pytest.mark.slow
 def test_more_records_than_a_plain_zip_holds(tmp_path):
     # Over 65,535 records torch.save writes the zip64 end of central directory (and its
     # locator); the record count and directory offset come from there.

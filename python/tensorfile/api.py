@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import math
 import mmap as _mmap
 import os
@@ -21,7 +20,7 @@ from . import _config, _cuda, _engine
 from ._dtypes import TORCH_ITEMSIZE, numpy_name
 from ._errors import ChecksumError, FormatError
 from ._plan import SavePlan, plan_save
-from ._tree import _SURROGATE, Builder, Flattener, _path_str, key_index
+from ._tree import _SURROGATE, Builder, Flattener, _path_str, key_index, no_gc
 from .formats import native, safetensors, torchzip
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -44,18 +43,7 @@ def _phase(name: str) -> None:
         os.write(_PHASE_FD, name.encode() + b"\n")
 
 
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    """Pauses the cyclic garbage collector: planning and building allocate one small
-    object per tensor and create no cycles, and with 20,000 tensors the collector's
-    repeated passes cost more than the work itself."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
+_no_gc = no_gc
 
 
 # --------------------------------------------------------------------------- save

@@ -20,6 +20,7 @@ import numpy as np
 from .. import _engine
 from .._dtypes import ITEMSIZE, TORCH_GRAD_DTYPES
 from .._errors import ChecksumError, FormatError
+from .._tree import no_gc
 from .._tree import validate as validate_tree
 
 MAGIC = b"TNSRFILE"
@@ -246,11 +247,12 @@ def parse_preamble(raw: bytes, actual_nbytes: int | None, name: str) -> Preamble
 
 
 class _Lazy(Sequence[Any]):
-    """A list built on first indexing. The engine's decoder returns columns; opening a
-    file to list its keys or read one tensor never needs a Python row per tensor, and
-    with 20,000 tensors building them (and the collector's pass over them) was most of
-    the cost of open(). Iterating before any indexing makes each item afresh and keeps
-    none, so one pass over all rows (as a load makes) never holds them all at once."""
+    """A list built on first indexing, with the collector paused. The engine's decoder
+    returns columns; opening a file to list its keys never needs a Python row per
+    tensor, and with 20,000 tensors building them was most of the cost of open(). The
+    first read of a tensor builds them all, once. Iterating before any indexing makes
+    each item afresh and keeps none, so one pass over all rows (as a load makes) never
+    holds them all at once."""
 
     def __init__(self, n: int, make: Callable[[], Iterator[Any]]) -> None:
         self._n = n
@@ -258,8 +260,10 @@ class _Lazy(Sequence[Any]):
         self._items: list[Any] = []
 
     def _all(self) -> list[Any]:
-        if self._make is not None:
-            self._items = list(self._make())
+        make = self._make
+        if make is not None:
+            with no_gc():
+                self._items = list(make())
             self._make = None
         return self._items
 
@@ -270,7 +274,8 @@ class _Lazy(Sequence[Any]):
         return self._all()[i]
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self._items) if self._make is None else self._make()
+        make = self._make
+        return iter(self._items) if make is None else make()
 
 
 @dataclass
