@@ -6,7 +6,6 @@ header encode/decode and planning for 20,000 tensors.
 
 from __future__ import annotations
 
-import gc
 import os
 
 import numpy as np
@@ -14,21 +13,18 @@ import pytest
 import torch
 from tensorfile import _engine
 from tensorfile._plan import plan_save
-from tensorfile._tree import Flattener
+from tensorfile._tree import Flattener, no_gc
 from tensorfile.formats import native
 
 SMALL = 20_000
 
 
 def _paused(fn):
-    """fn with the cyclic collector paused, as save and load run it (api._no_gc)."""
+    """fn with the cyclic collector paused, as save and load run it."""
 
     def run(*args):
-        gc.disable()
-        try:
+        with no_gc():
             return fn(*args)
-        finally:
-            gc.enable()
 
     return run
 

@@ -76,7 +76,8 @@ def async_save(obj: Any, f: Any, **save_kwargs: Any) -> SaveFuture:
     A save to a path that another async_save is still writing starts after that one
     ends, so the last call wins. Thread-safe.
     """
-    from .api import _no_gc, _save
+    from ._tree import no_gc
+    from .api import _save
 
     if not isinstance(f, (str, os.PathLike)):
         raise TypeError(
@@ -102,7 +103,7 @@ def async_save(obj: Any, f: Any, **save_kwargs: Any) -> SaveFuture:
         try:
             if before is not None:
                 concurrent.futures.wait([before])
-            with _no_gc():
+            with no_gc():
                 _save(snapshot, target, durable, num_threads, metadata, saved_from)
         except BaseException as e:
             error = e

@@ -539,6 +539,7 @@ def _header_times(job: dict[str, Any], reps: int = 5) -> dict[str, Any]:
     flatten + plan + header encode; loading, the header read, parse and validation."""
     import tensorfile
     from tensorfile import api
+    from tensorfile._tree import no_gc
 
     times = []
     if job["measure"] == "header_save":
@@ -546,7 +547,7 @@ def _header_times(job: dict[str, Any], reps: int = 5) -> dict[str, Any]:
         entry = _start()
         for _ in range(reps):
             t0 = time.perf_counter()
-            with api._no_gc():  # as tensorfile.save runs it
+            with no_gc():  # as tensorfile.save runs it
                 api._plan_and_encode(obj, None)
             times.append(time.perf_counter() - t0)
     else:

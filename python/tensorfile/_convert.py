@@ -16,7 +16,7 @@ import numpy as np
 from . import _config, _engine, api
 from ._dtypes import ITEMSIZE
 from ._errors import FormatError
-from ._tree import Builder, Flattener, decode_key_for_path
+from ._tree import Builder, Flattener, decode_key_for_path, no_gc
 from .formats import native, safetensors, torchzip
 
 CHUNK_NBYTES = 64 << 20  # the streaming buffer; memory use is about this plus one tensor
@@ -172,7 +172,7 @@ def verify(
 ) -> dict[str, Any]:
     """Checks a file completely (structure, padding, every stored checksum, bool bytes)
     with bounded memory. Raises FormatError/ChecksumError naming the file; returns a summary."""
-    with api._no_gc(), api._open_reader(path, True) as reader:
+    with no_gc(), api._open_reader(path, True) as reader:
         stream = _Stream(reader, _config.num_threads(num_threads))
         lay = reader.layout
         order = _sorted_storages(lay)
@@ -496,7 +496,7 @@ def convert(
         return _convert_in_memory(state, dst, to, skip_non_tensors)
     if to == "dcp":
         return _convert_in_memory(api.load(src, map_location="cpu"), dst, to, skip_non_tensors)
-    with api._no_gc(), api._open_reader(src, True) as reader:
+    with no_gc(), api._open_reader(src, True) as reader:
         stream = _Stream(reader, threads)
         skipped: list[str] = []
         if to == "tensorfile":

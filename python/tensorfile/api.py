@@ -43,9 +43,6 @@ def _phase(name: str) -> None:
         os.write(_PHASE_FD, name.encode() + b"\n")
 
 
-_no_gc = no_gc
-
-
 # --------------------------------------------------------------------------- save
 
 
@@ -68,7 +65,7 @@ def save(
     Releases the GIL while bytes move; `num_threads` defaults to TENSORFILE_NUM_THREADS
     or the core count.
     """
-    with _no_gc():
+    with no_gc():
         _save(obj, f, durable, num_threads, metadata)
 
 
@@ -98,7 +95,7 @@ def _plan_and_encode(
 ) -> tuple[SavePlan, bytearray, int]:
     """Everything a save does per tensor before bytes move: flatten the object, plan the
     storages, encode the header. Returns (plan, header, position of its CRC field). Call
-    with the collector paused (_no_gc), as save does."""
+    with the collector paused (no_gc), as save does."""
     meta = _check_metadata(metadata)
     flattener = Flattener()
     tree = flattener.flatten(obj)
@@ -140,7 +137,7 @@ def save_safetensors(
     copy of itself. Tensors whose memory overlaps are refused, as safetensors refuses
     them, unless `copy_shared=True`, which stores each one's own bytes. Tensors are laid
     out widest element first, then by name, so every tensor is aligned to its element."""
-    with _no_gc():
+    with no_gc():
         if not isinstance(tensors, dict):
             raise TypeError("tensorfile.save_safetensors: expected a dict of str -> tensor")
         meta = _check_metadata(metadata)
@@ -605,7 +602,7 @@ class _Reader:
     # Key paths -----------------------------------------------------------------
     def key_index(self) -> dict[str, int]:
         if self._keys is None:
-            with _no_gc():
+            with no_gc():
                 self._keys, self.ambiguous = key_index(self.layout.tree)
         return self._keys
 
@@ -1274,7 +1271,7 @@ def load(
             raise RuntimeError(
                 "tensorfile.load: pin_memory=True needs CUDA, which is not available here"
             )
-    with _no_gc():
+    with no_gc():
         reader = _open_reader(f, verify)
         reader.pin_memory = pin_memory
         try:
@@ -1295,7 +1292,7 @@ class TensorFile:
     bytes asked for. Use as a context manager, or call close()."""
 
     def __init__(self, f: FileLike, *, verify: bool = True) -> None:
-        with _no_gc():
+        with no_gc():
             self._reader = _open_reader(f, verify)
         self._verify = verify
 
@@ -1338,7 +1335,7 @@ class TensorFile:
         return dict(self._reader.layout.metadata)
 
     def load(self, map_location: Any = None, *, num_threads: int | None = None) -> Any:
-        with _no_gc():
+        with no_gc():
             storages = self._reader.read_storages(
                 None, map_location, self._verify, _config.num_threads(num_threads), False
             )
