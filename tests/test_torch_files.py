@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import io
 import os
-import pickle
 import struct
 import subprocess
 import sys
@@ -304,17 +303,24 @@ def test_central_directory_lies_are_caught(tmp_path):
         tensorfile.load(path)
 
 
+def _edited_copy(path, out, suffix, edit):
+    """A copy of the torch.save zip at `path` written to `out`, the record whose name
+    ends with `suffix` replaced by edit(its bytes), which must change them."""
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as z:
+        for info in src.infolist():
+            body = src.read(info)
+            if info.filename.endswith(suffix):
+                edited = edit(body)
+                assert edited != body
+                body = edited
+            z.writestr(info.filename, body)
+
+
 def test_storage_size_must_match_the_pickle(tmp_path):
     path = tmp_path / "short.pt"
     torch.save({"w": torch.ones(8)}, path)
-    src = zipfile.ZipFile(path)
     out = tmp_path / "re.pt"
-    with zipfile.ZipFile(out, "w") as z:
-        for info in src.infolist():
-            body = src.read(info)
-            if info.filename.endswith("/data/0"):
-                body = body[:16]
-            z.writestr(info.filename, body)
+    _edited_copy(path, out, "/data/0", lambda body: body[:16])
     with pytest.raises(FormatError, match=r"re\.pt.*holds 16 bytes but its pickle entry needs 32"):
         tensorfile.load(out)
 
@@ -322,19 +328,9 @@ def test_storage_size_must_match_the_pickle(tmp_path):
 def test_tensor_reaching_past_its_storage_is_refused(tmp_path):
     path = tmp_path / "oob.pt"
     torch.save({"w": torch.ones(4)}, path)
-    src = zipfile.ZipFile(path)
-    prefix = src.namelist()[0].split("/")[0]
-    pkl = src.read(f"{prefix}/data.pkl")
-    bad = pickle.loads  # noqa: F841 (never used on the file; only the bytes are edited)
-    # shape (4,) -> (9,): the BININT1 before TUPLE1 of the size
-    edited = pkl.replace(b"K\x04\x85", b"K\x09\x85", 1)
-    assert edited != pkl
     out = tmp_path / "oob2.pt"
-    with zipfile.ZipFile(out, "w") as z:
-        for info in src.infolist():
-            z.writestr(
-                info.filename, edited if info.filename.endswith("data.pkl") else src.read(info)
-            )
+    # shape (4,) -> (9,): the BININT1 before TUPLE1 of the size
+    _edited_copy(path, out, "data.pkl", lambda pkl: pkl.replace(b"K\x04\x85", b"K\x09\x85", 1))
     with pytest.raises(FormatError, match="reaches byte 36"):
         tensorfile.load(out)
 
@@ -390,18 +386,11 @@ def test_a_huge_shape_over_zero_strides_is_refused(tmp_path):
     # shape (2**40, 2**40) with strides (0, 0) stays inside a 1-element storage
     path = tmp_path / "huge.pt"
     torch.save({"w": torch.ones(1).expand(7, 5)}, path)
-    src = zipfile.ZipFile(path)
-    prefix = src.namelist()[0].split("/")[0]
-    pkl = src.read(f"{prefix}/data.pkl")
     big = b"\x8a\x06\x00\x00\x00\x00\x00\x01"  # LONG1: 6 bytes, 2**40
-    edited = pkl.replace(b"K\x07K\x05\x86", big + big + b"\x86", 1)
-    assert edited != pkl
     out = tmp_path / "huge2.pt"
-    with zipfile.ZipFile(out, "w") as z:
-        for info in src.infolist():
-            z.writestr(
-                info.filename, edited if info.filename.endswith("data.pkl") else src.read(info)
-            )
+    _edited_copy(
+        path, out, "data.pkl", lambda pkl: pkl.replace(b"K\x07K\x05\x86", big + big + b"\x86", 1)
+    )
     with pytest.raises(FormatError, match="more elements"):
         tensorfile.load(out)
     with pytest.raises(FormatError, match="more elements"):
