@@ -372,6 +372,22 @@ def test_checkpoint_workload_is_a_training_checkpoint() -> None:
     assert sum(t.numel() * t.element_size() for t in ts) == d["payload_bytes"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fork_safe_workloads_hold_plain_tensors_like_a_state_dict(dtype) -> None:
+    """The server's payload is built without torch kernels, yet its tensors must be what
+    a model's state dict holds: torch's own allocations, not views of numpy arrays (a
+    view is slower for every system to read metadata from)."""
+    import torch
+    from tensorfile import _workloads
+
+    shapes = _workloads.small_shapes(30) + _workloads.transformer_shapes(1 << 20)
+    built = _workloads.build(shapes, dtype, fork_safe=True)
+    assert [(k, tuple(t.shape)) for k, t in built.items()] == shapes
+    for t in built.values():
+        assert t.dtype == getattr(torch, dtype) and not t._is_view() and t._base is None
+        assert t.is_contiguous() and bool(t.isfinite().all()) and bool((t != 0).any())
+
+
 def test_sweep_sizes_that_round_to_one_model_are_measured_once() -> None:
     wl = _bench._workload_list(["transformer-fp32"], 4, 200, [0.25, 1, 4])
     # 0.25 and 1 MiB both round up to the smallest model; 4 MiB is the main workload

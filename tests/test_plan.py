@@ -34,6 +34,14 @@ def _cases():
         "shared_out_of_order": [other[10:20], bf, other[:5], other[30:], bf[3:]],
         "empty": [torch.empty(0), torch.empty(3, 0), base[6:], base[:, 10:], torch.ones(2)],
         "empty_only": [torch.empty(0), torch.empty(0, 2)],
+        # No sharing, one tensor empty over memory it does not reach: its storage's address
+        # comes from the storage itself.
+        "separate_with_empty_view": [
+            torch.ones(3),
+            torch.ones(4)[4:],
+            torch.ones(2, 0),
+            torch.ones(2),
+        ],
         "params": [torch.nn.Parameter(torch.ones(3)), torch.zeros(2, requires_grad=True), z],
         "frozen_param": [torch.nn.Parameter(torch.ones(2), requires_grad=False)],
         "scalars": [torch.tensor(3), torch.tensor(2.5), torch.tensor(True)],
@@ -66,17 +74,49 @@ def test_mixed_numpy_and_torch_matches_describe():
     _same(_plan.plan_save(leaves, _refuse), slow.finish())
 
 
-@pytest.mark.parametrize(
-    "leaf",
-    [
-        torch.randn(3, dtype=torch.complex64).conj(),
-        torch.ones(2).to_sparse(),
-        torch.empty(2, device="meta"),
-    ],
-    ids=["conj", "sparse", "meta"],
-)
-def test_unusual_tensors_take_the_per_tensor_path(leaf):
+_UNUSUAL = {
+    "conj": lambda: torch.randn(3, dtype=torch.complex64).conj(),
+    "neg": lambda: torch._neg_view(torch.ones(2)),
+    "sparse_coo": lambda: torch.eye(3).to_sparse(),
+    "sparse_csr": lambda: torch.eye(3).to_sparse_csr(),
+    "sparse_bsc": lambda: torch.eye(3).to_sparse_bsc((1, 1)),
+    "nested": lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
+    "mkldnn": lambda: torch.eye(3).to_mkldnn(),
+    "meta": lambda: torch.empty(2, device="meta"),
+    "quantized": lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # sparse CSR and nested tensors are beta
+@pytest.mark.parametrize("name", sorted(_UNUSUAL))
+def test_unusual_tensors_take_the_per_tensor_path(name):
+    """The fast path reads no layout: every layout but strided has no storage, and so
+    no data pointer, which sends the list down the per-tensor path."""
+    if name == "mkldnn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no mkldnn")
+    leaf = _UNUSUAL[name]()
     assert _plan._describe_all(torch, [torch.ones(2), leaf]) is None
+
+
+def test_many_tensors_with_shared_storages_match_describe():
+    """A few hundred tensors, views of a handful of storages in shuffled order, with
+    zero-size and scalar views among them: the engine's grouping against describe()."""
+    rng = np.random.default_rng(7)
+    bases = [torch.arange(int(n), dtype=torch.float32) for n in rng.integers(1, 300, 12)]
+    leaves = []
+    for _ in range(400):
+        b = bases[int(rng.integers(len(bases)))]
+        lo = int(rng.integers(0, b.numel() + 1))
+        hi = int(rng.integers(lo, b.numel() + 1))
+        v = b[lo:hi]
+        if hi > lo and rng.random() < 0.2:
+            v = v[0]  # a 0-d view
+        leaves.append(v)
+    leaves += bases[::3]
+    slow = _plan._plan_rows(torch, leaves, list(range(len(leaves))), _refuse)
+    fast = _plan._describe_all(torch, leaves)
+    assert fast is not None
+    _same(fast.finish(), slow.finish())
 
 
 def test_refusals_keep_their_messages():

@@ -111,3 +111,20 @@ def encode_tables(
     device: npt.ArrayLike,
     devices: list[str],
 ) -> tuple[bytes, bytes]: ...
+def encode_tree(tree: Any, max_depth: int) -> bytes: ...
+def plan_tensors(
+    sizes: list[Any],
+    strides: list[Any],
+    data_ptrs: list[int],
+    storage_offsets: list[int],
+    requires_grad: list[bool],
+    dtypes: list[Any],
+    dtype_codes: dict[Any, int],
+    itemsizes: list[int],
+    types: list[type],
+    flagged_type: type,
+    type_flag: int,
+    grad_flag: int,
+    storage_ptr: Any,
+    align: int,
+) -> tuple[npt.NDArray[Any], ...] | None: ...

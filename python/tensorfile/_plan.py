@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from itertools import chain
 from operator import attrgetter
 from typing import Any, Callable
 
 import numpy as np
 
+from . import _engine
 from ._dtypes import numpy_name
-from ._torch import FLAG_PARAMETER, describe, dtype_info
+from ._torch import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, describe, dtype_info
 from .formats.native import ALIGN, TensorTable
 
 _SPAN_ALIGN = 16  # the widest element; keeps every tensor's offset a multiple of its size
@@ -112,27 +112,22 @@ def _index(names: list[str], name: str) -> int:
     return names.index(name)
 
 
-_layout = attrgetter("layout")
 _is_cpu = attrgetter("is_cpu")
 _dtype = attrgetter("dtype")
 _requires_grad = attrgetter("requires_grad")
-_shape = attrgetter("shape")
 
 
 def _describe_all(torch: Any, ts: list[Any]) -> _Part | None:
     """describe() and grouping for a whole list of tensors at once, in the common case:
     plain tensors and Parameters, dense, on the CPU, of dtypes the format holds, without
     the lazy conjugate/negative bits. Each attribute is read for all tensors in one pass
-    of a C iterator, and the spans are computed with numpy, so there is no Python code
-    per tensor. Returns None when any tensor is outside that case: the caller then
-    describes each one (and refuses what must be refused, with its message)."""
-    n = len(ts)
+    of a C iterator, and the engine computes the table and the storages from those
+    lists, so there is no Python code per tensor. Returns None when any tensor is outside
+    that case: the caller then describes each one (and refuses what must be refused, with
+    its message)."""
     tensor_cls, param_cls = torch.Tensor, torch.nn.Parameter
     types = list(map(type, ts))
-    classes = set(types)
-    if not classes <= {tensor_cls, param_cls}:
-        return None
-    if set(map(_layout, ts)) != {torch.strided} or not all(map(_is_cpu, ts)):
+    if not set(types) <= {tensor_cls, param_cls} or not all(map(_is_cpu, ts)):
         return None
     dtypes = list(map(_dtype, ts))
     code: dict[Any, int] = {}
@@ -150,76 +145,25 @@ def _describe_all(torch: Any, ts: list[Any]) -> _Part | None:
     if any(dt.is_complex for dt in code) and any(map(tensor_cls.is_conj, ts)):
         return None
     try:
-        shapes = list(map(_shape, ts))
+        # Tensors of other layouts (sparse, mkldnn, nested) have no storage, and so no
+        # data pointer: those raise here and take the per-tensor path.
+        data_ptrs = list(map(tensor_cls.data_ptr, ts))
+        sizes = list(map(tensor_cls.size, ts))
         strides = list(map(tensor_cls.stride, ts))
-        data_ptr = np.fromiter(map(tensor_cls.data_ptr, ts), np.uint64, n)
     except RuntimeError:
         return None
-    if len(code) == 1:
-        dtype = np.zeros(n, dtype=np.int32)
-    else:
-        dtype = np.fromiter(map(code.__getitem__, dtypes), np.int32, n)
-    itemsize = np.array(itemsizes, dtype=np.int64)[dtype]
-    first = np.fromiter(map(tensor_cls.storage_offset, ts), np.int64, n) * itemsize
-    flags = np.fromiter(map(_requires_grad, ts), np.int64, n)
-    if param_cls in classes:
-        flags |= FLAG_PARAMETER * np.fromiter((c is param_cls for c in types), np.int64, n)
-    ndim = np.fromiter(map(len, shapes), np.int64, n)
-    ndims = int(ndim.sum())
-    shape = np.fromiter(chain.from_iterable(shapes), np.int64, ndims)
-    stride = np.fromiter(chain.from_iterable(strides), np.int64, ndims)
-    dim_begin = np.zeros(n, dtype=np.int64)
-    np.cumsum(ndim[:-1], out=dim_begin[1:])
-    # The byte just past the last element: first + itemsize * (1 + sum((d - 1) * stride))
-    # for a tensor with elements, first for an empty one (as describe() computes it).
-    k = int(ndim[0])
-    if (ndim == k).all():  # one rank for all: no ragged sums
-        reach = ((shape - 1) * stride).reshape(n, k).sum(axis=1)
-        empty = (shape == 0).reshape(n, k).any(axis=1)
-    else:
-        row = np.repeat(np.arange(n), ndim)
-        reach = np.zeros(n, dtype=np.int64)
-        np.add.at(reach, row, (shape - 1) * stride)
-        zeros = np.zeros(n, dtype=np.int64)
-        np.add.at(zeros, row, shape == 0)
-        empty = zeros > 0
-    end = np.where(empty, first, first + itemsize * (1 + reach))
-    # A tensor's data pointer is its storage's plus its byte offset, which spares
-    # creating a storage object per tensor; only for empty tensors is it null.
-    sptr = data_ptr - first.astype(np.uint64)
-    for i in np.nonzero(empty)[0].tolist():
-        sptr[i] = ts[i].untyped_storage().data_ptr()
-
-    # Group by storage pointer, in order of first use; storages without memory share
-    # nothing, so each gets a key of its own.
-    key = sptr.astype(np.int64)
-    nomem = np.nonzero(sptr == 0)[0]
-    key[nomem] = -1 - nomem
-    used = end > first
-    ordered = np.sort(key)
-    if not (ordered[1:] == ordered[:-1]).any():  # no sharing: one storage per tensor
-        group = lead = np.arange(n)
-        lo = np.where(used, first, 0)
-        hi = np.where(used, end, 0)
-    else:
-        uniq, first_use, inverse = np.unique(key, return_index=True, return_inverse=True)
-        by_use = np.argsort(first_use, kind="stable")
-        rank = np.empty(len(uniq), dtype=np.int64)
-        rank[by_use] = np.arange(len(uniq))
-        group = rank[inverse.reshape(-1)]
-        lead = first_use[by_use]  # the first tensor of each storage
-        lo = np.full(len(uniq), np.iinfo(np.int64).max, dtype=np.int64)
-        np.minimum.at(lo, group[used], first[used])
-        hi = np.zeros(len(uniq), dtype=np.int64)
-        np.maximum.at(hi, group[used], end[used])
-        lo[hi == 0] = 0  # no tensor references bytes of it: an empty span
-    lo -= lo % _SPAN_ALIGN
-    nbytes = hi - lo
-    offset = first - lo[group]
-    offset[(offset < 0) | (offset > nbytes[group])] = 0
+    columns = _engine.plan_tensors(
+        sizes, strides, data_ptrs, list(map(tensor_cls.storage_offset, ts)),
+        list(map(_requires_grad, ts)), dtypes, code, itemsizes, types, param_cls,
+        FLAG_PARAMETER, FLAG_REQUIRES_GRAD, lambda i: ts[i].untyped_storage().data_ptr(),
+        _SPAN_ALIGN,
+    )  # fmt: skip
+    if columns is None:
+        return None
+    dtype, dim_begin, ndim, shape, stride, offset, flags, storage, lead, ptrs, nbytes = columns
     table = TensorTable(
-        kind=np.zeros(n, dtype=np.int8),
-        storage=group,
+        kind=np.zeros(len(ts), dtype=np.int8),
+        storage=storage,
         dtype=dtype,
         dtype_names=names,
         dim_begin=dim_begin,
@@ -229,10 +173,9 @@ def _describe_all(torch: Any, ts: list[Any]) -> _Part | None:
         offset=offset,
         flags=flags,
     )
-    ptrs = sptr[lead] + lo.astype(np.uint64)
     # One per storage, as _plan_rows keeps them; without sharing, every tensor leads.
-    owners = list(ts) if len(lead) == n else [ts[i] for i in lead.tolist()]
-    return _Part(table, ["cpu"] * len(lead), ptrs, nbytes.astype(np.uint64), owners)
+    owners = list(ts) if len(lead) == len(ts) else [ts[i] for i in lead.tolist()]
+    return _Part(table, ["cpu"] * len(lead), ptrs, nbytes, owners)
 
 
 def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> SavePlan:

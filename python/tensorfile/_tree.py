@@ -98,7 +98,8 @@ class Flattener:
     def __init__(self) -> None:
         self.leaves: list[Any] = []
         self.leaf_paths = _LeafPaths()
-        self._leaf_index: dict[int, int] = {}
+        self._leaf_index: dict[int, int] = {}  # id(leaf) -> index; see _index()
+        self._unindexed: list[tuple[list[int], int]] = []  # runs of (ids, first index)
         self._active: set[int] = set()
         self._path: list[Any] = []
         self._in_key = False
@@ -117,11 +118,19 @@ class Flattener:
     def flatten(self, obj: Any) -> Any:
         return self._node(obj, 0)
 
+    def _index(self) -> dict[int, int]:
+        """id(leaf) -> leaf index. Runs of a tensor dict's leaves enter it only when a
+        later leaf is looked up, so a plain state dict never builds it."""
+        for ids, start in self._unindexed:
+            self._leaf_index.update(zip(ids, range(start, start + len(ids))))
+        self._unindexed.clear()
+        return self._leaf_index
+
     def _leaf(self, obj: Any, tag: str) -> list[Any]:
         if self._in_key:
             raise self.error("a tensor or array inside a dict key is not supported")
         key = id(obj)
-        index = self._leaf_index.get(key)
+        index = self._index().get(key)
         if index is None:
             index = len(self.leaves)
             self._leaf_index[key] = index
@@ -165,12 +174,11 @@ class Flattener:
         if set(map(type, keys)) != {str} or not all(map(str.isascii, keys)):
             return False
         ids = list(map(id, values))
-        index = self._leaf_index
-        if any(map(index.__contains__, ids)) or len(set(ids)) != len(ids):
+        if len(set(ids)) != len(ids) or (self.leaves and any(map(self._index().__contains__, ids))):
             return False  # shared tensors: the walk below assigns their indexes
         start = len(self.leaves)
         stop = start + len(values)
-        index.update(zip(ids, range(start, stop)))
+        self._unindexed.append((ids, start))
         self.leaves += values
         prefix = self._path
         self.leaf_paths.add_run(start, prefix, keys)

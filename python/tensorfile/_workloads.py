@@ -108,15 +108,20 @@ def _build_numpy(
     if dtype == "bfloat16":  # numpy has no bfloat16: the top half of each float32 is one
         pool = (pool.view(np.uint32) >> 16).astype(np.uint16)
     pool = np.concatenate([pool, pool])  # any window of up to _POOL_ELEMS in the first half
+    dt = getattr(torch, dtype)
     out: dict[str, Any] = {}
     for i, (name, shape) in enumerate(shapes):
-        flat = np.empty(math.prod(shape), dtype=pool.dtype)
+        # A tensor of torch's own allocation, filled through a numpy view of its memory:
+        # like a model's weights it is not a view of anything (torch.from_numpy(...).view
+        # would make every tensor an autograd view, which state dicts never hold).
+        t = torch.empty(shape, dtype=dt)
+        flat = (t.view(torch.int16) if dtype == "bfloat16" else t).numpy().reshape(-1)
+        flat = flat.view(pool.dtype)
         start = (i * 7919) % _POOL_ELEMS
         for at in range(0, flat.size, _POOL_ELEMS):
             k = min(_POOL_ELEMS, flat.size - at)
             flat[at : at + k] = pool[start : start + k]
-        t = torch.from_numpy(flat).view(shape)
-        out[name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
+        out[name] = t
     return out
 
 

@@ -34,6 +34,7 @@ ALIGN = 4096
 MAX_HEADER_NBYTES = 64 << 20
 MAX_NDIM = 64
 MAX_INT = 2**63 - 1
+_MAX_JSON_DEPTH = 1000  # far past the deepest tree a save makes (_tree.MAX_DEPTH containers)
 FLAG_REQUIRES_GRAD = 1
 FLAG_PARAMETER = 2
 
@@ -150,24 +151,26 @@ def encode_header(
     devices = sorted(set(storage_devices))
     if any(not _valid_device(d) for d in devices):
         raise ValueError(f"storage devices must be cpu or cuda[:index], got {devices}")
-    code = {d: i for i, d in enumerate(devices)}
-    device = np.fromiter(map(code.__getitem__, storage_devices), np.int32, len(storage_devices))
+    if len(devices) == 1:
+        device = np.zeros(len(storage_devices), dtype=np.int32)
+    else:
+        code = {d: i for i, d in enumerate(devices)}
+        device = np.fromiter(map(code.__getitem__, storage_devices), np.int32, len(storage_devices))
     t = tensors
     tensor_rows, storage_rows = _engine.encode_tables(
         t.kind, t.storage, t.dtype, t.dim_begin, t.ndim, t.offset, t.flags, t.shapes, t.strides,
         t.dtype_names, storage_offsets, storage_nbytes, device, devices,
     )  # fmt: skip
-    dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
     head = b"".join(
         (
             b'{"tree":',
-            dumps(tree).encode("ascii"),
+            _engine.encode_tree(tree, _MAX_JSON_DEPTH),
             b',"tensors":',
             tensor_rows,
             b',"storages":',
             storage_rows,
             b',"metadata":',
-            dumps(metadata).encode("ascii"),
+            _engine.encode_tree(metadata, _MAX_JSON_DEPTH),
             b',"crc32c":"',
         )
     )

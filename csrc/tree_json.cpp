@@ -1,0 +1,113 @@
+#include "tree_json.hpp"
+
+#include <cmath>
+#include <stdexcept>
+
+namespace py = pybind11;
+
+namespace tensorfile {
+namespace {
+
+class Writer {
+ public:
+  explicit Writer(int max_depth) : max_depth_(max_depth) {}
+
+  void value(PyObject* o, int depth) {
+    if (PyUnicode_CheckExact(o)) return string(o);
+    if (o == Py_None || o == Py_True || o == Py_False) {
+      out.append(o == Py_None ? "null" : (o == Py_True ? "true" : "false"));
+      return;
+    }
+    if (PyLong_CheckExact(o)) return integer(o);
+    if (PyList_CheckExact(o)) {
+      enter(depth);
+      out.push_back('[');
+      for (Py_ssize_t i = 0; i < PyList_GET_SIZE(o); i++) {
+        if (i) out.push_back(',');
+        value(PyList_GET_ITEM(o, i), depth + 1);
+      }
+      out.push_back(']');
+      return;
+    }
+    if (PyDict_CheckExact(o)) return dict(o, depth);
+    if (PyFloat_CheckExact(o)) return real(o);
+    throw py::type_error(std::string("Object of type ") + Py_TYPE(o)->tp_name + " is not JSON serializable");
+  }
+
+  std::string out;
+
+ private:
+  void enter(int depth) const {
+    if (depth >= max_depth_) throw std::length_error("the object tree is nested too deeply to encode");
+  }
+
+  void dict(PyObject* o, int depth) {
+    enter(depth);
+    out.push_back('{');
+    Py_ssize_t pos = 0;
+    PyObject *k = nullptr, *v = nullptr;
+    bool first = true;
+    while (PyDict_Next(o, &pos, &k, &v)) {
+      if (!PyUnicode_CheckExact(k)) throw py::type_error("only str dict keys are encoded");
+      if (!first) out.push_back(',');
+      first = false;
+      string(k);
+      out.push_back(':');
+      value(v, depth + 1);
+    }
+    out.push_back('}');
+  }
+
+  // Printable ASCII without quote or backslash is copied as is; anything else goes through
+  // json's own escaping, so the bytes stay json.dumps' exactly.
+  void string(PyObject* o) {
+    if (PyUnicode_IS_ASCII(o)) {
+      const auto* s = static_cast<const char*>(PyUnicode_DATA(o));
+      const Py_ssize_t n = PyUnicode_GET_LENGTH(o);
+      bool plain = true;
+      for (Py_ssize_t i = 0; i < n && plain; i++) {
+        const char c = s[i];
+        plain = c >= 0x20 && c < 0x7f && c != '"' && c != '\\';
+      }
+      if (plain) {
+        out.push_back('"');
+        out.append(s, static_cast<size_t>(n));
+        out.push_back('"');
+        return;
+      }
+    }
+    if (!escape_) escape_ = py::module_::import("json.encoder").attr("encode_basestring_ascii");
+    out += escape_(py::handle(o)).cast<std::string>();
+  }
+
+  void integer(PyObject* o) {
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow == 0 && !(v == -1 && PyErr_Occurred())) {
+      out += std::to_string(v);
+      return;
+    }
+    PyErr_Clear();
+    out += py::str(py::handle(o)).cast<std::string>();
+  }
+
+  void real(PyObject* o) {
+    if (!std::isfinite(PyFloat_AS_DOUBLE(o))) {
+      throw py::value_error("Out of range float values are not JSON compliant");
+    }
+    out += py::repr(py::handle(o)).cast<std::string>();
+  }
+
+  int max_depth_;
+  py::object escape_;
+};
+
+}  // namespace
+
+std::string encode_tree_json(py::handle obj, int max_depth) {
+  Writer w(max_depth);
+  w.value(obj.ptr(), 0);
+  return std::move(w.out);
+}
+
+}  // namespace tensorfile
