@@ -4,8 +4,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <numeric>
 
 #include "crc32.hpp"
 #include "crc32c.hpp"
@@ -15,10 +17,10 @@
 #include "file.hpp"
 #include "header.hpp"
 #include "plan.hpp"
+#include "pytree.hpp"
 #include "shim/cuda.hpp"
 #include "shim/cufile.hpp"
 #include "staging.hpp"
-#include "tree_json.hpp"
 
 namespace py = pybind11;
 using namespace tensorfile;
@@ -41,6 +43,34 @@ std::vector<Region> to_regions(const U64Array& ptrs, const U64Array& nbytes, con
   for (size_t i = 0; i < n; i++) regions[i] = Region{static_cast<uintptr_t>(p[i]), b[i], o[i]};
   return regions;
 }
+
+// Regions in file order, as the engine reads them, and each region's result put back in
+// the caller's order: a torch.save zip numbers its storages in pickle order, which need not
+// be the order of their records in the file.
+class FileOrder {
+ public:
+  explicit FileOrder(std::vector<Region>& regions) {
+    const auto by_offset = [](const Region& a, const Region& b) { return a.file_offset < b.file_offset; };
+    if (std::is_sorted(regions.begin(), regions.end(), by_offset)) return;
+    order_.resize(regions.size());
+    std::iota(order_.begin(), order_.end(), size_t{0});
+    std::stable_sort(order_.begin(), order_.end(),
+                     [&](size_t a, size_t b) { return regions[a].file_offset < regions[b].file_offset; });
+    std::vector<Region> sorted(regions.size());
+    for (size_t k = 0; k < order_.size(); k++) sorted[k] = regions[order_[k]];
+    regions.swap(sorted);
+  }
+
+  std::vector<uint32_t> restore(std::vector<uint32_t> results) const {
+    if (order_.empty()) return results;
+    std::vector<uint32_t> out(results.size());
+    for (size_t k = 0; k < order_.size(); k++) out[order_[k]] = results[k];
+    return out;
+  }
+
+ private:
+  std::vector<size_t> order_;  // empty: the regions were in file order already
+};
 
 template <typename T>
 py::array_t<T> to_array(const std::vector<T>& v) {
@@ -226,13 +256,14 @@ PYBIND11_MODULE(_engine, m) {
          size_t task_nbytes, bool checksum, bool check_gaps, uint64_t gap_begin, uint64_t gap_end,
          const std::string& path, bool hugepages, bool zip_crc) {
         auto regions = to_regions(ptrs, nbytes, offsets);
+        const FileOrder order(regions);
         std::vector<uint32_t> crcs;
         {
           py::gil_scoped_release release;
           crcs = read_regions(fd, regions, options(num_threads, task_nbytes, checksum, hugepages, zip_crc), check_gaps,
                               gap_begin, gap_end, path);
         }
-        return to_array(crcs);
+        return to_array(order.restore(std::move(crcs)));
       },
       py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"), py::arg("file_offsets"), py::arg("num_threads"),
       py::arg("task_nbytes"), py::arg("checksum"), py::arg("check_gaps"), py::arg("gap_begin"), py::arg("gap_end"),
@@ -342,6 +373,9 @@ PYBIND11_MODULE(_engine, m) {
       "encode_tree", [](py::handle tree, int max_depth) { return py::bytes(encode_tree_json(tree, max_depth)); },
       py::arg("tree"), py::arg("max_depth"),
       "The header's object tree (or metadata) as json.dumps writes it with compact separators and ASCII only.");
+  m.def("tensor_dict_items", &tensor_dict_items, py::arg("keys"), py::arg("values"), py::arg("tensor_type"),
+        py::arg("param_type"), py::arg("first"),
+        "[key0, ['tensor', first], ...] for a dict of ASCII str keys to distinct tensors or Parameters; else None.");
   m.def("plan_tensors", &plan_tensors, py::arg("sizes"), py::arg("strides"), py::arg("data_ptrs"),
         py::arg("storage_offsets"), py::arg("requires_grad"), py::arg("dtypes"), py::arg("dtype_codes"),
         py::arg("itemsizes"), py::arg("types"), py::arg("flagged_type"), py::arg("type_flag"), py::arg("grad_flag"),
@@ -378,6 +412,7 @@ PYBIND11_MODULE(_engine, m) {
          size_t staging_nbytes, size_t staging_buffers, bool checksum, const std::string& path, int gds_fd,
          bool zip_crc) {
         auto regions = to_regions(ptrs, nbytes, offsets);
+        const FileOrder order(regions);
         auto zr = to_regions(zero_offsets, zero_nbytes, zero_offsets);
         std::vector<ZeroRange> zeros(zr.size());
         for (size_t i = 0; i < zr.size(); i++) zeros[i] = ZeroRange{zr[i].file_offset, zr[i].nbytes};
@@ -388,7 +423,7 @@ PYBIND11_MODULE(_engine, m) {
           crcs = read_to_device(dev, fd, regions, zeros,
                                 staging(num_threads, staging_nbytes, staging_buffers, checksum, gds_fd, zip_crc), path);
         }
-        return to_array(crcs);
+        return to_array(order.restore(std::move(crcs)));
       },
       py::arg("backend"), py::arg("device"), py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"), py::arg("file_offsets"),
       py::arg("zero_offsets"), py::arg("zero_nbytes"), py::arg("num_threads"), py::arg("staging_nbytes"),

@@ -122,7 +122,7 @@ def test_bench_tiny_run_through_the_cli(tmp_path: Path) -> None:
     for meas in _bench.HEADER_MEASURES:
         r = rows[("small-fp32", "tensorfile", meas)]
         assert 0 < r["median_s"] < 10 and r["gbps"] is None
-        assert len(r["details"]["samples"][0]) >= 3
+        assert len(r["details"]["samples"][0]) >= 3 and r["details"]["first_s"][0] > 0
     got = [t["target"] for t in report["targets"]]
     for name in TARGET_NAMES:
         assert any(t.startswith(name) for t in got), name

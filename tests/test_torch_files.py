@@ -316,6 +316,27 @@ def _edited_copy(path, out, suffix, edit):
             z.writestr(info.filename, body)
 
 
+@pytest.mark.parametrize("mmap", [False, True])
+def test_records_in_another_order_than_the_pickle_names_them(tmp_path, mmap):
+    """Storages are numbered in the order the pickle meets them; a zip may hold their
+    records in any order (here the reverse), which the reads must not care about."""
+    obj = {"a": torch.arange(6), "b": torch.ones(3, dtype=torch.float64), "c": torch.arange(4.0)}
+    torch.save(obj, tmp_path / "fwd.pt")
+    out = tmp_path / "rev.pt"
+    with zipfile.ZipFile(tmp_path / "fwd.pt") as src, zipfile.ZipFile(out, "w") as z:
+        infos = src.infolist()
+        data = sorted((i for i in infos if "/data/" in i.filename), key=lambda i: i.filename)
+        rest = [i for i in infos if "/data/" not in i.filename]
+        for info in rest[:1] + data[::-1] + rest[1:]:
+            z.writestr(info.filename, src.read(info))
+    with zipfile.ZipFile(out) as z:
+        order = [i.filename.rsplit("/", 1)[1] for i in z.infolist() if "/data/" in i.filename]
+    assert order == ["2", "1", "0"]
+    same(tensorfile.load(out, mmap=mmap), torch.load(out, weights_only=True))
+    with tensorfile.open(out) as f:
+        assert torch.equal(f.get("c"), obj["c"])
+
+
 def test_storage_size_must_match_the_pickle(tmp_path):
     path = tmp_path / "short.pt"
     torch.save({"w": torch.ones(8)}, path)

@@ -568,6 +568,7 @@ def summarize(
                 "writeback",
                 "resident_after_evict",
                 "samples",
+                "first_s",
             )
             if any(k in e for e in entries)
         }

@@ -112,6 +112,9 @@ def encode_tables(
     devices: list[str],
 ) -> tuple[bytes, bytes]: ...
 def encode_tree(tree: Any, max_depth: int) -> bytes: ...
+def tensor_dict_items(
+    keys: list[Any], values: list[Any], tensor_type: type, param_type: type, first: int
+) -> list[Any] | None: ...
 def plan_tensors(
     sizes: list[Any],
     strides: list[Any],

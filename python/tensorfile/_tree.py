@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _engine
 from ._dtypes import NUMPY_ITEMSIZE, TORCH_DTYPE_VALUES, numpy_name
 from ._errors import FormatError
 
@@ -99,15 +100,12 @@ class Flattener:
         self.leaves: list[Any] = []
         self.leaf_paths = _LeafPaths()
         self._leaf_index: dict[int, int] = {}  # id(leaf) -> index; see _index()
-        self._unindexed: list[tuple[list[int], int]] = []  # runs of (ids, first index)
+        self._unindexed: list[tuple[list[Any], int]] = []  # runs of (leaves, first index)
         self._active: set[int] = set()
         self._path: list[Any] = []
         self._in_key = False
         torch = _torch_module()
         self._tensor_type = torch.Tensor if torch is not None else None
-        self._plain_tensor_types = (
-            {torch.Tensor, torch.nn.Parameter} if torch is not None else set()
-        )
         self._torch = torch
 
     def error(self, message: str) -> TypeError:
@@ -121,8 +119,8 @@ class Flattener:
     def _index(self) -> dict[int, int]:
         """id(leaf) -> leaf index. Runs of a tensor dict's leaves enter it only when a
         later leaf is looked up, so a plain state dict never builds it."""
-        for ids, start in self._unindexed:
-            self._leaf_index.update(zip(ids, range(start, start + len(ids))))
+        for values, start in self._unindexed:
+            self._leaf_index.update(zip(map(id, values), range(start, start + len(values))))
         self._unindexed.clear()
         return self._leaf_index
 
@@ -164,27 +162,23 @@ class Flattener:
         return out
 
     def _tensor_dict(self, obj: dict[Any, Any], out: list[Any]) -> bool:
-        """The common state dict, ASCII names to tensors not seen before, in C-level
-        passes instead of a walk per item; returns False (having done nothing) when
+        """The common state dict, ASCII names to tensors not seen before, in one pass of
+        the engine instead of a walk per item; returns False (having done nothing) when
         `obj` is anything else."""
+        if self._torch is None:
+            return False
         values = list(obj.values())
-        if not self._plain_tensor_types or not set(map(type, values)) <= self._plain_tensor_types:
-            return False
-        keys = list(obj)
-        if set(map(type, keys)) != {str} or not all(map(str.isascii, keys)):
-            return False
-        ids = list(map(id, values))
-        if len(set(ids)) != len(ids) or (self.leaves and any(map(self._index().__contains__, ids))):
-            return False  # shared tensors: the walk below assigns their indexes
         start = len(self.leaves)
-        stop = start + len(values)
-        self._unindexed.append((ids, start))
+        items = _engine.tensor_dict_items(
+            list(obj), values, self._torch.Tensor, self._torch.nn.Parameter, start
+        )
+        if items is None:
+            return False
+        if start and any(map(self._index().__contains__, map(id, values))):
+            return False  # shared tensors: the walk below assigns their indexes
+        self._unindexed.append((values, start))
         self.leaves += values
-        prefix = self._path
-        self.leaf_paths.add_run(start, prefix, keys)
-        items: list[Any] = [None] * (2 * len(keys))
-        items[::2] = keys
-        items[1::2] = [["tensor", i] for i in range(start, stop)]
+        self.leaf_paths.add_run(start, self._path, items[::2])
         out += items
         return True
 

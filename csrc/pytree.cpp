@@ -1,7 +1,9 @@
-#include "tree_json.hpp"
+#include "pytree.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -103,6 +105,36 @@ class Writer {
 };
 
 }  // namespace
+
+py::object tensor_dict_items(const py::list& keys, const py::list& values, py::handle tensor_type,
+                             py::handle param_type, Py_ssize_t first) {
+  const Py_ssize_t n = PyList_GET_SIZE(values.ptr());
+  if (PyList_GET_SIZE(keys.ptr()) != n) throw std::invalid_argument("tensor_dict_items: keys and values differ");
+  std::vector<PyObject*> seen(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; i++) {
+    PyObject* k = PyList_GET_ITEM(keys.ptr(), i);
+    PyObject* v = PyList_GET_ITEM(values.ptr(), i);
+    auto* type = reinterpret_cast<PyObject*>(Py_TYPE(v));
+    if (!PyUnicode_CheckExact(k) || !PyUnicode_IS_ASCII(k) || (type != tensor_type.ptr() && type != param_type.ptr())) {
+      return py::none();
+    }
+    seen[static_cast<size_t>(i)] = v;
+  }
+  std::sort(seen.begin(), seen.end());
+  if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) return py::none();
+  py::list items(2 * n);
+  py::str tag("tensor");
+  for (Py_ssize_t i = 0; i < n; i++) {
+    PyObject* k = PyList_GET_ITEM(keys.ptr(), i);
+    Py_INCREF(k);
+    PyList_SET_ITEM(items.ptr(), 2 * i, k);
+    py::list leaf(2);
+    leaf[0] = tag;
+    leaf[1] = py::int_(first + i);
+    PyList_SET_ITEM(items.ptr(), 2 * i + 1, leaf.release().ptr());
+  }
+  return std::move(items);
+}
 
 std::string encode_tree_json(py::handle obj, int max_depth) {
   Writer w(max_depth);
