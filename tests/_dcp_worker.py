@@ -87,14 +87,14 @@ def check(loaded: dict[str, Any], version: int, rank: int) -> None:
 def crash_overwrite(path: str, version: int) -> None:
     """Single process, no process group: saves `version` into the checkpoint directory
     `path` and dies (SIGKILL) while its rank file is half written."""
-    import tensorfile.api
+    import tensorfile._files
     import tensorfile.dcp as tdcp
 
     def die(name: str) -> None:
         if name == "writing":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    tensorfile.api._phase = die  # type: ignore[assignment]
+    tensorfile._files.phase = die  # type: ignore[assignment]
     tdcp.state_dict_to_dcp(full_state(version), path)
 
 
@@ -109,7 +109,7 @@ def run(scenario: str, rank: int, world: int, root: str) -> None:
 
 def _run(scenario: str, rank: int, world: int, root: str) -> None:
     warnings.simplefilter("error")
-    import tensorfile.api
+    import tensorfile._files
     import tensorfile.dcp as tdcp
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -154,7 +154,7 @@ def _run(scenario: str, rank: int, world: int, root: str) -> None:
                 if name == "writing":
                     os.kill(os.getpid(), signal.SIGKILL)
 
-            tensorfile.api._phase = die  # type: ignore[assignment]
+            tensorfile._files.phase = die  # type: ignore[assignment]
         dcp.save(sharded_state(mesh, 3), storage_writer=tdcp.StorageWriter(f"{root}/C"))
     else:
         raise SystemExit(f"unknown scenario {scenario}")

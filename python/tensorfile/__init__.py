@@ -5,7 +5,8 @@ from __future__ import annotations
 from ._async import async_save
 from ._cuda import cuda_available
 from ._errors import ChecksumError, CudaError, FormatError
-from .api import TensorFile, clean, load, open, save, save_safetensors
+from ._files import clean
+from .api import TensorFile, load, open, save, save_safetensors
 
 __version__ = "0.1.0"
 

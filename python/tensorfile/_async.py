@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 from ._torch import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, describe
-from ._tree import Builder, Flattener, _path_str
+from ._tree import Builder, Flattener, path_str
 
 _ALIGN = 64  # each storage's copy starts here, a multiple of every element size
 _ROUND = 2 << 20  # pool buffers are sized in 2 MiB steps, so near sizes reuse one buffer
@@ -143,7 +143,7 @@ def _snapshot(obj: Any) -> tuple[Any, Any, dict[int, str]]:
         def error(message: str, i: int = i) -> TypeError:
             return TypeError(
                 f"tensorfile.async_save: cannot save the object at key path "
-                f"{_path_str(flattener.leaf_paths[i])!r}: {message}"
+                f"{path_str(flattener.leaf_paths[i])!r}: {message}"
             )
 
         key, storage, _ptr, first, end, _name, shape, strides, flags = describe(torch, leaf, error)

@@ -543,7 +543,7 @@ def _header_times(job: dict[str, Any], reps: int = 7) -> dict[str, Any]:
     process that built its own state dict never pays, and this figure is the cost of
     every save and open, as a training loop pays it."""
     import tensorfile
-    from tensorfile import api
+    from tensorfile import _plan
     from tensorfile._tree import no_gc
 
     if job["measure"] == "header_save":
@@ -551,7 +551,7 @@ def _header_times(job: dict[str, Any], reps: int = 7) -> dict[str, Any]:
 
         def once() -> None:
             with no_gc():  # as tensorfile.save runs it
-                api._plan_and_encode(obj, None)
+                _plan.plan_and_encode(obj, None)
     else:
         if not os.path.exists(job["path"]):
             raise RuntimeError("not measured: the save made no file")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _config, _engine, api
+from . import _config, _engine, _files, api
 from ._dtypes import ITEMSIZE
 from ._errors import FormatError
 from ._tree import Builder, Flattener, decode_key_for_path, no_gc
@@ -260,7 +260,7 @@ def _to_native(reader: api._Reader, out: str, stream: _Stream, progress: Progres
     total = native.file_nbytes(len(header), offs, sizes)
     base = native.data_start(len(header))
     crcs = np.zeros(len(used), dtype=np.uint32)
-    with api._atomic_file(out, total, True) as fd:
+    with _files.atomic_file(out, total, True) as fd:
         for run, at in stream.batches(used):
             if at[0] < 0:
                 (s,) = run
@@ -291,7 +291,7 @@ def _to_native(reader: api._Reader, out: str, stream: _Stream, progress: Progres
                     crcs[new_index[run[j]]] = c
             progress(sum(nb))
         native.set_checksums(header, crc_pos, crcs)
-        api._pwrite_all(fd, native.make_preamble(header, total) + bytes(header), 0)
+        _files.pwrite_all(fd, native.make_preamble(header, total) + bytes(header), 0)
 
 
 def _write(
@@ -389,7 +389,7 @@ def _to_safetensors(
         dst_of.setdefault(m[4], []).append((len(head) + r, m[3]))
     total = len(head) + sum(m[3] for m in meta)
     needed = _sorted_storages(lay, sorted({lay.tensors[i][1] for _, i in entries}))
-    with api._atomic_file(out, total, True) as fd:
+    with _files.atomic_file(out, total, True) as fd:
         for run, at in stream.batches(needed):
             if at[0] < 0:
                 (s,) = run
@@ -417,7 +417,7 @@ def _to_safetensors(
             stream.read(run, at, None)
             _emit(stream, fd, out, run, at, dst_of)
             progress(int(lay.storage_nbytes[run].sum()))
-        api._pwrite_all(fd, head, 0)
+        _files.pwrite_all(fd, head, 0)
     return plain
 
 

@@ -12,6 +12,8 @@ import numpy as np
 from . import _engine
 from ._dtypes import numpy_name
 from ._torch import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, describe, dtype_info
+from ._tree import SURROGATE, Flattener, path_str
+from .formats import native
 from .formats.native import ALIGN, TensorTable
 
 _SPAN_ALIGN = 16  # the widest element; keeps every tensor's offset a multiple of its size
@@ -321,3 +323,49 @@ def _allocation_start(a: np.ndarray, lo: int) -> int:
     if root.base is not None or not root.flags.c_contiguous or start > lo:
         return lo
     return start
+
+
+def plan_and_encode(
+    obj: Any, metadata: dict[str, str] | None, saved_from: dict[int, str] | None = None
+) -> tuple[SavePlan, bytearray, int]:
+    """Everything a save does per tensor before bytes move: flatten the object, plan the
+    storages, encode the header. Returns (plan, header, position of its CRC field). Call
+    with the collector paused (no_gc), as save does."""
+    meta = check_metadata(metadata)
+    flattener = Flattener()
+    tree = flattener.flatten(obj)
+    plan = plan_save(
+        flattener.leaves,
+        lambda i, m: TypeError(
+            f"tensorfile.save: cannot save the object at key path {path_str(flattener.leaf_paths[i])!r}: {m}"
+        ),
+    )
+    recorded = plan.devices  # what the header says; the bytes are written from plan.devices
+    if saved_from:
+        recorded = list(recorded)
+        for i, leaf in enumerate(flattener.leaves):
+            device = saved_from.get(id(leaf))
+            if device is not None:
+                recorded[int(plan.table.storage[i])] = device
+    header, crc_pos = native.encode_header(
+        tree, plan.table, plan.offsets, plan.nbytes, recorded, meta
+    )
+    if len(header) > native.MAX_HEADER_NBYTES:
+        raise ValueError(
+            f"tensorfile.save: the header would be {len(header)} bytes, over the format's limit"
+        )
+    return plan, header, crc_pos
+
+
+def check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if isinstance(metadata, dict) and any(
+        SURROGATE.search(k + v) for k, v in metadata.items() if type(k) is str and type(v) is str
+    ):
+        raise TypeError("tensorfile.save: metadata strings must not contain unpaired surrogates")
+    if not isinstance(metadata, dict) or not all(
+        type(k) is str and type(v) is str for k, v in metadata.items()
+    ):
+        raise TypeError("tensorfile.save: metadata must be a dict of str to str")
+    return dict(metadata)

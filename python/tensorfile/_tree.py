@@ -33,7 +33,7 @@ _KEY_TYPES = (int, float, bool, type(None), complex, bytes, tuple)
 
 # JSON \u escapes cannot tell a lone surrogate pair ("\ud83d\ude00", two code points)
 # from the character it would encode, so strings holding surrogates are written as hex.
-_SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _str_node(s: str) -> list[str]:
@@ -50,7 +50,7 @@ def _torch_module() -> Any:
     return sys.modules.get("torch")
 
 
-def _path_str(path: list[Any]) -> str:
+def path_str(path: list[Any]) -> str:
     return ".".join(str(p) for p in path) or "<root>"
 
 
@@ -110,7 +110,7 @@ class Flattener:
 
     def error(self, message: str) -> TypeError:
         return TypeError(
-            f"tensorfile.save: cannot save the object at key path {_path_str(self._path)!r}: {message}"
+            f"tensorfile.save: cannot save the object at key path {path_str(self._path)!r}: {message}"
         )
 
     def flatten(self, obj: Any) -> Any:
@@ -184,7 +184,7 @@ class Flattener:
 
     def _key(self, k: Any, depth: int) -> Any:
         if type(k) is str:
-            return k if k.isascii() or _SURROGATE.search(k) is None else _str_node(k)
+            return k if k.isascii() or SURROGATE.search(k) is None else _str_node(k)
         if (
             type(k) not in _KEY_TYPES
             and not isinstance(k, np.generic)
@@ -200,7 +200,7 @@ class Flattener:
     def _node(self, obj: Any, depth: int) -> Any:
         t = type(obj)
         if t is str:
-            return obj if obj.isascii() or _SURROGATE.search(obj) is None else _str_node(obj)
+            return obj if obj.isascii() or SURROGATE.search(obj) is None else _str_node(obj)
         if obj is None or t is bool:
             return obj
         if t is int:
@@ -486,7 +486,7 @@ def validate(
                 text = bytes.fromhex(node[1]).decode("utf-8", "surrogatepass")
             except UnicodeDecodeError:
                 raise _bad("a str node must hold UTF-8 (surrogates allowed)") from None
-            if _SURROGATE.search(text) is None:
+            if SURROGATE.search(text) is None:
                 raise _bad(
                     "str nodes are only for strings with surrogates; others are plain JSON strings"
                 )

@@ -2,46 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
 import mmap as _mmap
 import os
-import secrets
-import socket
-import stat
 import sys
 from collections.abc import Iterator
-from typing import IO, Any, Union
+from typing import IO, Any
 
 import numpy as np
 
 from . import _config, _cuda, _engine
 from ._dtypes import TORCH_ITEMSIZE, numpy_name
 from ._errors import ChecksumError, FormatError
-from ._plan import SavePlan, plan_save
-from ._tree import _SURROGATE, Builder, Flattener, _path_str, key_index, no_gc
+from ._files import FileLike, PathLike, Source, atomic_file, phase, pwrite_all
+from ._plan import check_metadata, plan_and_encode
+from ._tree import Builder, key_index, no_gc
 from .formats import native, safetensors, torchzip
-
-PathLike = Union[str, "os.PathLike[str]"]
-FileLike = Union[PathLike, IO[bytes]]
-
-_TMP_MARK = ".tftmp"
-
-
-# Test hook for the crash tests: with TENSORFILE_TEST_PHASE_FD set, a save writes the name
-# of each step it reaches to that descriptor, so a parent can kill it at a known moment.
-_PHASE_FD = (
-    int(os.environ["TENSORFILE_TEST_PHASE_FD"])
-    if os.environ.get("TENSORFILE_TEST_PHASE_FD")
-    else None
-)
-
-
-def _phase(name: str) -> None:
-    if _PHASE_FD is not None:
-        os.write(_PHASE_FD, name.encode() + b"\n")
-
 
 # --------------------------------------------------------------------------- save
 
@@ -79,7 +56,7 @@ def _save(
 ) -> None:
     """`saved_from` maps id(tensor) to the device to record for its storage, for copies
     that stand in for tensors elsewhere (async_save's snapshots of CUDA tensors)."""
-    plan, header, crc_pos = _plan_and_encode(obj, metadata, saved_from)
+    plan, header, crc_pos = plan_and_encode(obj, metadata, saved_from)
     total = native.file_nbytes(len(header), plan.offsets, plan.nbytes)
     base = np.uint64(native.data_start(len(header)))
     threads = _config.num_threads(num_threads)
@@ -88,38 +65,6 @@ def _save(
         _save_path(os.fspath(f), plan, header, crc_pos, total, base, threads, task, durable)
     else:
         _save_stream(f, plan, header, crc_pos, total, base, threads, task)
-
-
-def _plan_and_encode(
-    obj: Any, metadata: dict[str, str] | None, saved_from: dict[int, str] | None = None
-) -> tuple[SavePlan, bytearray, int]:
-    """Everything a save does per tensor before bytes move: flatten the object, plan the
-    storages, encode the header. Returns (plan, header, position of its CRC field). Call
-    with the collector paused (no_gc), as save does."""
-    meta = _check_metadata(metadata)
-    flattener = Flattener()
-    tree = flattener.flatten(obj)
-    plan = plan_save(
-        flattener.leaves,
-        lambda i, m: TypeError(
-            f"tensorfile.save: cannot save the object at key path {_path_str(flattener.leaf_paths[i])!r}: {m}"
-        ),
-    )
-    recorded = plan.devices  # what the header says; the bytes are written from plan.devices
-    if saved_from:
-        recorded = list(recorded)
-        for i, leaf in enumerate(flattener.leaves):
-            device = saved_from.get(id(leaf))
-            if device is not None:
-                recorded[int(plan.table.storage[i])] = device
-    header, crc_pos = native.encode_header(
-        tree, plan.table, plan.offsets, plan.nbytes, recorded, meta
-    )
-    if len(header) > native.MAX_HEADER_NBYTES:
-        raise ValueError(
-            f"tensorfile.save: the header would be {len(header)} bytes, over the format's limit"
-        )
-    return plan, header, crc_pos
 
 
 def save_safetensors(
@@ -140,7 +85,7 @@ def save_safetensors(
     with no_gc():
         if not isinstance(tensors, dict):
             raise TypeError("tensorfile.save_safetensors: expected a dict of str -> tensor")
-        meta = _check_metadata(metadata)
+        meta = check_metadata(metadata)
         rows: list[
             tuple[int, str, str, list[int], int, int]
         ] = []  # -itemsize, name, dtype, shape, nbytes, ptr
@@ -179,7 +124,7 @@ def save_safetensors(
         offs = np.array(offsets, dtype=np.uint64) + np.uint64(len(head))
         full = sizes > 0
         spath = os.fspath(path)
-        with _atomic_file(spath, total, durable) as fd:
+        with atomic_file(spath, total, durable) as fd:
             if full.any():
                 _engine.write_regions(
                     fd,
@@ -192,7 +137,7 @@ def save_safetensors(
                     spath,
                     writeback=durable,
                 )
-            _pwrite_all(fd, head, 0)
+            pwrite_all(fd, head, 0)
         del keep
 
 
@@ -237,66 +182,6 @@ def _flat_tensor(
     raise refuse(f"expected a tensor or numpy array, got {type(t).__name__}")
 
 
-def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
-    if metadata is None:
-        return {}
-    if isinstance(metadata, dict) and any(
-        _SURROGATE.search(k + v) for k, v in metadata.items() if type(k) is str and type(v) is str
-    ):
-        raise TypeError("tensorfile.save: metadata strings must not contain unpaired surrogates")
-    if not isinstance(metadata, dict) or not all(
-        type(k) is str and type(v) is str for k, v in metadata.items()
-    ):
-        raise TypeError("tensorfile.save: metadata must be a dict of str to str")
-    return dict(metadata)
-
-
-def _tmp_name(target: str) -> str:
-    directory, base = os.path.split(target)
-    host = socket.gethostname().replace(".", "_")[:32]
-    return os.path.join(
-        directory, f".{base}.{host}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_MARK}"
-    )
-
-
-def is_stale_tmp(name: str, host: str | None = None) -> bool:
-    """True for a temporary file that a save on this host left behind when its process
-    died (names end in .tftmp and carry the host and the writer's pid)."""
-    if not name.endswith(_TMP_MARK) or not name.startswith("."):
-        return False
-    parts = name[: -len(_TMP_MARK)].rsplit(".", 3)
-    if len(parts) != 4 or not parts[2].isdigit():
-        return False
-    if parts[1] != (host or socket.gethostname().replace(".", "_")[:32]):
-        return False
-    pid = int(parts[2])
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def clean(directory: PathLike) -> list[str]:
-    """Removes temporary files left in `directory` by saves whose process died; returns
-    the paths removed. Files of live writers and of other hosts are left alone."""
-    removed = []
-    host = socket.gethostname().replace(".", "_")[:32]
-    with os.scandir(directory) as it:
-        for entry in it:
-            if is_stale_tmp(entry.name, host):
-                try:
-                    os.unlink(entry.path)
-                    removed.append(entry.path)
-                except FileNotFoundError:
-                    pass
-    return removed
-
-
 def _save_path(
     path: str,
     plan: Any,
@@ -308,7 +193,7 @@ def _save_path(
     task: int,
     durable: bool,
 ) -> None:
-    with _atomic_file(path, total, durable) as fd:
+    with atomic_file(path, total, durable) as fd:
         # Empty storages have no bytes, no padding, CRC 0; CUDA ones are staged (or
         # written with cuFile through a second, O_DIRECT descriptor of the same file).
         crcs = _cuda.write_storages(
@@ -325,82 +210,8 @@ def _save_path(
         )
         native.set_checksums(header, crc_pos, crcs)
         head = native.make_preamble(header, total) + bytes(header)
-        _phase("header")
-        _pwrite_all(fd, head, 0)
-
-
-@contextlib.contextmanager
-def _atomic_file(path: str, total: int, durable: bool) -> Iterator[int]:
-    """Yields the descriptor of a temporary file beside `path`, with `total` bytes
-    reserved, for the caller to fill; then fsyncs it (when durable), renames it over
-    `path` and fsyncs the directory. On any error the temporary file is removed and
-    `path` is left as it was; OSErrors say so."""
-    target = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
-    directory = os.path.dirname(target)
-    if os.path.isdir(target):
-        raise IsADirectoryError(21, f"tensorfile.save: {path} is a directory", path)
-    existed = os.path.exists(target)
-    try:
-        clean(directory)
-    except OSError:
-        pass  # cleaning is a courtesy; the save itself reports real problems
-    tmp = _tmp_name(target)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            2, f"tensorfile.save: directory {directory} does not exist", path
-        ) from None
-    try:
-        try:
-            _phase("created")
-            _engine.preallocate(fd, total, path)
-            _phase("writing")
-            yield fd
-            if durable:
-                _phase("fsync")
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        _phase("rename")
-        os.replace(tmp, target)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and e.errno is not None:
-            state = "the previous file is intact" if existed else "no file was created"
-            raise OSError(
-                e.errno, f"{os.strerror(e.errno)} while writing {path}; {state}", path
-            ) from e
-        raise
-    if durable:
-        _phase("fsync-dir")
-        _fsync_dir(directory)
-    _phase("done")
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def _fsync_dir(directory: str) -> None:
-    # The rename is durable only once the directory entry is on disk (rename(2), fsync(2)).
-    try:
-        dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories
-    finally:
-        os.close(dfd)
+        phase("header")
+        pwrite_all(fd, head, 0)
 
 
 def _raw_view(ptr: int, nbytes: int) -> memoryview:
@@ -443,110 +254,10 @@ def _save_stream(
 # --------------------------------------------------------------------------- load
 
 
-class _Source:
-    """An open file: a descriptor read with pread, or a stream. A seekable stream (an
-    open file, BytesIO) is read at positions like a file, from where it stood when
-    handed over; a pipe-like stream can only be read once, in order."""
-
-    def __init__(self, f: FileLike) -> None:
-        self.fd: int | None = None
-        self.stream: IO[bytes] | None = None
-        self.owns_fd = False
-        self.seekable = True
-        self.base = 0
-        self.nbytes: int | None = None
-        if isinstance(f, (str, os.PathLike)):
-            self.name = os.fspath(f)
-            if os.path.isdir(self.name):
-                raise IsADirectoryError(
-                    21, f"tensorfile: {self.name} is a directory, not a file", self.name
-                )
-            self.fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            self.owns_fd = True
-            st = os.fstat(self.fd)
-            if not stat.S_ISREG(st.st_mode):
-                self.close()
-                raise FormatError(f"{self.name}: not a regular file")
-            self.nbytes = st.st_size
-        elif hasattr(f, "read"):
-            self.name = str(getattr(f, "name", "<stream>"))
-            self.stream = f
-            try:
-                self.seekable = bool(f.seekable()) if hasattr(f, "seekable") else False
-            except (OSError, ValueError):
-                self.seekable = False
-            if self.seekable:
-                self.base = f.tell()
-                self.nbytes = f.seek(0, os.SEEK_END) - self.base
-                f.seek(self.base)
-        else:
-            raise TypeError(
-                f"tensorfile: expected a path or a readable binary file object, got {type(f).__name__}"
-            )
-        self.consumed = 0
-
-    def _position(self, offset: int) -> None:
-        assert self.stream is not None
-        if self.seekable:
-            self.stream.seek(self.base + offset)
-        elif offset != self.consumed:
-            raise ValueError(
-                f"{self.name}: this stream cannot seek; read it whole with tensorfile.load"
-            )
-        self.consumed = offset
-
-    def read(self, nbytes: int, offset: int) -> bytes:
-        if self.fd is not None:
-            parts = []
-            got = 0
-            while got < nbytes:
-                chunk = os.pread(self.fd, nbytes - got, offset + got)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                got += len(chunk)
-            return parts[0] if len(parts) == 1 else b"".join(parts)
-        assert self.stream is not None
-        self._position(offset)
-        out = self.stream.read(nbytes) or b""
-        while len(out) < nbytes:
-            more = self.stream.read(nbytes - len(out))
-            if not more:
-                break
-            out += more
-        self.consumed += len(out)
-        return out
-
-    def readinto(self, view: memoryview, offset: int) -> int:
-        """Fills `view` from the stream at `offset` without an intermediate copy;
-        returns the bytes read (fewer only at end of file)."""
-        assert self.stream is not None
-        self._position(offset)
-        readinto = getattr(self.stream, "readinto", None)
-        got = 0
-        while got < len(view):
-            if readinto is not None:
-                n = readinto(view[got:])
-            else:
-                chunk = self.stream.read(len(view) - got)
-                n = len(chunk)
-                view[got : got + n] = chunk
-            if not n:
-                break
-            got += n
-        self.consumed += got
-        return got
-
-    def close(self) -> None:
-        if self.owns_fd and self.fd is not None:
-            os.close(self.fd)
-        self.fd = None
-
-
 def _open_reader(f: FileLike, verify: bool = True) -> _Reader:
     """Opens `f` with the reader its first bytes call for: a tensorfile, a torch.save zip
     or a safetensors file (the name of the file plays no part)."""
-    src = _Source(f)
+    src = Source(f)
     try:
         head = src.read(native.PREAMBLE_NBYTES, 0)
         if head.startswith(native.MAGIC):
@@ -576,7 +287,7 @@ class _Reader:
     canonical_gaps = True  # the bytes between storages must be zero padding
     pin_memory = False  # CPU torch storages in pinned memory (load(pin_memory=True))
 
-    def __init__(self, src: _Source, raw: bytes, verify: bool = True) -> None:
+    def __init__(self, src: Source, raw: bytes, verify: bool = True) -> None:
         self.src = src
         try:
             self.name = self.src.name
@@ -986,7 +697,7 @@ class _SafetensorsReader(_Reader):
     crc_kind = "none"
     canonical_gaps = False
 
-    def __init__(self, src: _Source, raw: bytes, verify: bool = True) -> None:
+    def __init__(self, src: Source, raw: bytes, verify: bool = True) -> None:
         self.src = src
         self.name = src.name
         self.version = ""
@@ -1028,7 +739,7 @@ class _TorchZipReader(_Reader):
     crc_kind = "crc32"
     canonical_gaps = False
 
-    def __init__(self, src: _Source, raw: bytes, verify: bool = True) -> None:
+    def __init__(self, src: Source, raw: bytes, verify: bool = True) -> None:
         self.src = src
         self.name = src.name
         if not src.seekable or src.nbytes is None:
@@ -1037,48 +748,7 @@ class _TorchZipReader(_Reader):
             )
         torch = _torch_for(self)
         arch = torchzip.open_archive(src.read, src.nbytes, torch, self.name, self._read_many)
-        rows: list[list[Any]] = []
-        storage_tensors: list[list[int]] = [[] for _ in arch.storages]
-        for rec in arch.records:
-            flags = (native.FLAG_REQUIRES_GRAD if rec.requires_grad else 0) | (
-                native.FLAG_PARAMETER if rec.parameter else 0
-            )
-            itemsize = TORCH_ITEMSIZE[rec.dtype]
-            rows.append(
-                [
-                    "torch",
-                    rec.storage.index,
-                    rec.dtype,
-                    rec.shape,
-                    rec.strides,
-                    rec.offset * itemsize,
-                    flags,
-                ]
-            )
-            storage_tensors[rec.storage.index].append(rec.index)
-        devices = []
-        for ref in arch.storages:
-            try:
-                devices.append(str(torch.device(ref.location)))
-            except RuntimeError:
-                raise FormatError(
-                    f"{self.name}: storage {ref.key!r} has an invalid location {ref.location!r}"
-                ) from None
-        table = torchzip.storage_table(arch)
-        self.layout = native.Layout(
-            tree=None,
-            tensors=rows,
-            storage_kind=["torch"] * len(arch.storages),
-            storage_device=devices,
-            storage_nbytes=table["nbytes"],
-            storage_offsets=table["offsets"],
-            storage_crcs=table["crc32"],
-            storage_tensors=storage_tensors,
-            metadata={},
-            header_end=0,
-            file_nbytes=src.nbytes,
-            minor=0,
-        )
+        self.layout = torchzip.layout(arch, torch, self.name, src.nbytes)
         self.archive = arch
         self.version = arch.version
         self.header_nbytes = arch.pickle_nbytes

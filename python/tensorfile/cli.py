@@ -144,13 +144,13 @@ def bench(args: tuple[str, ...]) -> None:
 @click.argument("directory", metavar="DIR", type=click.Path())
 def clean(directory: str) -> None:
     """Remove temporary files that saves killed part way left in DIR."""
-    from . import api
+    from . import _files
 
     if not os.path.exists(directory):
         raise click.ClickException(f"{directory}: no such directory")
     if not os.path.isdir(directory):
         raise click.ClickException(f"{directory}: not a directory")
-    removed = api.clean(directory)
+    removed = _files.clean(directory)
     for path in removed:
         click.echo(f"removed {path}")
     click.echo(

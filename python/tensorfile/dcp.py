@@ -55,7 +55,7 @@ from torch.futures import Future
 from . import _config, _engine
 from . import api as _api
 from ._errors import ChecksumError, FormatError
-from .api import _fsync_dir, clean
+from ._files import clean, fsync_dir
 from .api import save as _save
 
 __all__ = [
@@ -356,7 +356,7 @@ def _commit(directory: str, name: str, doc: dict[str, Any], durable: bool) -> No
             pass
         raise
     if durable:
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 def _remove_replaced(directory: str, keep: set[str], rank: int | None) -> None:

@@ -732,3 +732,52 @@ def storage_table(archive: TorchArchive) -> dict[str, np.ndarray]:
         "nbytes": np.array([r.nbytes for r in archive.storage_records], dtype=np.uint64),
         "crc32": np.array([r.crc32 for r in archive.storage_records], dtype=np.uint32),
     }
+
+
+def layout(archive: TorchArchive, torch: Any, name: str, file_nbytes: int) -> Any:
+    """The archive as a trusted Layout: one tensor row per record, one storage per
+    storage record, the zip CRC-32s as the stored checksums."""
+    from . import native
+
+    rows: list[list[Any]] = []
+    storage_tensors: list[list[int]] = [[] for _ in archive.storages]
+    for rec in archive.records:
+        flags = (native.FLAG_REQUIRES_GRAD if rec.requires_grad else 0) | (
+            native.FLAG_PARAMETER if rec.parameter else 0
+        )
+        itemsize = TORCH_ITEMSIZE[rec.dtype]
+        rows.append(
+            [
+                "torch",
+                rec.storage.index,
+                rec.dtype,
+                rec.shape,
+                rec.strides,
+                rec.offset * itemsize,
+                flags,
+            ]
+        )
+        storage_tensors[rec.storage.index].append(rec.index)
+    devices = []
+    for ref in archive.storages:
+        try:
+            devices.append(str(torch.device(ref.location)))
+        except RuntimeError:
+            raise FormatError(
+                f"{name}: storage {ref.key!r} has an invalid location {ref.location!r}"
+            ) from None
+    table = storage_table(archive)
+    return native.Layout(
+        tree=None,
+        tensors=rows,
+        storage_kind=["torch"] * len(archive.storages),
+        storage_device=devices,
+        storage_nbytes=table["nbytes"],
+        storage_offsets=table["offsets"],
+        storage_crcs=table["crc32"],
+        storage_tensors=storage_tensors,
+        metadata={},
+        header_end=0,
+        file_nbytes=file_nbytes,
+        minor=0,
+    )

@@ -1,0 +1,255 @@
+"""Byte sinks and sources on the local file system: temporary names, atomic replace,
+directory fsync, cleaning up after dead writers, and the source wrapper that reads a
+path or a stream at positions."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import stat
+from collections.abc import Iterator
+from typing import IO, Union
+
+from . import _engine
+from ._errors import FormatError
+
+PathLike = Union[str, "os.PathLike[str]"]
+FileLike = Union[PathLike, IO[bytes]]
+
+TMP_MARK = ".tftmp"
+
+
+# Test hook for the crash tests: with TENSORFILE_TEST_PHASE_FD set, a save writes the name
+# of each step it reaches to that descriptor, so a parent can kill it at a known moment.
+_PHASE_FD = (
+    int(os.environ["TENSORFILE_TEST_PHASE_FD"])
+    if os.environ.get("TENSORFILE_TEST_PHASE_FD")
+    else None
+)
+
+
+def phase(name: str) -> None:
+    if _PHASE_FD is not None:
+        os.write(_PHASE_FD, name.encode() + b"\n")
+
+
+def tmp_name(target: str) -> str:
+    directory, base = os.path.split(target)
+    host = socket.gethostname().replace(".", "_")[:32]
+    return os.path.join(
+        directory, f".{base}.{host}.{os.getpid()}.{secrets.token_hex(4)}{TMP_MARK}"
+    )
+
+
+def is_stale_tmp(name: str, host: str | None = None) -> bool:
+    """True for a temporary file that a save on this host left behind when its process
+    died (names end in .tftmp and carry the host and the writer's pid)."""
+    if not name.endswith(TMP_MARK) or not name.startswith("."):
+        return False
+    parts = name[: -len(TMP_MARK)].rsplit(".", 3)
+    if len(parts) != 4 or not parts[2].isdigit():
+        return False
+    if parts[1] != (host or socket.gethostname().replace(".", "_")[:32]):
+        return False
+    pid = int(parts[2])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def clean(directory: PathLike) -> list[str]:
+    """Removes temporary files left in `directory` by saves whose process died; returns
+    the paths removed. Files of live writers and of other hosts are left alone."""
+    removed = []
+    host = socket.gethostname().replace(".", "_")[:32]
+    with os.scandir(directory) as it:
+        for entry in it:
+            if is_stale_tmp(entry.name, host):
+                try:
+                    os.unlink(entry.path)
+                    removed.append(entry.path)
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, total: int, durable: bool) -> Iterator[int]:
+    """Yields the descriptor of a temporary file beside `path`, with `total` bytes
+    reserved, for the caller to fill; then fsyncs it (when durable), renames it over
+    `path` and fsyncs the directory. On any error the temporary file is removed and
+    `path` is left as it was; OSErrors say so."""
+    target = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
+    directory = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise IsADirectoryError(21, f"tensorfile.save: {path} is a directory", path)
+    existed = os.path.exists(target)
+    try:
+        clean(directory)
+    except OSError:
+        pass  # cleaning is a courtesy; the save itself reports real problems
+    tmp = tmp_name(target)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            2, f"tensorfile.save: directory {directory} does not exist", path
+        ) from None
+    try:
+        try:
+            phase("created")
+            _engine.preallocate(fd, total, path)
+            phase("writing")
+            yield fd
+            if durable:
+                phase("fsync")
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        phase("rename")
+        os.replace(tmp, target)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.errno is not None:
+            state = "the previous file is intact" if existed else "no file was created"
+            raise OSError(
+                e.errno, f"{os.strerror(e.errno)} while writing {path}; {state}", path
+            ) from e
+        raise
+    if durable:
+        phase("fsync-dir")
+        fsync_dir(directory)
+    phase("done")
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def fsync_dir(directory: str) -> None:
+    # The rename is durable only once the directory entry is on disk (rename(2), fsync(2)).
+    try:
+        dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(dfd)
+
+
+class Source:
+    """An open file: a descriptor read with pread, or a stream. A seekable stream (an
+    open file, BytesIO) is read at positions like a file, from where it stood when
+    handed over; a pipe-like stream can only be read once, in order."""
+
+    def __init__(self, f: FileLike) -> None:
+        self.fd: int | None = None
+        self.stream: IO[bytes] | None = None
+        self.owns_fd = False
+        self.seekable = True
+        self.base = 0
+        self.nbytes: int | None = None
+        if isinstance(f, (str, os.PathLike)):
+            self.name = os.fspath(f)
+            if os.path.isdir(self.name):
+                raise IsADirectoryError(
+                    21, f"tensorfile: {self.name} is a directory, not a file", self.name
+                )
+            self.fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self.owns_fd = True
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode):
+                self.close()
+                raise FormatError(f"{self.name}: not a regular file")
+            self.nbytes = st.st_size
+        elif hasattr(f, "read"):
+            self.name = str(getattr(f, "name", "<stream>"))
+            self.stream = f
+            try:
+                self.seekable = bool(f.seekable()) if hasattr(f, "seekable") else False
+            except (OSError, ValueError):
+                self.seekable = False
+            if self.seekable:
+                self.base = f.tell()
+                self.nbytes = f.seek(0, os.SEEK_END) - self.base
+                f.seek(self.base)
+        else:
+            raise TypeError(
+                f"tensorfile: expected a path or a readable binary file object, got {type(f).__name__}"
+            )
+        self.consumed = 0
+
+    def _position(self, offset: int) -> None:
+        assert self.stream is not None
+        if self.seekable:
+            self.stream.seek(self.base + offset)
+        elif offset != self.consumed:
+            raise ValueError(
+                f"{self.name}: this stream cannot seek; read it whole with tensorfile.load"
+            )
+        self.consumed = offset
+
+    def read(self, nbytes: int, offset: int) -> bytes:
+        if self.fd is not None:
+            parts = []
+            got = 0
+            while got < nbytes:
+                chunk = os.pread(self.fd, nbytes - got, offset + got)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        assert self.stream is not None
+        self._position(offset)
+        out = self.stream.read(nbytes) or b""
+        while len(out) < nbytes:
+            more = self.stream.read(nbytes - len(out))
+            if not more:
+                break
+            out += more
+        self.consumed += len(out)
+        return out
+
+    def readinto(self, view: memoryview, offset: int) -> int:
+        """Fills `view` from the stream at `offset` without an intermediate copy;
+        returns the bytes read (fewer only at end of file)."""
+        assert self.stream is not None
+        self._position(offset)
+        readinto = getattr(self.stream, "readinto", None)
+        got = 0
+        while got < len(view):
+            if readinto is not None:
+                n = readinto(view[got:])
+            else:
+                chunk = self.stream.read(len(view) - got)
+                n = len(chunk)
+                view[got : got + n] = chunk
+            if not n:
+                break
+            got += n
+        self.consumed += got
+        return got
+
+    def close(self) -> None:
+        if self.owns_fd and self.fd is not None:
+            os.close(self.fd)
+        self.fd = None
