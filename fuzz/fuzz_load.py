@@ -19,6 +19,7 @@ import tempfile
 import atheris
 import tensorfile
 from tensorfile import FormatError
+from tensorfile._layout import layout_difference
 from tensorfile.formats import native
 
 _DIR = tempfile.mkdtemp(prefix="tensorfile-fuzz-")
@@ -56,7 +57,7 @@ def _same_as_reference(data: bytes) -> None:
         ref = native.parse_header_reference(header, pre, "input")
     except FormatError as e:
         raise AssertionError(f"the engine accepted a header the reference refuses: {e}") from None
-    field = native.layout_difference(fast, ref)
+    field = layout_difference(fast, ref)
     if field is not None:
         raise AssertionError(f"the engine and the reference disagree on {field}")
 

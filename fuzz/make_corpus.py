@@ -48,15 +48,25 @@ for name, obj in seeds.items():
 # Files of the other formats load() reads: torch.save zips and safetensors files.
 foreign = {
     "torchsave-views": lambda p: torch.save(
-        {"a": base, "b": base.t(), "p": torch.nn.Parameter(torch.ones(2)), "n": (1, "s", {2: None})}, p
+        {
+            "a": base,
+            "b": base.t(),
+            "p": torch.nn.Parameter(torch.ones(2)),
+            "n": (1, "s", {2: None}),
+        },
+        p,
     ),
-    "torchsave-fp8": lambda p: torch.save([torch.zeros(3, dtype=torch.float8_e4m3fn), torch.ones(1)], p),
+    "torchsave-fp8": lambda p: torch.save(
+        [torch.zeros(3, dtype=torch.float8_e4m3fn), torch.ones(1)], p
+    ),
 }
 try:
     from safetensors.torch import save_file
 
     foreign["safetensors"] = lambda p: save_file(
-        {"w": base, "m": torch.tensor([True, False]), "e": torch.empty(0, 2)}, p, metadata={"k": "v"}
+        {"w": base, "m": torch.tensor([True, False]), "e": torch.empty(0, 2)},
+        p,
+        metadata={"k": "v"},
     )
 except ImportError:
     pass

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorfile
 import tensorfile._async as tfa
-import tensorfile.api
+import tensorfile._io
 import torch
 from _util import assert_same
 
@@ -79,16 +79,16 @@ def test_a_second_save_to_the_same_path_waits_for_the_first(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
     events: list[str] = []
-    real = tensorfile.api._save
+    real = tensorfile._io.save
 
-    def slow_save(obj: Any, f: Any, *args: Any) -> None:
+    def slow_save(obj: Any, f: Any, **kwargs: Any) -> None:
         events.append(f"start {obj['v']}")
         if obj["v"] == 1:
             time.sleep(0.5)
-        real(obj, f, *args)
+        real(obj, f, **kwargs)
         events.append(f"end {obj['v']}")
 
-    monkeypatch.setattr(tensorfile.api, "_save", slow_save)
+    monkeypatch.setattr(tensorfile._io, "save", slow_save)
     t = torch.zeros(1000)
     first = tensorfile.async_save({"v": 1, "t": t}, tmp_path / "x.tf")
     t.fill_(2)
@@ -163,11 +163,18 @@ def test_snapshot_keeps_the_storages_apart(tmp_path):
 def test_saved_from_records_the_original_device(tmp_path):
     """What async_save does for snapshots of CUDA tensors, checked on the CPU: the file
     records the device the tensor came from, and map_location brings it to the CPU."""
-    from tensorfile import api
+    from tensorfile import _io
 
     t = torch.arange(4.0)
     path = tmp_path / "dev.tf"
-    api._save({"t": t, "u": torch.ones(1)}, str(path), True, None, None, {id(t): "cuda:1"})
+    _io.save(
+        {"t": t, "u": torch.ones(1)},
+        str(path),
+        durable=True,
+        num_threads=None,
+        metadata=None,
+        saved_from={id(t): "cuda:1"},
+    )
     with tensorfile.open(path) as f:
         assert f._reader.layout.storage_device == ["cuda:1", "cpu"]
     assert torch.equal(tensorfile.load(path, map_location="cpu")["t"], t)

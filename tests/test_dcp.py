@@ -23,6 +23,7 @@ import tensorfile
 import tensorfile.dcp as tdcp
 import torch
 import torch.distributed.checkpoint as dcp
+from tensorfile import _engine
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
@@ -267,13 +268,13 @@ def _read_slice(
     path: Path, start: list[int], lengths: list[int], monkeypatch: Any
 ) -> tuple[torch.Tensor, int]:
     read: list[int] = []
-    real = tdcp._engine.read_regions
+    real = _engine.read_regions
 
-    def counting(fd: int, ptrs: Any, nbytes: Any, *rest: Any) -> Any:
-        read.append(int(np.asarray(nbytes, dtype=np.uint64).sum()))
-        return real(fd, ptrs, nbytes, *rest)
+    def counting(**kwargs: Any) -> Any:
+        read.append(int(np.asarray(kwargs["nbytes"], dtype=np.uint64).sum()))
+        return real(**kwargs)
 
-    monkeypatch.setattr(tdcp._engine, "read_regions", counting)
+    monkeypatch.setattr(_engine, "read_regions", counting)
     reader = tdcp.StorageReader(path)
     md = reader.read_metadata()
     reader.set_up_storage_reader(md, True)

@@ -9,7 +9,7 @@ import pytest
 import tensorfile
 import torch
 from _util import tensor_bytes
-from tensorfile import ChecksumError, FormatError, _cuda, _engine
+from tensorfile import ChecksumError, FormatError, _cuda, _engine, _io
 from test_format_rules import Crafted
 
 pytestmark = [
@@ -247,7 +247,7 @@ def test_reusable_entry_point(tmp_path):
     dst = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in (100, 1 << 20, 5)]
     offs = [8192, 4096 * 3, 0]
     with open(path, "rb") as f:
-        crcs = _cuda.read_regions_to_device(
+        crcs = _io.read_regions_to_device(
             f.fileno(), str(path), [d.data_ptr() for d in dst], [d.numel() for d in dst], offs, 0
         )
     for d, o, c in zip(dst, offs, crcs.tolist()):

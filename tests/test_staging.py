@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tensorfile
 import torch
-from tensorfile import CudaError, FormatError, _config, _cuda, _engine
-from tensorfile.api import _open_reader
+from tensorfile import CudaError, FormatError, _config, _cuda, _engine, _io
+from tensorfile._reader import open_reader
 from test_format_rules import Crafted
 
 # --------------------------------------------------------------------------- helpers
@@ -80,7 +80,7 @@ def layout(sizes: list[int], gap: int = 4096) -> list[int]:
 
 
 def sim_read(fd, path, ptrs, sizes, offs, **kw):
-    return _cuda.read_regions_to_device(fd, str(path), ptrs, sizes, offs, 0, backend="sim", **kw)
+    return _io.read_regions_to_device(fd, str(path), ptrs, sizes, offs, 0, backend="sim", **kw)
 
 
 @pytest.fixture
@@ -184,7 +184,7 @@ def test_padding_must_be_zero(tmp_path, dev):
     raw[9000] = 1  # inside the padding after the second region
     (tmp_path / "f").write_bytes(bytes(raw))
     ptrs = [dev.alloc(10), dev.alloc(10)]
-    zeros = _cuda.zero_ranges(np.array([0, 4096]), np.array([10, 10]), 0, 12288)
+    zeros = _io.zero_ranges(np.array([0, 4096]), np.array([10, 10]), 0, 12288)
     assert zeros == [(10, 4086), (4106, 8182)]
     with open(tmp_path / "f", "rb") as f:
         with pytest.raises(FormatError, match=r"f: padding byte at offset 9000"):
@@ -206,18 +206,18 @@ def test_a_real_file_through_the_simulation(tmp_path, dev):
     }
     path = tmp_path / "m.tf"
     tensorfile.save(obj, path)
-    reader = _open_reader(str(path))
+    reader = open_reader(str(path))
     try:
         lay = reader.layout
         sizes = lay.storage_nbytes.tolist()
         ptrs = [dev.alloc(n) for n in sizes]
-        zeros = _cuda.zero_ranges(
+        zeros = _io.zero_ranges(
             lay.storage_offsets, lay.storage_nbytes, int(lay.storage_offsets[0]), lay.file_nbytes
         )
         crcs = sim_read(
             reader.src.fd, path, ptrs, sizes, lay.storage_offsets, zero_ranges=zeros, num_threads=2
         )
-        reader._check_crcs(list(range(len(sizes))), crcs)
+        _io.check_storage_crcs(reader, list(range(len(sizes))), crcs)
         assert crcs.tolist() == lay.storage_crcs.tolist()
         raw = path.read_bytes()
         for p, o, n in zip(ptrs, lay.storage_offsets.tolist(), sizes):
@@ -241,7 +241,7 @@ def test_write_drains_device_memory_to_the_file(tmp_path, dev, staging, threads,
     _engine._sim_configure(0, 50)
     fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        crcs = _cuda.write_regions_from_device(
+        crcs = _io.write_regions_from_device(
             fd, str(tmp_path / "out"), ptrs, sizes, offs, 0, num_threads=threads, backend="sim"
         )
     finally:
@@ -265,7 +265,7 @@ def test_write_of_many_small_regions(tmp_path, dev, staging):
     ptrs = [dev.alloc(n, b) for n, b in zip(sizes, blobs)]
     fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        crcs = _cuda.write_regions_from_device(
+        crcs = _io.write_regions_from_device(
             fd, str(tmp_path / "out"), ptrs, sizes, offs, 0, num_threads=2, backend="sim"
         )
     finally:
@@ -303,7 +303,7 @@ def test_copy_failure_on_save_raises_and_leaks_nothing(tmp_path, dev, staging):
     fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         with pytest.raises(CudaError, match="cudaErrorSimulatedFault"):
-            _cuda.write_regions_from_device(
+            _io.write_regions_from_device(
                 fd, str(tmp_path / "out"), ptrs, [1 << 20], [0], 0, num_threads=2, backend="sim"
             )
     finally:
@@ -342,7 +342,7 @@ def test_write_failure_in_the_middle_raises_and_leaks_nothing(tmp_path, dev, sta
     fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         with pytest.raises(OSError) as e:
-            _cuda.write_regions_from_device(
+            _io.write_regions_from_device(
                 fd, str(tmp_path / "out"), ptrs, [1 << 18], [0], 0, num_threads=2, backend="sim"
             )
     finally:
@@ -497,10 +497,10 @@ def test_gds_refused_file_falls_back_only_in_auto(tmp_path, monkeypatch, mode):
 
     if mode == "on":
         with pytest.raises(CudaError, match="cuFileHandleRegister"):
-            _cuda._transfer(False, 0, str(path), str(path), call)
+            _cuda.transfer(False, str(path), str(path), call)
         assert len(calls) == 1
     else:
-        assert _cuda._transfer(False, 0, str(path), str(path), call).tolist() == [0]
+        assert _cuda.transfer(False, str(path), str(path), call).tolist() == [0]
         assert calls[0] >= 0 and calls[1] == -1
 
 
@@ -514,7 +514,7 @@ def test_gds_errors_other_than_a_refused_file_are_raised_in_auto(tmp_path, monke
         raise CudaError("cuFileRead failed", "cuFileRead", "CU_FILE_IO_NOT_SUPPORTED")
 
     with pytest.raises(CudaError, match="cuFileRead"):
-        _cuda._transfer(False, 0, str(path), str(path), call)
+        _cuda.transfer(False, str(path), str(path), call)
 
 
 def test_zip_crc32_for_torch_save_files(tmp_path, dev, staging):

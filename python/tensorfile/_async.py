@@ -8,7 +8,8 @@ import os
 import threading
 from typing import Any
 
-from ._torch import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, describe
+from ._layout import FLAG_PARAMETER, FLAG_REQUIRES_GRAD
+from ._torch import describe
 from ._tree import Builder, Flattener, path_str
 
 _ALIGN = 64  # each storage's copy starts here, a multiple of every element size
@@ -76,8 +77,8 @@ def async_save(obj: Any, f: Any, **save_kwargs: Any) -> SaveFuture:
     A save to a path that another async_save is still writing starts after that one
     ends, so the last call wins. Thread-safe.
     """
+    from . import _io
     from ._tree import no_gc
-    from .api import _save
 
     if not isinstance(f, (str, os.PathLike)):
         raise TypeError(
@@ -104,7 +105,14 @@ def async_save(obj: Any, f: Any, **save_kwargs: Any) -> SaveFuture:
             if before is not None:
                 concurrent.futures.wait([before])
             with no_gc():
-                _save(snapshot, target, durable, num_threads, metadata, saved_from)
+                _io.save(
+                    snapshot,
+                    target,
+                    durable=durable,
+                    num_threads=num_threads,
+                    metadata=metadata,
+                    saved_from=saved_from,
+                )
         except BaseException as e:
             error = e
         # The buffer goes back before the future completes, so a caller that waits for

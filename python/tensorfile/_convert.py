@@ -8,18 +8,19 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from . import _config, _engine, _files, api
+from . import _config, _engine, _files, _io, api
 from ._dtypes import ITEMSIZE
 from ._errors import FormatError
+from ._io import StorageStream
+from ._layout import Layout
+from ._reader import Reader, open_reader
 from ._tree import Builder, Flattener, decode_key_for_path, no_gc
 from .formats import native, safetensors, torchzip
-
-CHUNK_NBYTES = 64 << 20  # the streaming buffer; memory use is about this plus one tensor
 
 Progress = Callable[[int], None]
 
@@ -28,143 +29,24 @@ def _nothing(_: int) -> None:
     pass
 
 
-class _Stream:
-    """Reads a reader's storages in file order through one buffer, checking each against
-    the checksum the file stores for it."""
-
-    def __init__(self, reader: api._Reader, threads: int, chunk_nbytes: int = CHUNK_NBYTES) -> None:
-        if reader.src.fd is None:
-            raise ValueError(f"{reader.name}: pass a path (streams cannot be read this way)")
-        self.fd: int = reader.src.fd
-        self.reader = reader
-        self.lay = reader.layout
-        self.threads = threads
-        self.chunk = chunk_nbytes
-        self.buf = np.empty(chunk_nbytes, dtype=np.uint8)
-        self.base = self.buf.ctypes.data
-        self.kind = reader.crc_kind
-        self.zip = self.kind == "crc32"
-
-    def _continue(self, view: Any, crc: int) -> int:
-        return _engine.crc32_zip(view, crc) if self.zip else _engine.crc32c(view, crc)
-
-    def _check(self, s: int, got: int) -> None:
-        if self.kind != "none":
-            self.reader._check_crcs([s], np.array([got], dtype=np.uint32))
-
-    def batches(self, which: list[int]) -> Iterator[tuple[list[int], list[int]]]:
-        """Groups storages `which` (sorted by file offset) into runs that fit the buffer;
-        yields (storages, their offsets in the buffer); a storage larger than the buffer
-        comes alone with offsets [-1]: read it with `chunks`."""
-        nbytes = self.lay.storage_nbytes
-        i = 0
-        while i < len(which):
-            s = which[i]
-            if int(nbytes[s]) > self.chunk:
-                yield [s], [-1]
-                i += 1
-                continue
-            run: list[int] = []
-            at: list[int] = []
-            used = 0
-            while i < len(which) and int(nbytes[which[i]]) <= self.chunk - used:
-                run.append(which[i])
-                at.append(used)
-                used += -(-int(nbytes[which[i]]) // 64) * 64  # keep every start 64-byte aligned
-                i += 1
-            yield run, at
-
-    def read(self, run: list[int], at: list[int], gap_end: int | None) -> None:
-        """Reads a run into the buffer and checks its checksums; with `gap_end`, also that
-        every byte between the run's storages and up to `gap_end` is zero padding."""
-        lay = self.lay
-        nb = lay.storage_nbytes[run]
-        full = nb > 0
-        if not full.any() and gap_end is None:
-            return
-        ptrs = np.array(at, dtype=np.uint64) + np.uint64(self.base)
-        crcs = np.zeros(len(run), dtype=np.uint32)
-        offs = lay.storage_offsets[run]
-        if full.any():
-            crcs[full] = _engine.read_regions(
-                self.fd,
-                ptrs[full],
-                nb[full],
-                offs[full],
-                self.threads,
-                _config.task_nbytes(),
-                self.kind != "none",
-                gap_end is not None,
-                int(offs[0]),
-                gap_end if gap_end is not None else 0,
-                self.reader.name,
-                False,
-                self.zip,
-            )
-        for s, c in zip(run, crcs.tolist()):
-            if int(lay.storage_nbytes[s]):
-                self._check(s, c)
-
-    def chunks(self, s: int) -> Iterator[tuple[int, memoryview]]:
-        """(offset in the storage, bytes) of a large storage, chunk by chunk; its checksum
-        is checked after the last chunk."""
-        nb = int(self.lay.storage_nbytes[s])
-        off = int(self.lay.storage_offsets[s])
-        crc = 0
-        for k in range(0, nb, self.chunk):
-            n = min(self.chunk, nb - k)
-            _engine.read_regions(
-                self.fd,
-                np.array([self.base], dtype=np.uint64),
-                np.array([n], dtype=np.uint64),
-                np.array([off + k], dtype=np.uint64),
-                self.threads,
-                _config.task_nbytes(),
-                False,
-                False,
-                0,
-                0,
-                self.reader.name,
-            )
-            view = memoryview(self.buf.data)[:n]
-            if self.kind != "none":
-                crc = self._continue(view, crc)
-            yield k, view
-        self._check(s, crc)
-
-    def tensor_view(self, i: int, at: int) -> np.ndarray:
-        """Tensor i's bytes, as a uint8 numpy view of the buffer with the tensor's strides
-        in bytes and an extra last axis for the element's bytes."""
-        kind, _s, dtype, shape, strides, off, _flags = self.lay.tensors[i]
-        item = ITEMSIZE[kind][dtype]
-        bstrides = list(strides) if kind == "numpy" else [st * item for st in strides]
-        if 0 in shape:
-            return np.empty((*shape, item), dtype=np.uint8)
-        return np.ndarray((*shape, item), np.uint8, self.buf, at + off, (*bstrides, 1))
-
-
-def _gap_end(reader: api._Reader, order: list[int], nxt: int) -> int | None:
-    if not reader.canonical_gaps:
+def _gap_end(reader: Reader, order: list[int], nxt: int) -> int | None:
+    if not reader.layout.canonical_gaps:
         return None
     lay = reader.layout
     return int(lay.storage_offsets[order[nxt]]) if nxt < len(order) else lay.file_nbytes
 
 
-def _sorted_storages(lay: native.Layout, which: list[int] | None = None) -> list[int]:
+def _sorted_storages(lay: Layout, which: list[int] | None = None) -> list[int]:
     idx = list(range(len(lay.storage_kind))) if which is None else which
     return sorted(idx, key=lambda s: int(lay.storage_offsets[s]))
 
 
-def _check_bools(stream: _Stream, run: list[int], at: list[int]) -> None:
+def _check_bools(stream: StorageStream, run: list[int], at: list[int]) -> None:
     lay = stream.lay
     for s, a in zip(run, at):
         for i in lay.storage_tensors[s]:
-            if lay.tensors[i][2] == "bool":
-                v = stream.tensor_view(i, a)
-                if v.size and int(v.max()) > 1:
-                    raise FormatError(
-                        f"{stream.reader.name}: bool tensor {i} holds bytes other than 0 and 1"
-                    )
+            if lay.tensors[i].dtype == "bool":
+                _io.check_bool_bytes(stream.reader.name, i, stream.tensor_view(i, a))
 
 
 def verify(
@@ -172,8 +54,8 @@ def verify(
 ) -> dict[str, Any]:
     """Checks a file completely (structure, padding, every stored checksum, bool bytes)
     with bounded memory. Raises FormatError/ChecksumError naming the file; returns a summary."""
-    with no_gc(), api._open_reader(path, True) as reader:
-        stream = _Stream(reader, _config.num_threads(num_threads))
+    with no_gc(), open_reader(path, True) as reader:
+        stream = StorageStream(reader, _config.num_threads(num_threads))
         lay = reader.layout
         order = _sorted_storages(lay)
         pos = 0
@@ -181,18 +63,15 @@ def verify(
             pos += len(run)
             if at[0] < 0:
                 (s,) = run
-                bools = any(lay.tensors[i][2] == "bool" for i in lay.storage_tensors[s])
+                bools = [i for i in lay.storage_tensors[s] if lay.tensors[i].dtype == "bool"]
                 for _k, view in stream.chunks(s):
-                    if bools and np.frombuffer(view, dtype=np.uint8).max(initial=0) > 1:
-                        raise FormatError(
-                            f"{reader.name}: a bool tensor of storage {s} holds bytes other than 0 and 1"
-                        )
+                    if bools:
+                        _io.check_bool_bytes(reader.name, bools[0], np.frombuffer(view, np.uint8))
                     progress(len(view))
                 end = _gap_end(reader, order, pos)
                 if end is not None:
                     tail = int(lay.storage_offsets[s] + lay.storage_nbytes[s])
-                    if any(reader.src.read(end - tail, tail)):
-                        raise FormatError(f"{reader.name}: nonzero padding after storage {s}")
+                    _io.check_padding(reader.name, reader.src.read(end - tail, tail), tail)
                 continue
             stream.read(run, at, _gap_end(reader, order, pos))
             _check_bools(stream, run, at)
@@ -208,7 +87,7 @@ def verify(
 # --------------------------------------------------------------------------- convert
 
 
-def _placeholders(reader: api._Reader) -> tuple[Any, list[Any]]:
+def _placeholders(reader: Reader) -> tuple[Any, list[Any]]:
     """The file's object graph with a distinct stand-in tensor per tensor row, for the
     tree flattener; returns (graph, stand-ins by row)."""
     torch = sys.modules.get("torch")
@@ -217,14 +96,14 @@ def _placeholders(reader: api._Reader) -> tuple[Any, list[Any]]:
         stand = [torch.empty(0, device="meta") for _ in range(n)]
     else:
         stand = [np.empty(0) for _ in range(n)]
-    if isinstance(reader, api._TorchZipReader):
-        return torchzip.substitute(reader.archive.root, stand), stand
+    if reader.layout.archive is not None:
+        return torchzip.substitute(reader.layout.archive.root, stand), stand
     return Builder(lambda tag, i: stand[i]).build(reader.layout.tree), stand
 
 
-def _to_native(reader: api._Reader, out: str, stream: _Stream, progress: Progress) -> None:
+def _to_native(reader: Reader, out: str, stream: StorageStream, progress: Progress) -> None:
     lay = reader.layout
-    if isinstance(reader, (api._TorchZipReader, api._SafetensorsReader)):
+    if reader.format != "tensorfile":
         graph, stand = _placeholders(reader)
         flat = Flattener()
         tree = flat.flatten(graph)
@@ -233,19 +112,19 @@ def _to_native(reader: api._Reader, out: str, stream: _Stream, progress: Progres
     else:
         tree = lay.tree
         src_rows = list(range(len(lay.tensors)))
-    used = _sorted_storages(lay, sorted({lay.tensors[i][1] for i in src_rows}))
+    used = _sorted_storages(lay, sorted({lay.tensors[i].storage for i in src_rows}))
     new_index = {s: j for j, s in enumerate(used)}
     rows = []
     for i in src_rows:
-        row = list(lay.tensors[i])
-        row[1] = new_index[row[1]]
-        if row[0] == "torch" and row[2] not in ITEMSIZE["torch"]:
-            raise FormatError(f"{reader.name}: dtype {row[2]} cannot be written")
-        rows.append(row)
+        row = lay.tensors[i]
+        if row.kind == "torch" and row.dtype not in ITEMSIZE["torch"]:
+            raise FormatError(f"{reader.name}: dtype {row.dtype} cannot be written")
+        rows.append(row._replace(storage=new_index[row.storage]))
     sizes = [int(lay.storage_nbytes[s]) for s in used]
     offs = native.storage_offsets(sizes)
     devices = [
-        d if native._valid_device(d) else "cpu" for d in (lay.storage_device[s] for s in used)
+        d if native.valid_storage_device(d) else "cpu"
+        for d in (lay.storage_device[s] for s in used)
     ]
     header, crc_pos = native.encode_header(
         tree,
@@ -303,20 +182,13 @@ def _write(
     path: str,
     crc: bool,
 ) -> np.ndarray:
-    return _engine.write_regions(
-        fd,
-        np.array(ptrs, dtype=np.uint64),
-        np.array(nbytes, dtype=np.uint64),
-        np.array(offsets, dtype=np.uint64),
-        threads,
-        _config.task_nbytes(write=True),
-        crc,
-        path,
-        writeback=True,  # the output is fsynced
+    # the output is fsynced: start its disk writes early
+    return _io.write_host(
+        fd, path, ptrs, nbytes, offsets, threads=threads, checksum=crc, writeback=True
     )
 
 
-def tensor_entries(reader: api._Reader) -> tuple[list[tuple[str, int]], list[str]]:
+def tensor_entries(reader: Reader) -> tuple[list[tuple[str, int]], list[str]]:
     """(key path, tensor row) of every tensor, and the key paths of values that are not
     tensors (safetensors cannot hold them)."""
     keys = reader.key_index()
@@ -326,10 +198,10 @@ def tensor_entries(reader: api._Reader) -> tuple[list[tuple[str, int]], list[str
     return list(keys.items()), _plain_paths(reader)
 
 
-def _plain_paths(reader: api._Reader) -> list[str]:
+def _plain_paths(reader: Reader) -> list[str]:
     out: list[str] = []
-    if isinstance(reader, api._TorchZipReader):
-        stack: list[tuple[Any, str]] = [(reader.archive.root, "")]
+    if reader.layout.archive is not None:
+        stack: list[tuple[Any, str]] = [(reader.layout.archive.root, "")]
         while stack and len(out) < 1000:
             node, p = stack.pop()
             if isinstance(node, torchzip.TensorRecord):
@@ -360,7 +232,7 @@ def _plain_paths(reader: api._Reader) -> list[str]:
 
 
 def _to_safetensors(
-    reader: api._Reader, out: str, stream: _Stream, progress: Progress, skip_plain: bool
+    reader: Reader, out: str, stream: StorageStream, progress: Progress, skip_plain: bool
 ) -> list[str]:
     lay = reader.layout
     entries, plain = tensor_entries(reader)
@@ -372,7 +244,7 @@ def _to_safetensors(
         )
     meta = []  # (name, dtype, shape, nbytes, row, -itemsize)
     for key, i in entries:
-        kind, _s, dtype, shape, _st, _off, _fl = lay.tensors[i]
+        kind, dtype, shape = lay.tensors[i].kind, lay.tensors[i].dtype, lay.tensors[i].shape
         name = dtype  # torch and numpy name the dtypes safetensors holds alike
         if name not in safetensors.NAME_OF:
             raise ValueError(
@@ -388,7 +260,7 @@ def _to_safetensors(
     for m, r in zip(meta, rel):
         dst_of.setdefault(m[4], []).append((len(head) + r, m[3]))
     total = len(head) + sum(m[3] for m in meta)
-    needed = _sorted_storages(lay, sorted({lay.tensors[i][1] for _, i in entries}))
+    needed = _sorted_storages(lay, sorted({lay.tensors[i].storage for _, i in entries}))
     with _files.atomic_file(out, total, True) as fd:
         for run, at in stream.batches(needed):
             if at[0] < 0:
@@ -409,7 +281,7 @@ def _to_safetensors(
                                 )
                         progress(len(view))
                     continue
-                big = _Stream(reader, stream.threads, int(lay.storage_nbytes[s]))
+                big = StorageStream(reader, stream.threads, int(lay.storage_nbytes[s]))
                 big.read([s], [0], None)
                 _emit(big, fd, out, [s], [0], dst_of)
                 progress(int(lay.storage_nbytes[s]))
@@ -421,7 +293,7 @@ def _to_safetensors(
     return plain
 
 
-def _covers(lay: native.Layout, i: int, s: int) -> bool:
+def _covers(lay: Layout, i: int, s: int) -> bool:
     """Tensor i is its whole storage s, contiguous, from byte 0."""
     kind, _s, dtype, shape, strides, off, _ = lay.tensors[i]
     item = ITEMSIZE[kind][dtype]
@@ -436,7 +308,7 @@ def _covers(lay: native.Layout, i: int, s: int) -> bool:
 
 
 def _emit(
-    stream: _Stream,
+    stream: StorageStream,
     fd: int,
     out: str,
     run: list[int],
@@ -496,8 +368,8 @@ def convert(
         return _convert_in_memory(state, dst, to, skip_non_tensors)
     if to == "dcp":
         return _convert_in_memory(api.load(src, map_location="cpu"), dst, to, skip_non_tensors)
-    with no_gc(), api._open_reader(src, True) as reader:
-        stream = _Stream(reader, threads)
+    with no_gc(), open_reader(src, True) as reader:
+        stream = StorageStream(reader, threads)
         skipped: list[str] = []
         if to == "tensorfile":
             _to_native(reader, dst, stream, progress)

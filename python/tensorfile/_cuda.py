@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -109,13 +108,7 @@ def _gds_open(path: str, write: bool, mode: str, name: str = "") -> int:
     return -1
 
 
-def _sorted(file_offsets: np.ndarray) -> np.ndarray | None:
-    if len(file_offsets) < 2 or bool(np.all(file_offsets[1:] >= file_offsets[:-1])):
-        return None
-    return np.argsort(file_offsets, kind="stable")
-
-
-def _transfer(write: bool, fd: int, path: str, gds_path: str | None, call: Any) -> np.ndarray:
+def transfer(write: bool, path: str, gds_path: str | None, call: Any) -> np.ndarray:
     """Runs call(gds_fd) with GPUDirect Storage when TENSORFILE_GDS and the file allow it,
     else with staging; in auto mode a file that cuFile refuses falls back to staging."""
     mode = _config.gds() if gds_path else "off"
@@ -133,113 +126,6 @@ def _transfer(write: bool, fd: int, path: str, gds_path: str | None, call: Any) 
     return call(-1)
 
 
-def read_regions_to_device(
-    fd: int,
-    path: str,
-    ptrs: Sequence[int] | np.ndarray,
-    nbytes: Sequence[int] | np.ndarray,
-    file_offsets: Sequence[int] | np.ndarray,
-    device: int,
-    *,
-    checksum: bool = True,
-    zero_ranges: Sequence[tuple[int, int]] = (),
-    num_threads: int | None = None,
-    gds_path: str | None = None,
-    zip_crc: bool = False,
-    backend: str = "cuda",
-) -> np.ndarray:
-    """Reads regions of the open file `fd` into device memory: region i's `nbytes[i]`
-    bytes at `file_offsets[i]` land at device address `ptrs[i]` on CUDA device `device`.
-    Returns the CRC32C of each region (zip's CRC-32 with `zip_crc`; zeros when not
-    `checksum`), in the order given.
-    `zero_ranges` are (file_offset, nbytes) ranges that must hold zeros (FormatError
-    otherwise). `path` names the file in errors; `gds_path`, when given, lets
-    TENSORFILE_GDS read with cuFile through a second, O_DIRECT descriptor of that path.
-    The caller owns the destinations and must not use them until this returns; the
-    device's pending work is synchronised first. Regions must not overlap. Releases the
-    GIL. This is the entry point for every loader that fills CUDA memory from a file."""
-    p = np.asarray(ptrs, dtype=np.uint64)
-    n = np.asarray(nbytes, dtype=np.uint64)
-    o = np.asarray(file_offsets, dtype=np.uint64)
-    order = _sorted(o)
-    if order is not None:
-        p, n, o = p[order], n[order], o[order]
-    z = sorted((int(a), int(b)) for a, b in zero_ranges if int(b) > 0)
-    zo = np.array([a for a, _ in z], dtype=np.uint64)
-    zn = np.array([b for _, b in z], dtype=np.uint64)
-    threads = _config.num_threads(num_threads)
-    if backend == "cuda":
-        _synchronize(device)
-
-    def call(gds_fd: int) -> np.ndarray:
-        return _engine.device_read_regions(
-            backend,
-            device,
-            fd,
-            p,
-            n,
-            o,
-            zo,
-            zn,
-            threads,
-            _config.staging_nbytes(),
-            _config.staging_buffers(),
-            checksum,
-            path,
-            gds_fd,
-            zip_crc,
-        )
-
-    crcs = _transfer(False, fd, path, gds_path if backend == "cuda" else None, call)
-    if order is not None:
-        out = np.empty_like(crcs)
-        out[order] = crcs
-        crcs = out
-    return crcs
-
-
-def write_regions_from_device(
-    fd: int,
-    path: str,
-    ptrs: Sequence[int] | np.ndarray,
-    nbytes: Sequence[int] | np.ndarray,
-    file_offsets: Sequence[int] | np.ndarray,
-    device: int,
-    *,
-    num_threads: int | None = None,
-    gds_path: str | None = None,
-    backend: str = "cuda",
-) -> np.ndarray:
-    """Writes device memory regions to the open file `fd` (the reverse of
-    read_regions_to_device) and returns each region's CRC32C, computed from the bytes
-    written. Regions sorted by file offset, not overlapping; the file should be fresh
-    (bytes between regions are zeros or holes). Releases the GIL."""
-    p = np.asarray(ptrs, dtype=np.uint64)
-    n = np.asarray(nbytes, dtype=np.uint64)
-    o = np.asarray(file_offsets, dtype=np.uint64)
-    threads = _config.num_threads(num_threads)
-    if backend == "cuda":
-        _synchronize(device)
-
-    def call(gds_fd: int) -> np.ndarray:
-        return _engine.device_write_regions(
-            backend,
-            device,
-            fd,
-            p,
-            n,
-            o,
-            threads,
-            _config.staging_nbytes(),
-            _config.staging_buffers(),
-            True,
-            path,
-            gds_fd,
-        )
-
-    return _transfer(True, fd, path, gds_path if backend == "cuda" else None, call)
-
-
 def release_staging() -> None:
     """Frees the pinned staging buffers that CUDA transfers keep between calls."""
     torch = sys.modules.get("torch")
@@ -249,7 +135,7 @@ def release_staging() -> None:
         _engine.staging_trim("cuda", d)
 
 
-def _synchronize(device: int) -> None:
+def synchronize(device: int) -> None:
     """Waits for torch's queued work on `device`: fresh destinations may reuse memory
     that queued kernels still use, and sources may still be being computed."""
     import torch
@@ -257,179 +143,19 @@ def _synchronize(device: int) -> None:
     torch.cuda.synchronize(device)
 
 
-# --------------------------------------------------------------------------- load / save hooks
-
-
-def _require_cuda(torch: Any) -> None:
+def require_runtime(what: str = "") -> None:
+    """Raises when torch reports CUDA but tensorfile cannot open the CUDA runtime."""
     if not _load_runtime():
         raise RuntimeError(
-            f"torch reports CUDA, but tensorfile cannot open the CUDA runtime: {_engine.cuda_error()}"
+            f"tensorfile cannot open the CUDA runtime{' ' + what if what else ''}: {_engine.cuda_error()}"
         )
 
 
-def mapped_location(saved: str, map_location: Any) -> str:
-    """Where a storage saved on `saved` goes under a non-callable map_location, as in
-    torch.load: None keeps it, a dict remaps saved device strings, anything else (a
-    string or torch.device) sends every storage there."""
-    if map_location is None:
-        return saved
-    if isinstance(map_location, dict):
-        return str(map_location.get(saved, saved))
-    return str(map_location)
+def device_index(torch: Any, device: Any) -> int:
+    """The index of a CUDA torch.device; a plain "cuda" is the current device."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def target_devices(
-    torch: Any, saved: Sequence[str], kinds: Sequence[str], idx: Sequence[int], map_location: Any
-) -> dict[int, Any]:
-    """{storage index: torch.device} for the storages of `idx` that map_location sends
-    to CUDA and that can be read there directly. Callables are left out: as in
-    torch.load they receive the storage on the CPU and decide for themselves."""
-    if callable(map_location) and not isinstance(map_location, (str, dict, torch.device)):
-        return {}
-    out: dict[int, Any] = {}
-    cache: dict[str, Any] = {}
-    for s in idx:
-        if kinds[s] != "torch":
-            continue
-        where = saved[s]
-        dev = cache.get(where)
-        if dev is None:
-            dev = cache[where] = torch.device(mapped_location(where, map_location))
-        if dev.type == "cuda":
-            out[s] = dev
-    return out
-
-
-def zero_ranges(
-    offsets: np.ndarray, nbytes: np.ndarray, begin: int, end: int
-) -> list[tuple[int, int]]:
-    """The file ranges in [begin, end) outside every storage: the format's padding."""
-    out = []
-    cursor = begin
-    for off, nb in sorted(zip(offsets.tolist(), nbytes.tolist())):
-        if off > cursor:
-            out.append((cursor, off - cursor))
-        cursor = max(cursor, off + nb)
-    if end > cursor:
-        out.append((cursor, end - cursor))
-    return out
-
-
-def read_storages(
-    torch: Any,
-    fd: int,
-    path: str,
-    targets: dict[int, Any],
-    offsets: np.ndarray,
-    nbytes: np.ndarray,
-    verify: bool,
-    threads: int,
-    zeros: list[tuple[int, int]],
-    zip_crc: bool = False,
-) -> tuple[dict[int, Any], list[int], np.ndarray]:
-    """Allocates each target storage on its CUDA device and fills it from the file.
-    Returns ({storage index: UntypedStorage}, storage indexes, their CRC32Cs)."""
-    _require_cuda(torch)
-    out: dict[int, Any] = {}
-    by_device: dict[int, list[int]] = {}
-    for s, dev in targets.items():
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        out[s] = torch.UntypedStorage(int(nbytes[s]), device=torch.device("cuda", index))
-        if nbytes[s]:
-            by_device.setdefault(index, []).append(s)
-    order: list[int] = []
-    crcs: list[np.ndarray] = []
-    first = True
-    for index, group in sorted(by_device.items()):
-        got = read_regions_to_device(
-            fd,
-            path,
-            [out[s].data_ptr() for s in group],
-            nbytes[group],
-            offsets[group],
-            index,
-            checksum=verify,
-            zero_ranges=zeros if first else (),
-            num_threads=threads,
-            gds_path=path,
-            zip_crc=zip_crc,
-        )
-        first = False
-        order += group
-        crcs.append(got)
-    if first and zeros:  # nothing to read, but the padding is still checked
-        index = next(iter(targets.values())).index or 0
-        read_regions_to_device(fd, path, [], [], [], index, zero_ranges=zeros, num_threads=threads)
-    return out, order, (np.concatenate(crcs) if crcs else np.zeros(0, dtype=np.uint32))
-
-
-def write_storages(
-    fd: int,
-    path: str,
-    gds_path: str,
-    devices: Sequence[str],
-    ptrs: np.ndarray,
-    nbytes: np.ndarray,
-    file_offsets: np.ndarray,
-    threads: int,
-    task: int,
-    writeback: bool = False,
-) -> np.ndarray:
-    """Writes a save plan's storages, host ones with the engine's write_regions and CUDA
-    ones through the staging pipeline, device by device; returns every CRC32C.
-    `gds_path` opens the same file again for cuFile (e.g. /proc/self/fd/N). `writeback`
-    (for a save that fsyncs) starts the disk write of host bytes as they are written."""
-    crcs = np.zeros(len(nbytes), dtype=np.uint32)
-    dev = np.array(devices, dtype=object)
-    full = nbytes > 0
-    host = full & (dev == "cpu")
-    if host.any():
-        crcs[host] = _engine.write_regions(
-            fd, ptrs[host], nbytes[host], file_offsets[host], threads, task, True, path, writeback
-        )
-    for name in sorted(set(devices) - {"cpu"}):
-        mask = full & (dev == name)
-        if not mask.any():
-            continue
-        if not _load_runtime():
-            raise RuntimeError(
-                f"tensorfile.save: cannot open the CUDA runtime to save {name} tensors: {_engine.cuda_error()}"
-            )
-        index = int(name.split(":", 1)[1]) if ":" in name else 0
-        crcs[mask] = write_regions_from_device(
-            fd,
-            path,
-            ptrs[mask],
-            nbytes[mask],
-            file_offsets[mask],
-            index,
-            num_threads=threads,
-            gds_path=gds_path,
-        )
-    return crcs
-
-
-def host_copies(
-    devices: Sequence[str], ptrs: np.ndarray, nbytes: np.ndarray, owners: Sequence[Any]
-) -> tuple[np.ndarray, list[Any]]:
-    """For writing to a stream, which needs host bytes: the plan's pointers with every
-    device region replaced by a host copy of it (returned too, to keep alive). `owners`
-    are the plan's storages, one per region."""
-    if all(d == "cpu" for d in devices):
-        return ptrs, []
-    import torch
-
-    out = ptrs.copy()
-    keep = []
-    for i, d in enumerate(devices):
-        if d != "cpu" and nbytes[i]:
-            owner = owners[i]
-            lo = int(ptrs[i]) - owner.data_ptr()
-            host = (
-                torch.empty(0, dtype=torch.uint8, device=owner.device)
-                .set_(owner, lo, (int(nbytes[i]),), (1,))
-                .cpu()
-            )
-            keep.append(host)
-            out[i] = host.data_ptr()
-    return out, keep
+def saved_index(device: str) -> int:
+    """The index of a recorded storage device such as "cuda:1" (a plain "cuda": 0)."""
+    return int(device.split(":", 1)[1]) if ":" in device else 0

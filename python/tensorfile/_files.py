@@ -38,9 +38,7 @@ def phase(name: str) -> None:
 def tmp_name(target: str) -> str:
     directory, base = os.path.split(target)
     host = socket.gethostname().replace(".", "_")[:32]
-    return os.path.join(
-        directory, f".{base}.{host}.{os.getpid()}.{secrets.token_hex(4)}{TMP_MARK}"
-    )
+    return os.path.join(directory, f".{base}.{host}.{os.getpid()}.{secrets.token_hex(4)}{TMP_MARK}")
 
 
 def is_stale_tmp(name: str, host: str | None = None) -> bool:

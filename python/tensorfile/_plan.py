@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -9,11 +10,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _engine
+from . import _engine, _numpy, _torch
 from ._dtypes import numpy_name
-from ._torch import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, describe, dtype_info
+from ._layout import FLAG_PARAMETER, FLAG_REQUIRES_GRAD
+from ._torch import describe, dtype_info
 from ._tree import SURROGATE, Flattener, path_str
-from .formats import native
+from .formats import native, safetensors
 from .formats.native import ALIGN, TensorTable
 
 _SPAN_ALIGN = 16  # the widest element; keeps every tensor's offset a multiple of its size
@@ -369,3 +371,60 @@ def check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     ):
         raise TypeError("tensorfile.save: metadata must be a dict of str to str")
     return dict(metadata)
+
+
+@dataclass
+class SafetensorsPlan:
+    head: bytes  # the 8-byte length and the JSON header
+    total: int  # file size
+    regions: tuple[np.ndarray, np.ndarray, np.ndarray]  # ptrs, nbytes, file offsets (non-empty)
+    keep: list[Any]  # owners of the bytes (contiguous copies included)
+
+
+def plan_safetensors(
+    tensors: dict[str, Any], metadata: dict[str, str], copy_shared: bool
+) -> SafetensorsPlan:
+    """A safetensors file of a flat str -> tensor dict (torch tensors or numpy arrays).
+    Tensors whose memory overlaps are refused, as safetensors refuses them, unless
+    `copy_shared`; they are laid out widest element first, then by name, so every tensor
+    is aligned to its element."""
+    rows: list[
+        tuple[int, str, str, list[int], int, int]
+    ] = []  # -itemsize, name, dtype, shape, nbytes, ptr
+    spans: list[tuple[int, int, str]] = []
+    keep: list[Any] = []
+    torch = sys.modules.get("torch")
+    for name, t in tensors.items():
+        if type(name) is not str:
+            raise TypeError(f"tensorfile.save_safetensors: key {name!r} is not a str")
+
+        def refuse(why: str, name: str = name) -> TypeError:
+            return TypeError(f"tensorfile.save_safetensors: cannot save {name!r}: {why}")
+
+        if torch is not None and isinstance(t, torch.Tensor):
+            entry = _torch.flat_entry(torch, t, safetensors.NAME_OF.__contains__, refuse)
+        elif isinstance(t, np.ndarray):
+            entry = _numpy.flat_entry(t, safetensors.numpy_supported, refuse)
+        else:
+            raise refuse(f"expected a tensor or numpy array, got {type(t).__name__}")
+        dtype, shape, nbytes, ptr, span, data = entry
+        keep.append(data)
+        itemsize = nbytes // max(1, math.prod(shape)) if nbytes else 0
+        rows.append((-itemsize, name, dtype, shape, nbytes, ptr))
+        if span[1] > span[0]:
+            spans.append((span[0], span[1], name))
+    spans.sort()
+    for (_, hi, a), (lo, _, b) in zip(spans, spans[1:]):
+        if lo < hi and not copy_shared:
+            raise ValueError(
+                f"tensorfile.save_safetensors: tensors {a!r} and {b!r} share memory, which safetensors "
+                "cannot express; pass copy_shared=True to store a copy of each, or clone one of them"
+            )
+    rows.sort(key=lambda r: (r[0], r[1]))
+    head, offsets = safetensors.encode_header([(r[1], r[2], r[3], r[4]) for r in rows], metadata)
+    total = len(head) + sum(r[4] for r in rows)
+    ptrs = np.array([r[5] for r in rows], dtype=np.uint64)
+    sizes = np.array([r[4] for r in rows], dtype=np.uint64)
+    offs = np.array(offsets, dtype=np.uint64) + np.uint64(len(head))
+    full = sizes > 0
+    return SafetensorsPlan(head, total, (ptrs[full], sizes[full], offs[full]), keep)

@@ -271,7 +271,7 @@ class Flattener:
             if t is torch.Size:
                 return ["size", *(int(d) for d in obj)]
             if t is torch.device:
-                if not _valid_device(str(obj)):
+                if not valid_device_string(str(obj)):
                     raise self.error(f"device value {obj} is not supported")
                 return ["device", str(obj)]
         raise self.error(
@@ -521,7 +521,7 @@ def validate(
             if any(type(d) is not int or not 0 <= d < 2**63 for d in node[1:]):
                 raise _bad("torch.Size entries must be ints in [0, 2^63)")
         elif tag == "device":
-            if n != 2 or type(node[1]) is not str or not _valid_device(node[1]):
+            if n != 2 or type(node[1]) is not str or not valid_device_string(node[1]):
                 raise _bad(f"bad device {node[1:]!r:.80}")
         else:
             raise _bad(f"unknown tag {tag!r:.40}")
@@ -573,7 +573,7 @@ _DEVICE_TYPES = "cpu|cuda|ipu|xpu|mkldnn|opengl|opencl|ideep|hip|ve|fpga|maia|xl
 _DEVICE_RE = re.compile(rf"(?:{_DEVICE_TYPES})(?::(?:0|[1-9][0-9]{{0,4}}))?")
 
 
-def _valid_device(s: str) -> bool:
+def valid_device_string(s: str) -> bool:
     """A torch device string: a known device type, optionally ':' and an index."""
     return _DEVICE_RE.fullmatch(s) is not None
 

@@ -160,10 +160,10 @@ def clean(directory: str) -> None:
 
 def describe_file(path: str) -> dict[str, Any]:
     """What `inspect` shows: the format, version, every tensor (by key path) and totals."""
-    from . import api
     from ._dtypes import ITEMSIZE
+    from ._reader import open_reader
 
-    with api._open_reader(path) as reader:
+    with open_reader(path) as reader:
         lay = reader.layout
         tensors = []
         for key, i in reader.key_index().items():

@@ -52,10 +52,10 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.futures import Future
 
-from . import _config, _engine
-from . import api as _api
-from ._errors import ChecksumError, FormatError
-from ._files import clean, fsync_dir
+from . import _config, _io
+from ._errors import FormatError
+from ._files import atomic_file, clean, pwrite_all
+from ._reader import open_reader
 from .api import save as _save
 
 __all__ = [
@@ -319,12 +319,7 @@ def _block_checksums(
         counts.append(n)
     if not keys:
         return {}
-    crcs = _engine.checksum_regions(
-        np.array(ptrs, dtype=np.uint64),
-        np.array(sizes, dtype=np.uint64),
-        _config.num_threads(num_threads),
-        _config.task_nbytes(write=True),
-    ).tolist()
+    crcs = _io.checksum_host(ptrs, sizes, threads=_config.num_threads(num_threads)).tolist()
     out: dict[str, tuple[int, ...]] = {}
     at = 0
     for key, n in zip(keys, counts):
@@ -334,29 +329,11 @@ def _block_checksums(
 
 
 def _commit(directory: str, name: str, doc: dict[str, Any], durable: bool) -> None:
-    """Writes the metadata under a temporary name, fsyncs it, renames it over `name` and
-    fsyncs the directory: readers see the old commit record or the new one, never none."""
+    """Writes the commit record atomically (a temporary file, fsync, rename over `name`,
+    directory fsync): readers see the old commit record or the new one, never none."""
     blob = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        try:
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if durable:
-        fsync_dir(directory)
+    with atomic_file(os.path.join(directory, name), len(blob), durable) as fd:
+        pwrite_all(fd, blob, 0)
 
 
 def _remove_replaced(directory: str, keep: set[str], rank: int | None) -> None:
@@ -908,7 +885,7 @@ def _read_file(
 
 def _open_native(path: str, verify: bool) -> Any:
     """Opens a rank file with tensorfile's own reader (header validated, checksummed)."""
-    reader = _api._open_reader(path, verify)
+    reader = open_reader(path, verify)
     if reader.format != "tensorfile" or reader.src.fd is None:
         reader.close()
         raise FormatError(f"{path}: not a tensorfile; the checkpoint's rank files must be")
@@ -969,7 +946,7 @@ def _plan_tensor(
 
         def done() -> None:
             if dtype == torch.bool:
-                _check_bool(path, label, dest.view(torch.uint8))
+                _io.check_bool_bytes(path, repr(label), dest.view(torch.uint8))
             planner.commit_tensor(req, dest)
 
     else:
@@ -982,7 +959,7 @@ def _plan_tensor(
 
         def done() -> None:
             if dtype == torch.bool:
-                _check_bool(path, label, staging)
+                _io.check_bool_bytes(path, repr(label), staging)
             dest.copy_(staging.view(dtype).as_strided(ln, strides))
             planner.commit_tensor(req, dest)
 
@@ -1077,54 +1054,41 @@ def _flush(batch: _Batch, reader: Any, path: str, verify: bool, threads: int) ->
             else:
                 passes.append([j])
                 ends.append(at + int(nbytes[j]))
-        if hasattr(os, "posix_fadvise"):
-            # Cold reads: tell the kernel the whole plan up front, so it reads ahead in
-            # large sequential requests while the engine's threads copy and check.
-            os.posix_fadvise(reader.src.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            lo = hi = -1
-            for j in order.tolist():
-                at, end = int(offsets[j]), int(offsets[j]) + int(nbytes[j])
-                if at > hi + _ADVISE_GAP:  # a new run: advise the one before
-                    if hi > lo:
-                        os.posix_fadvise(reader.src.fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
-                    lo = at
-                hi = max(hi, end)
-            if hi > lo:
-                os.posix_fadvise(reader.src.fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
+        # Cold reads: tell the kernel the whole plan up front, so it reads ahead in large
+        # sequential requests while the engine's threads copy and check.
+        _io.advise_willneed(
+            reader.src.fd,
+            [(int(offsets[j]), int(offsets[j]) + int(nbytes[j])) for j in order.tolist()],
+            _ADVISE_GAP,
+        )
         for sel_list in passes:
             sel = np.array(sel_list, dtype=np.int64)
-            got = _engine.read_regions(
+            got = _io.read_host(
                 reader.src.fd,
+                path,
                 ptrs[sel],
                 nbytes[sel],
                 offsets[sel],
-                threads,
-                _config.task_nbytes(),
-                verify,
-                False,
-                0,
-                reader.layout.file_nbytes,
-                path,
-                _config.hugepages(),
+                threads=threads,
+                checksum=verify,
+                hugepages=_config.hugepages(),
             )
             if verify:
-                w = want[sel]
-                bad = np.nonzero((w >= 0) & (got.astype(np.int64) != w))[0]
-                if len(bad):
-                    raise ChecksumError(
-                        f"{path}: {batch.labels[int(sel[int(bad[0])])]!r} checksum mismatch (file damaged "
-                        "after it was written); re-save the checkpoint, or load with "
-                        "StorageReader(..., verify=False)"
-                    )
+
+                def label(j: int, sel: np.ndarray = sel) -> str:
+                    return repr(batch.labels[int(sel[j])])
+
+                _io.check_checksums(
+                    path,
+                    got,
+                    want[sel],
+                    label,
+                    remedy="re-save the checkpoint, or load with StorageReader(..., verify=False)",
+                )
     for dst, src, n in batch.copies:
         ctypes.memmove(dst, src, n)
     for fn in batch.after:
         fn()
-
-
-def _check_bool(path: str, key: str, raw: torch.Tensor) -> None:
-    if raw.numel() and int(raw.max()) > 1:
-        raise FormatError(f"{path}: bool tensor {key!r} holds bytes other than 0 and 1")
 
 
 # --------------------------------------------------------------------------- conversion

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -20,7 +20,7 @@ import numpy as np
 from .. import _engine
 from .._dtypes import ITEMSIZE, TORCH_GRAD_DTYPES
 from .._errors import ChecksumError, FormatError
-from .._tree import no_gc
+from .._layout import FLAG_REQUIRES_GRAD, Layout, LazyRows, TensorRow
 from .._tree import validate as validate_tree
 
 MAGIC = b"TNSRFILE"
@@ -35,15 +35,13 @@ MAX_HEADER_NBYTES = 64 << 20
 MAX_NDIM = 64
 MAX_INT = 2**63 - 1
 _MAX_JSON_DEPTH = 1000  # far past the deepest tree a save makes (_tree.MAX_DEPTH containers)
-FLAG_REQUIRES_GRAD = 1
-FLAG_PARAMETER = 2
 
 _HEADER_KEYS = ("tree", "tensors", "storages", "metadata", "crc32c")
 _LOWER_HEX = re.compile(r"[0-9a-f]*")
 _STORAGE_DEVICE = re.compile(r"cpu|cuda(?::(?:0|[1-9][0-9]{0,4}))?")
 
 
-def _valid_device(s: str) -> bool:
+def valid_storage_device(s: str) -> bool:
     """Storages live on the CPU or a CUDA device."""
     return _STORAGE_DEVICE.fullmatch(s) is not None
 
@@ -98,7 +96,7 @@ class TensorTable:
         return len(self.kind)
 
     @staticmethod
-    def from_rows(rows: list[list[Any]]) -> TensorTable:
+    def from_rows(rows: Sequence[Sequence[Any]]) -> TensorTable:
         """The columns of header rows [kind, storage, dtype, shape, strides, offset, flags]."""
         n = len(rows)
         names: dict[str, int] = {}
@@ -149,7 +147,7 @@ def encode_header(
     bytes are those of json.dumps with compact separators over the header object; the
     engine writes the two tables."""
     devices = sorted(set(storage_devices))
-    if any(not _valid_device(d) for d in devices):
+    if any(not valid_storage_device(d) for d in devices):
         raise ValueError(f"storage devices must be cpu or cuda[:index], got {devices}")
     if len(devices) == 1:
         device = np.zeros(len(storage_devices), dtype=np.int32)
@@ -204,15 +202,8 @@ class Preamble:
     file_nbytes: int
 
 
-def sniff(head: bytes) -> str:
-    """Names the format of a file from its first bytes: tensorfile, zip, safetensors or unknown."""
-    if head.startswith(MAGIC):
-        return "tensorfile"
-    if head.startswith(b"PK\x03\x04"):
-        return "torch.save zip"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    return "unknown"
+def looks_like(head: bytes) -> bool:
+    return head.startswith(MAGIC)
 
 
 def parse_preamble(raw: bytes, actual_nbytes: int | None, name: str) -> Preamble:
@@ -224,6 +215,8 @@ def parse_preamble(raw: bytes, actual_nbytes: int | None, name: str) -> Preamble
         )
     magic, major, minor, hcrc, hlen, flen = PREAMBLE.unpack_from(raw)
     if magic != MAGIC:
+        from . import sniff
+
         kind = sniff(raw)
         hint = f" (it looks like a {kind} file)" if kind != "unknown" else ""
         raise FormatError(
@@ -247,73 +240,6 @@ def parse_preamble(raw: bytes, actual_nbytes: int | None, name: str) -> Preamble
             f"{name}: the file is {actual_nbytes} bytes but records {flen}: it is {what}"
         )
     return Preamble(major, minor, hcrc, hlen, flen)
-
-
-class _Lazy(Sequence[Any]):
-    """A list built on first indexing, with the collector paused. The engine's decoder
-    returns columns; opening a file to list its keys never needs a Python row per
-    tensor, and with 20,000 tensors building them was most of the cost of open(). The
-    first read of a tensor builds them all, once. Iterating before any indexing makes
-    each item afresh and keeps none, so one pass over all rows (as a load makes) never
-    holds them all at once."""
-
-    def __init__(self, n: int, make: Callable[[], Iterator[Any]]) -> None:
-        self._n = n
-        self._make: Callable[[], Iterator[Any]] | None = make
-        self._items: list[Any] = []
-
-    def _all(self) -> list[Any]:
-        make = self._make
-        if make is not None:
-            with no_gc():
-                self._items = list(make())
-            self._make = None
-        return self._items
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, i: Any) -> Any:
-        return self._all()[i]
-
-    def __iter__(self) -> Iterator[Any]:
-        make = self._make
-        return iter(self._items) if make is None else make()
-
-
-@dataclass
-class Layout:
-    """A fully validated header: everything the loader needs, safe to trust."""
-
-    tree: Any
-    tensors: Sequence[list[Any]]  # [kind, storage, dtype, shape, strides, offset, flags]
-    storage_kind: list[str]  # "torch" or "numpy" per storage
-    storage_device: list[str]
-    storage_nbytes: np.ndarray  # uint64
-    storage_offsets: np.ndarray  # uint64, absolute file offsets
-    storage_crcs: np.ndarray  # uint32
-    storage_tensors: Sequence[list[int]]  # tensor rows of each storage
-    metadata: dict[str, str]
-    header_end: int  # first byte after the header
-    file_nbytes: int
-    minor: int
-
-
-def layout_difference(a: Layout, b: Layout) -> str | None:
-    """The first field in which two layouts differ, or None: arrays by dtype and values,
-    lazily built lists by their items, everything else by type and value. The engine's
-    decoder and the reference validator must agree exactly (tests and the fuzzer)."""
-    for field in Layout.__dataclass_fields__:
-        x, y = getattr(a, field), getattr(b, field)
-        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
-            same = type(x) is type(y) and x.dtype == y.dtype and np.array_equal(x, y)
-        else:
-            x = list(x) if isinstance(x, _Lazy) else x
-            y = list(y) if isinstance(y, _Lazy) else y
-            same = type(x) is type(y) and x == y
-        if not same:
-            return field
-    return None
 
 
 def _bad(name: str, message: str) -> FormatError:
@@ -349,11 +275,28 @@ def parse_header(
     return layout if layout is not None else parse_header_reference(raw, pre, name)
 
 
+def read_layout(
+    read: Any, file_nbytes: int | None, head: bytes, name: str, verify: bool
+) -> tuple[Layout, bytes]:
+    """Parses a tensorfile whose first PREAMBLE_NBYTES bytes are `head`; `read(nbytes,
+    offset)` reads more. Returns the layout and the bytes between the header and the
+    first storage, which must be zero padding (the caller checks them with the padding
+    rule every path shares)."""
+    pre = parse_preamble(head, file_nbytes, name)
+    upto = min(data_start(pre.header_nbytes), pre.file_nbytes)
+    blob = read(upto - PREAMBLE_NBYTES, PREAMBLE_NBYTES)
+    if len(blob) != upto - PREAMBLE_NBYTES:
+        raise FormatError(f"{name}: the file ends inside its header (truncated)")
+    layout = parse_header(memoryview(blob)[: pre.header_nbytes], pre, head, name, verify)
+    layout.version = f"{pre.major}.{pre.minor}"
+    layout.header_nbytes = pre.header_nbytes
+    return layout, blob[pre.header_nbytes :]
+
+
 # The engine's decoder takes the dtype table from here, so the names and widths have
 # one source: (kind 0 torch / 1 numpy, name, itemsize, may carry requires_grad).
-_KINDS = KINDS
 _DTYPE_TABLE = [
-    (_KINDS.index(kind), dtype, itemsize, dtype in TORCH_GRAD_DTYPES)
+    (KINDS.index(kind), dtype, itemsize, dtype in TORCH_GRAD_DTYPES)
     for kind, table in ITEMSIZE.items()
     for dtype, itemsize in table.items()
 ]
@@ -374,7 +317,7 @@ def decode_fast(raw: bytes | bytearray | memoryview, pre: Preamble) -> Layout | 
     metadata = json.loads(bytes(view[mb:me]))
     ntensors, nstorages = len(table), len(sizes)
 
-    def rows() -> Iterator[list[Any]]:
+    def rows() -> Iterator[TensorRow]:
         kind_i, store, dtype_i, ndim, off, flags = table.T.tolist()
         dims = set(ndim)
         if len(dims) == 1:  # every row has the same rank: split without a Python loop
@@ -391,9 +334,9 @@ def decode_fast(raw: bytes | bytearray | memoryview, pre: Preamble) -> Layout | 
                 at += n
         return iter(
             map(
-                list,
+                TensorRow._make,
                 zip(
-                    map(_KINDS.__getitem__, kind_i),
+                    map(KINDS.__getitem__, kind_i),
                     store,
                     map(_DTYPE_NAMES.__getitem__, dtype_i),
                     shape_rows,
@@ -413,13 +356,13 @@ def decode_fast(raw: bytes | bytearray | memoryview, pre: Preamble) -> Layout | 
     base = data_start(pre.header_nbytes)
     return Layout(
         tree=tree,
-        tensors=_Lazy(ntensors, rows),
-        storage_kind=list(map(_KINDS.__getitem__, skind.tolist())),
+        tensors=LazyRows(ntensors, rows),
+        storage_kind=list(map(KINDS.__getitem__, skind.tolist())),
         storage_device=list(map(devices.__getitem__, sdev.tolist())),
         storage_nbytes=sizes,
         storage_offsets=offs + np.uint64(base),
         storage_crcs=crcs,
-        storage_tensors=_Lazy(nstorages, members),
+        storage_tensors=LazyRows(nstorages, members),
         metadata=metadata,
         header_end=PREAMBLE_NBYTES + pre.header_nbytes,
         file_nbytes=pre.file_nbytes,
@@ -479,7 +422,7 @@ def parse_header_reference(raw: bytes | bytearray | memoryview, pre: Preamble, n
                 name,
                 f"storage {i} at data offset {off} {why} (expected {cursor}; offsets are 4096-aligned and in order)",
             )
-        if type(dev) is not str or not _valid_device(dev):
+        if type(dev) is not str or not valid_storage_device(dev):
             raise _bad(name, f"storage {i}: bad device {dev!r:.40}")
         offsets.append(off)
         sizes.append(nb)
@@ -592,7 +535,7 @@ def parse_header_reference(raw: bytes | bytearray | memoryview, pre: Preamble, n
     base = data_start(pre.header_nbytes)
     return Layout(
         tree=doc["tree"],
-        tensors=tensors,
+        tensors=[TensorRow._make(row) for row in tensors],
         storage_kind=storage_kind,  # type: ignore[arg-type]
         storage_device=devices,
         storage_nbytes=np.array(sizes, dtype=np.uint64),

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import FormatError
-from .native import Layout
+from .._layout import Layout, TensorRow
 
 MAX_HEADER_NBYTES = 100 << 20  # the limit safetensors itself enforces
 _LEN = struct.Struct("<Q")
@@ -65,10 +65,13 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse(prefix: bytes, read: Any, file_nbytes: int | None, name: str) -> Layout:
+def parse(
+    prefix: bytes, read: Any, file_nbytes: int | None, name: str, as_numpy: bool = False
+) -> Layout:
     """Validates a safetensors file whose first bytes are `prefix`; `read(nbytes, offset)`
     reads more. Returns a Layout whose tensors are one storage each, in file order, and
-    whose tree is a flat dict (a str-keyed dict node per the native tree grammar)."""
+    whose tree is a flat dict (a str-keyed dict node per the native tree grammar); with
+    `as_numpy` (no torch here) the rows are numpy rows."""
 
     def bad(message: str) -> FormatError:
         return FormatError(f"{name}: invalid safetensors file: {message}")
@@ -138,21 +141,24 @@ def parse(prefix: bytes, read: Any, file_nbytes: int | None, name: str) -> Layou
             f"the data ends at byte {data + cursor} but the file is {file_nbytes} bytes: {what}"
         )
     n = len(entries)
-    tensors: list[list[Any]] = []
+    tensors: list[TensorRow] = []
     tree: list[Any] = ["dict"]
+    kind = "numpy" if as_numpy else "torch"
     for i, (_begin, _end, key, dtype, shape) in enumerate(entries):
+        if as_numpy and not numpy_supported(dtype):
+            raise ImportError(f"{name} holds {dtype} tensors: install torch to load it")
         strides = []
-        step = 1
+        step = np.dtype(dtype).itemsize if as_numpy else 1  # numpy strides are in bytes
         for d in reversed(shape):
             strides.append(step)
             step *= max(d, 1)
         strides.reverse()
-        tensors.append(["torch", i, dtype, shape, strides, 0, 0])
+        tensors.append(TensorRow(kind, i, dtype, shape, strides, 0, 0))
         tree += [key, ["tensor", i]]
     return Layout(
         tree=tree,
         tensors=tensors,
-        storage_kind=["torch"] * n,
+        storage_kind=[kind] * n,
         storage_device=["cpu"] * n,
         storage_nbytes=np.array([e[1] - e[0] for e in entries], dtype=np.uint64),
         storage_offsets=np.array([data + e[0] for e in entries], dtype=np.uint64),
@@ -162,6 +168,10 @@ def parse(prefix: bytes, read: Any, file_nbytes: int | None, name: str) -> Layou
         header_end=data,
         file_nbytes=data + cursor,
         minor=0,
+        format="safetensors",
+        crc_kind="none",
+        canonical_gaps=False,
+        header_nbytes=hlen,
     )
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from .._dtypes import TORCH_ITEMSIZE
 from .._errors import FormatError
+from .._layout import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, Layout, TensorRow
 
 MAX_PICKLE_NBYTES = 1 << 30
 MAX_DEPTH = 200
@@ -734,20 +735,18 @@ def storage_table(archive: TorchArchive) -> dict[str, np.ndarray]:
     }
 
 
-def layout(archive: TorchArchive, torch: Any, name: str, file_nbytes: int) -> Any:
+def layout(archive: TorchArchive, torch: Any, name: str, file_nbytes: int) -> Layout:
     """The archive as a trusted Layout: one tensor row per record, one storage per
     storage record, the zip CRC-32s as the stored checksums."""
-    from . import native
-
-    rows: list[list[Any]] = []
+    rows: list[TensorRow] = []
     storage_tensors: list[list[int]] = [[] for _ in archive.storages]
     for rec in archive.records:
-        flags = (native.FLAG_REQUIRES_GRAD if rec.requires_grad else 0) | (
-            native.FLAG_PARAMETER if rec.parameter else 0
+        flags = (FLAG_REQUIRES_GRAD if rec.requires_grad else 0) | (
+            FLAG_PARAMETER if rec.parameter else 0
         )
         itemsize = TORCH_ITEMSIZE[rec.dtype]
         rows.append(
-            [
+            TensorRow(
                 "torch",
                 rec.storage.index,
                 rec.dtype,
@@ -755,7 +754,7 @@ def layout(archive: TorchArchive, torch: Any, name: str, file_nbytes: int) -> An
                 rec.strides,
                 rec.offset * itemsize,
                 flags,
-            ]
+            )
         )
         storage_tensors[rec.storage.index].append(rec.index)
     devices = []
@@ -767,7 +766,7 @@ def layout(archive: TorchArchive, torch: Any, name: str, file_nbytes: int) -> An
                 f"{name}: storage {ref.key!r} has an invalid location {ref.location!r}"
             ) from None
     table = storage_table(archive)
-    return native.Layout(
+    return Layout(
         tree=None,
         tensors=rows,
         storage_kind=["torch"] * len(archive.storages),
@@ -780,4 +779,10 @@ def layout(archive: TorchArchive, torch: Any, name: str, file_nbytes: int) -> An
         header_end=0,
         file_nbytes=file_nbytes,
         minor=0,
+        format="torch.save",
+        crc_kind="crc32",
+        canonical_gaps=False,
+        version=archive.version,
+        header_nbytes=archive.pickle_nbytes,
+        archive=archive,
     )

@@ -1,0 +1,809 @@
+"""The one layer that moves storage bytes between files and memory: the only caller of
+the engine's read and write entry points. Reads a layout's storages on every path
+(pread, stream, mmap, CUDA), writes a save plan's storages (host and CUDA), and holds the
+one check of each byte rule (stored checksums, zero padding, bool bytes) with its one
+error text. Every entry point (load, open, convert, verify, dcp, async_save) comes here."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap as _mmap
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import _config, _cuda, _engine, _numpy, _torch
+from ._errors import ChecksumError, FormatError
+from ._files import FileLike, atomic_file, phase, pwrite_all
+from ._plan import SavePlan, plan_and_encode
+from .formats import native
+
+if TYPE_CHECKING:
+    from ._layout import Layout
+    from ._reader import Reader
+
+CHUNK_NBYTES = 64 << 20  # the streaming buffer of StorageStream (convert, verify)
+_STREAM_CHUNK = 8 << 20  # the bounce buffer of a save to a stream
+_FADVISE = hasattr(os, "posix_fadvise")
+
+# --------------------------------------------------------------------------- byte rules
+
+RESAVE = "re-save it, or pass verify=False to read anyway"
+
+
+def check_checksums(
+    name: str,
+    got: np.ndarray,
+    want: np.ndarray,
+    label: Callable[[int], str],
+    kind: str = "crc32c",
+    remedy: str = RESAVE,
+) -> None:
+    """Raises ChecksumError for the first region whose computed checksum `got[j]` is not
+    the stored `want[j]`. A negative `want` is not checked; for zip CRC-32s ("crc32") a
+    stored 0 is not either (torch.save writes 0 when told not to compute CRCs)."""
+    w = np.asarray(want, dtype=np.int64)
+    bad = np.nonzero((w >= 0) & (np.asarray(got, dtype=np.int64) != w))[0]
+    if kind == "crc32":
+        bad = bad[w[bad] != 0]
+    if len(bad):
+        what = "zip CRC-32 checksum" if kind == "crc32" else "checksum"
+        raise ChecksumError(
+            f"{name}: {label(int(bad[0]))} {what} mismatch (file damaged after it was written); "
+            f"{remedy}"
+        )
+
+
+def check_padding(name: str, data: Any, file_offset: int) -> None:
+    """The format's padding must be zero: `data` (bytes or a uint8 array) was read from
+    `file_offset`. The engine words the same rule the same way (csrc: require_zero)."""
+    raw = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+    nonzero = np.flatnonzero(raw)
+    if len(nonzero):
+        raise FormatError(
+            f"{name}: padding byte at offset {file_offset + int(nonzero[0])} is not zero "
+            "(the file is damaged or was not written by tensorfile)"
+        )
+
+
+def check_bool_bytes(name: str, label: Any, raw: Any) -> None:
+    """A bool tensor's bytes (a uint8 numpy array or torch tensor) must be 0 or 1."""
+    if isinstance(raw, np.ndarray):
+        bad = raw.size and int(raw.max()) > 1
+    else:
+        bad = raw.numel() and bool((raw > 1).any())
+    if bad:
+        raise FormatError(f"{name}: bool tensor {label} holds bytes other than 0 and 1")
+
+
+def _u64(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=np.uint64)
+
+
+# --------------------------------------------------------------------------- host transfers
+
+
+def read_host(
+    fd: int,
+    name: str,
+    ptrs: Any,
+    nbytes: Any,
+    file_offsets: Any,
+    *,
+    threads: int,
+    checksum: bool = False,
+    zip_crc: bool = False,
+    gaps: tuple[int, int] | None = None,
+    hugepages: bool = False,
+) -> np.ndarray:
+    """Reads sorted, disjoint regions of `fd` into host memory; returns each region's
+    CRC32C (zip CRC-32 with `zip_crc`; zeros without `checksum`). With `gaps=(begin,
+    end)`, every byte of [begin, end) outside the regions must be zero padding."""
+    return _engine.read_regions(
+        fd=fd,
+        ptrs=_u64(ptrs),
+        nbytes=_u64(nbytes),
+        file_offsets=_u64(file_offsets),
+        num_threads=threads,
+        task_nbytes=_config.task_nbytes(),
+        checksum=checksum,
+        check_gaps=gaps is not None,
+        gap_begin=gaps[0] if gaps else 0,
+        gap_end=gaps[1] if gaps else 0,
+        path=name,
+        hugepages=hugepages,
+        zip_crc=zip_crc,
+    )
+
+
+def write_host(
+    fd: int,
+    name: str,
+    ptrs: Any,
+    nbytes: Any,
+    file_offsets: Any,
+    *,
+    threads: int,
+    checksum: bool = True,
+    writeback: bool = False,
+) -> np.ndarray:
+    """Writes sorted, disjoint host regions to `fd`; returns the CRC32C of each region as
+    written. `writeback` (for a file about to be fsynced) starts the disk write early."""
+    return _engine.write_regions(
+        fd=fd,
+        ptrs=_u64(ptrs),
+        nbytes=_u64(nbytes),
+        file_offsets=_u64(file_offsets),
+        num_threads=threads,
+        task_nbytes=_config.task_nbytes(write=True),
+        checksum=checksum,
+        path=name,
+        writeback=writeback,
+    )
+
+
+def checksum_host(ptrs: Any, nbytes: Any, *, threads: int, zip_crc: bool = False) -> np.ndarray:
+    """The CRC32C (or zip CRC-32) of each host region, computed in parallel."""
+    return _engine.checksum_regions(
+        ptrs=_u64(ptrs),
+        nbytes=_u64(nbytes),
+        num_threads=threads,
+        task_nbytes=_config.task_nbytes(),
+        zip_crc=zip_crc,
+    )
+
+
+def gather(src: Any, name: str, offsets: list[int], sizes: list[int]) -> bytes:
+    """Sorted, disjoint small ranges of a source, concatenated, in one engine call (a few
+    gathered preads) for a file, or one read each for a stream."""
+    if not sizes:
+        return b""
+    if src.fd is None:
+        return b"".join(src.read(n, o) for o, n in zip(offsets, sizes))
+    nbytes = _u64(sizes)
+    buf = np.zeros(int(nbytes.sum()), dtype=np.uint8)
+    ptrs = np.concatenate(([0], np.cumsum(nbytes)[:-1])).astype(np.uint64)
+    read_host(src.fd, name, ptrs + np.uint64(buf.ctypes.data), nbytes, offsets, threads=1)
+    return buf.tobytes()
+
+
+def raw_view(ptr: int, nbytes: int) -> memoryview:
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(ptr)).cast("B")
+
+
+def advise_sequential(fd: int) -> None:
+    """A whole file will be read in order: the kernel reads ahead in larger requests."""
+    if _FADVISE:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+
+def advise_willneed(fd: int, ranges: Sequence[tuple[int, int]], gap: int) -> None:
+    """Tells the kernel the (file_offset, end) ranges about to be read, merging ranges
+    closer than `gap`, so cold reads come in large sequential requests."""
+    if not _FADVISE:
+        return
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    lo = hi = -1
+    for at, end in sorted(ranges):
+        if at > hi + gap:  # a new run: advise the one before
+            if hi > lo:
+                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
+            lo = at
+        hi = max(hi, end)
+    if hi > lo:
+        os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
+
+
+# --------------------------------------------------------------------------- CUDA transfers
+
+
+def _order(file_offsets: np.ndarray) -> np.ndarray | None:
+    if len(file_offsets) < 2 or bool(np.all(file_offsets[1:] >= file_offsets[:-1])):
+        return None
+    return np.argsort(file_offsets, kind="stable")
+
+
+def read_regions_to_device(
+    fd: int,
+    path: str,
+    ptrs: Sequence[int] | np.ndarray,
+    nbytes: Sequence[int] | np.ndarray,
+    file_offsets: Sequence[int] | np.ndarray,
+    device: int,
+    *,
+    checksum: bool = True,
+    zero_ranges: Sequence[tuple[int, int]] = (),
+    num_threads: int | None = None,
+    gds_path: str | None = None,
+    zip_crc: bool = False,
+    backend: str = "cuda",
+) -> np.ndarray:
+    """Reads regions of the open file `fd` into device memory: region i's `nbytes[i]`
+    bytes at `file_offsets[i]` land at device address `ptrs[i]` on CUDA device `device`.
+    Returns the CRC32C of each region (zip's CRC-32 with `zip_crc`; zeros when not
+    `checksum`), in the order given.
+    `zero_ranges` are (file_offset, nbytes) ranges that must hold zeros (FormatError
+    otherwise). `path` names the file in errors; `gds_path`, when given, lets
+    TENSORFILE_GDS read with cuFile through a second, O_DIRECT descriptor of that path.
+    The caller owns the destinations and must not use them until this returns; the
+    device's pending work is synchronised first. Regions must not overlap. Releases the
+    GIL. This is the entry point for every loader that fills CUDA memory from a file."""
+    p, n, o = _u64(ptrs), _u64(nbytes), _u64(file_offsets)
+    order = _order(o)
+    if order is not None:
+        p, n, o = p[order], n[order], o[order]
+    z = sorted((int(a), int(b)) for a, b in zero_ranges if int(b) > 0)
+    threads = _config.num_threads(num_threads)
+    if backend == "cuda":
+        _cuda.synchronize(device)
+
+    def call(gds_fd: int) -> np.ndarray:
+        return _engine.device_read_regions(
+            backend=backend,
+            device=device,
+            fd=fd,
+            ptrs=p,
+            nbytes=n,
+            file_offsets=o,
+            zero_offsets=_u64([a for a, _ in z]),
+            zero_nbytes=_u64([b for _, b in z]),
+            num_threads=threads,
+            staging_nbytes=_config.staging_nbytes(),
+            staging_buffers=_config.staging_buffers(),
+            checksum=checksum,
+            path=path,
+            gds_fd=gds_fd,
+            zip_crc=zip_crc,
+        )
+
+    crcs = _cuda.transfer(False, path, gds_path if backend == "cuda" else None, call)
+    if order is not None:
+        out = np.empty_like(crcs)
+        out[order] = crcs
+        crcs = out
+    return crcs
+
+
+def write_regions_from_device(
+    fd: int,
+    path: str,
+    ptrs: Sequence[int] | np.ndarray,
+    nbytes: Sequence[int] | np.ndarray,
+    file_offsets: Sequence[int] | np.ndarray,
+    device: int,
+    *,
+    num_threads: int | None = None,
+    gds_path: str | None = None,
+    backend: str = "cuda",
+) -> np.ndarray:
+    """Writes device memory regions to the open file `fd` (the reverse of
+    read_regions_to_device) and returns each region's CRC32C, computed from the bytes
+    written. Regions sorted by file offset, not overlapping; the file should be fresh
+    (bytes between regions are zeros or holes). Releases the GIL."""
+    threads = _config.num_threads(num_threads)
+    if backend == "cuda":
+        _cuda.synchronize(device)
+
+    def call(gds_fd: int) -> np.ndarray:
+        return _engine.device_write_regions(
+            backend=backend,
+            device=device,
+            fd=fd,
+            ptrs=_u64(ptrs),
+            nbytes=_u64(nbytes),
+            file_offsets=_u64(file_offsets),
+            num_threads=threads,
+            staging_nbytes=_config.staging_nbytes(),
+            staging_buffers=_config.staging_buffers(),
+            checksum=True,
+            path=path,
+            gds_fd=gds_fd,
+        )
+
+    return _cuda.transfer(True, path, gds_path if backend == "cuda" else None, call)
+
+
+def zero_ranges(
+    offsets: np.ndarray, nbytes: np.ndarray, begin: int, end: int
+) -> list[tuple[int, int]]:
+    """The file ranges in [begin, end) outside every storage: the format's padding."""
+    out = []
+    cursor = begin
+    for off, nb in sorted(zip(offsets.tolist(), nbytes.tolist())):
+        if off > cursor:
+            out.append((cursor, off - cursor))
+        cursor = max(cursor, off + nb)
+    if end > cursor:
+        out.append((cursor, end - cursor))
+    return out
+
+
+# --------------------------------------------------------------------------- reading storages
+
+
+def read_storages(
+    reader: Reader,
+    which: list[int] | None,
+    map_location: Any,
+    verify: bool,
+    threads: int,
+    use_mmap: bool,
+) -> dict[int, Any]:
+    """Reads storages (all when `which` is None) into fresh memory, checks them, and
+    returns {storage index: torch UntypedStorage or numpy uint8 array}; reading them all
+    onto the CPU, a _torch.Prebuilt dict where some values are their one tensor."""
+    lay = reader.layout
+    idx = list(range(len(lay.storage_kind))) if which is None else which
+    whole = which is None
+    if use_mmap:
+        raw = _map_storages(reader, idx, verify, threads, whole)
+    elif reader.src.fd is not None:
+        direct = _cuda_targets(reader, idx, map_location)
+        if direct:
+            return _read_to_cuda(reader, idx, direct, map_location, verify, threads, whole)
+        prebuild = whole and not reader.pin_memory and _torch.stays_on_cpu(lay, map_location)
+        raw = _pread_storages(reader, idx, verify, threads, whole, prebuild)
+        if prebuild:
+            return raw  # every storage's place is where it was read
+    else:
+        raw = _stream_storages(reader, idx, verify, threads, whole)
+    place = _torch.placer(lay, reader.name, map_location)
+    return {s: place(s, raw[s]) for s in idx}
+
+
+def _allocate(reader: Reader, idx: list[int], prebuild: bool = False) -> tuple[Any, np.ndarray]:
+    lay = reader.layout
+    if any(lay.storage_kind[s] == "torch" for s in idx):
+        torch = _torch.module(reader.name)
+        bufs, ptrs = _torch.allocate(torch, lay, idx, prebuild, reader.pin_memory)
+    else:
+        bufs, ptrs = {}, np.zeros(len(idx), dtype=np.uint64)
+    for j, s in enumerate(idx):
+        if lay.storage_kind[s] == "numpy":
+            bufs[s], ptrs[j] = _numpy.allocate(int(lay.storage_nbytes[s]))
+    return bufs, ptrs
+
+
+def _verify(reader: Reader, idx: list[int], ptrs: np.ndarray, threads: int, crcs: Any) -> None:
+    """Checks the stored checksums of storages `idx` now in memory at `ptrs`; `crcs` are
+    the checksums the engine computed while reading, if it did."""
+    lay = reader.layout
+    if lay.crc_kind == "none":
+        return
+    if crcs is None:
+        crcs = checksum_host(
+            ptrs, lay.storage_nbytes[idx], threads=threads, zip_crc=lay.crc_kind == "crc32"
+        )
+    check_storage_crcs(reader, idx, crcs)
+
+
+def check_storage_crcs(reader: Reader, idx: list[int], got: np.ndarray) -> None:
+    lay = reader.layout
+
+    def label(j: int) -> str:
+        s = idx[j]
+        return f"storage {s} ({', '.join(reader.storage_keys(s)[:4])})"
+
+    check_checksums(reader.name, got, lay.storage_crcs[idx], label, lay.crc_kind)
+
+
+def _data_begin(lay: Layout) -> int:
+    return int(lay.storage_offsets[0]) if len(lay.storage_offsets) else lay.file_nbytes
+
+
+def _pread_storages(
+    reader: Reader, idx: list[int], verify: bool, threads: int, whole: bool, prebuild: bool = False
+) -> dict[int, Any]:
+    """Reads storages into fresh memory; with `prebuild`, some values are already the
+    storage's one tensor (see _torch.allocate) rather than a storage."""
+    lay = reader.layout
+    bufs, ptrs = _allocate(reader, idx, prebuild)
+    fd = reader.src.fd
+    assert fd is not None
+    nbytes = lay.storage_nbytes[idx]
+    full = nbytes > 0  # empty storages have no bytes and no padding: no I/O
+    crcs = np.zeros(len(idx), dtype=np.uint32)
+    if whole:
+        advise_sequential(fd)
+    crcs[full] = read_host(
+        fd,
+        reader.name,
+        ptrs[full],
+        nbytes[full],
+        lay.storage_offsets[idx][full],
+        threads=threads,
+        checksum=verify and lay.crc_kind != "none",
+        zip_crc=lay.crc_kind == "crc32",
+        gaps=(_data_begin(lay), lay.file_nbytes) if whole and lay.canonical_gaps else None,
+        hugepages=_config.hugepages(),
+    )
+    if verify:
+        _verify(reader, idx, ptrs, threads, crcs)
+    return bufs
+
+
+def _stream_storages(
+    reader: Reader, idx: list[int], verify: bool, threads: int, whole: bool
+) -> dict[int, Any]:
+    lay, src = reader.layout, reader.src
+    bufs, ptrs = _allocate(reader, idx)
+    pad_check = whole and lay.canonical_gaps
+    cursor = min(native.data_start(lay.header_end - native.PREAMBLE_NBYTES), lay.file_nbytes)
+    for j, s in enumerate(idx):
+        off = int(lay.storage_offsets[s])
+        nb = int(lay.storage_nbytes[s])
+        if nb == 0:
+            continue
+        if off > cursor and pad_check:
+            pad = src.read(off - cursor, cursor)
+            if len(pad) != off - cursor:
+                raise FormatError(
+                    f"{reader.name}: unexpected end of file at offset {cursor} (truncated)"
+                )
+            check_padding(reader.name, pad, cursor)
+        if src.readinto(raw_view(int(ptrs[j]), nb), off) != nb:
+            raise FormatError(f"{reader.name}: unexpected end of file in storage {s} (truncated)")
+        cursor = off + nb
+    if whole and not src.seekable and src.read(1, src.consumed):
+        raise FormatError(f"{reader.name}: trailing bytes after the last storage")
+    if verify:
+        _verify(reader, idx, ptrs, threads, None)
+    return bufs
+
+
+def _map_storages(
+    reader: Reader, idx: list[int], verify: bool, threads: int, whole: bool
+) -> dict[int, Any]:
+    lay = reader.layout
+    if reader.src.fd is None:
+        raise ValueError("tensorfile.load: mmap=True needs a path, not a stream")
+    mm = _mmap.mmap(reader.src.fd, 0, access=_mmap.ACCESS_COPY)
+    mapped = np.frombuffer(mm, dtype=np.uint8)
+    if whole and lay.canonical_gaps:
+        cursor = _data_begin(lay)
+        for s in range(len(lay.storage_kind)):
+            off = int(lay.storage_offsets[s])
+            if off > cursor:
+                check_padding(reader.name, mapped[cursor:off], cursor)
+            cursor = max(cursor, off + int(lay.storage_nbytes[s]))
+    if verify and idx:
+        base = np.uint64(mapped.ctypes.data)
+        _verify(reader, idx, lay.storage_offsets[idx] + base, threads, None)
+    out: dict[int, Any] = {}
+    torch_storage = None
+    if any(lay.storage_kind[s] == "torch" for s in idx) and len(mapped):
+        torch_storage = _torch.storage_over(_torch.module(reader.name), mm)
+    for s in idx:
+        off = int(lay.storage_offsets[s])
+        nb = int(lay.storage_nbytes[s])
+        if lay.storage_kind[s] == "torch":
+            out[s] = _torch.slice_storage(_torch.module(reader.name), torch_storage, off, nb)
+        else:
+            out[s] = mapped[off : off + nb]
+    return out
+
+
+def _cuda_targets(reader: Reader, idx: list[int], map_location: Any) -> dict[int, Any]:
+    """The storages that go straight from the file to CUDA memory."""
+    lay = reader.layout
+    if not any(lay.storage_kind[s] == "torch" for s in idx):
+        return {}
+    torch = _torch.module(reader.name)
+    targets = _torch.target_devices(torch, lay.storage_device, lay.storage_kind, idx, map_location)
+    for dev in {str(d) for d in targets.values()}:
+        _torch.check_device(reader.name, torch, dev)
+    return targets
+
+
+def _read_to_cuda(
+    reader: Reader,
+    idx: list[int],
+    direct: dict[int, Any],
+    map_location: Any,
+    verify: bool,
+    threads: int,
+    whole: bool,
+) -> dict[int, Any]:
+    """Allocates each target storage on its CUDA device and fills it from the file; the
+    rest (numpy arrays, CPU tensors) is read as usual."""
+    lay = reader.layout
+    fd = reader.src.fd
+    assert fd is not None
+    torch = _torch.module(reader.name)
+    _cuda.require_runtime()
+    zeros: list[tuple[int, int]] = []
+    checksum = verify and lay.crc_kind != "none"
+    if whole and lay.canonical_gaps:
+        zeros = zero_ranges(
+            lay.storage_offsets, lay.storage_nbytes, _data_begin(lay), lay.file_nbytes
+        )
+        advise_sequential(fd)
+    out: dict[int, Any] = {}
+    by_device: dict[int, list[int]] = {}
+    for s, dev in direct.items():
+        index = _cuda.device_index(torch, dev)
+        out[s] = torch.UntypedStorage(
+            int(lay.storage_nbytes[s]), device=torch.device("cuda", index)
+        )
+        if lay.storage_nbytes[s]:
+            by_device.setdefault(index, []).append(s)
+    for index, group in sorted(by_device.items()):
+        got = read_regions_to_device(
+            fd,
+            reader.name,
+            [out[s].data_ptr() for s in group],
+            lay.storage_nbytes[group],
+            lay.storage_offsets[group],
+            index,
+            checksum=checksum,
+            zero_ranges=zeros,
+            num_threads=threads,
+            gds_path=reader.name,
+            zip_crc=lay.crc_kind == "crc32",
+        )
+        zeros = []
+        if checksum:
+            check_storage_crcs(reader, group, got)
+    if zeros:  # nothing to read, but the padding is still checked
+        index = _cuda.device_index(torch, next(iter(direct.values())))
+        read_regions_to_device(
+            fd, reader.name, [], [], [], index, zero_ranges=zeros, num_threads=threads
+        )
+    rest = [s for s in idx if s not in direct]
+    if rest:  # the padding was checked above
+        raw = _pread_storages(reader, rest, verify, threads, False)
+        place = _torch.placer(lay, reader.name, map_location)
+        out.update({s: place(s, raw[s]) for s in rest})
+    return out
+
+
+class StorageStream:
+    """Reads a reader's storages in file order through one reusable buffer, checking each
+    against the checksum the file stores for it: runs of small storages are read together
+    (checksums computed by the engine as they arrive), large ones in chunks whose
+    checksums are continued from one chunk to the next. Memory: the buffer."""
+
+    def __init__(self, reader: Reader, threads: int, chunk_nbytes: int = CHUNK_NBYTES) -> None:
+        if reader.src.fd is None:
+            raise ValueError(f"{reader.name}: pass a path (streams cannot be read this way)")
+        self.fd: int = reader.src.fd
+        self.reader = reader
+        self.lay = reader.layout
+        self.threads = threads
+        self.chunk = chunk_nbytes
+        self.buf = np.empty(chunk_nbytes, dtype=np.uint8)
+        self.base = self.buf.ctypes.data
+        self.kind = self.lay.crc_kind
+        self.zip = self.kind == "crc32"
+
+    def _check(self, s: int, got: int) -> None:
+        if self.kind != "none":
+            check_storage_crcs(self.reader, [s], np.array([got], dtype=np.uint32))
+
+    def batches(self, which: list[int]) -> Iterator[tuple[list[int], list[int]]]:
+        """Groups storages `which` (sorted by file offset) into runs that fit the buffer;
+        yields (storages, their offsets in the buffer); a storage larger than the buffer
+        comes alone with offsets [-1]: read it with `chunks`."""
+        nbytes = self.lay.storage_nbytes
+        i = 0
+        while i < len(which):
+            s = which[i]
+            if int(nbytes[s]) > self.chunk:
+                yield [s], [-1]
+                i += 1
+                continue
+            run: list[int] = []
+            at: list[int] = []
+            used = 0
+            while i < len(which) and int(nbytes[which[i]]) <= self.chunk - used:
+                run.append(which[i])
+                at.append(used)
+                used += -(-int(nbytes[which[i]]) // 64) * 64  # keep every start 64-byte aligned
+                i += 1
+            yield run, at
+
+    def read(self, run: list[int], at: list[int], gap_end: int | None) -> None:
+        """Reads a run into the buffer and checks its checksums; with `gap_end`, also that
+        every byte between the run's storages and up to `gap_end` is zero padding."""
+        lay = self.lay
+        nb = lay.storage_nbytes[run]
+        full = nb > 0
+        if not full.any() and gap_end is None:
+            return
+        ptrs = _u64(at) + np.uint64(self.base)
+        crcs = np.zeros(len(run), dtype=np.uint32)
+        offs = lay.storage_offsets[run]
+        if full.any():
+            crcs[full] = read_host(
+                self.fd,
+                self.reader.name,
+                ptrs[full],
+                nb[full],
+                offs[full],
+                threads=self.threads,
+                checksum=self.kind != "none",
+                zip_crc=self.zip,
+                gaps=(int(offs[0]), gap_end) if gap_end is not None else None,
+            )
+        for s, c in zip(run, crcs.tolist()):
+            if int(lay.storage_nbytes[s]):
+                self._check(s, c)
+
+    def chunks(self, s: int) -> Iterator[tuple[int, memoryview]]:
+        """(offset in the storage, bytes) of a large storage, chunk by chunk; its checksum
+        is checked after the last chunk."""
+        nb = int(self.lay.storage_nbytes[s])
+        off = int(self.lay.storage_offsets[s])
+        crc = 0
+        for k in range(0, nb, self.chunk):
+            n = min(self.chunk, nb - k)
+            read_host(self.fd, self.reader.name, [self.base], [n], [off + k], threads=self.threads)
+            view = memoryview(self.buf.data)[:n]
+            if self.kind != "none":
+                crc = _engine.crc32_zip(view, crc) if self.zip else _engine.crc32c(view, crc)
+            yield k, view
+        self._check(s, crc)
+
+    def tensor_view(self, i: int, at: int) -> np.ndarray:
+        """Tensor i's bytes, as a uint8 numpy view of the buffer with the tensor's strides
+        in bytes and an extra last axis for the element's bytes."""
+        return _numpy.byte_view(self.lay.tensors[i], self.buf, at)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save(
+    obj: Any,
+    f: FileLike,
+    *,
+    durable: bool,
+    num_threads: int | None,
+    metadata: dict[str, str] | None,
+    saved_from: dict[int, str] | None = None,
+) -> None:
+    """A save, its arguments checked: plan, encode, write. Call with the collector paused.
+    `saved_from` maps id(tensor) to the device to record for its storage, for copies that
+    stand in for tensors elsewhere (async_save's snapshots of CUDA tensors)."""
+    plan, header, crc_pos = plan_and_encode(obj, metadata, saved_from)
+    total = native.file_nbytes(len(header), plan.offsets, plan.nbytes)
+    threads = _config.num_threads(num_threads)
+    if isinstance(f, (str, os.PathLike)):
+        _write_path(os.fspath(f), plan, header, crc_pos, total, threads, durable)
+    else:
+        _write_stream(f, plan, header, crc_pos, total, threads)
+
+
+def _write_path(
+    path: str,
+    plan: SavePlan,
+    header: bytearray,
+    crc_pos: int,
+    total: int,
+    threads: int,
+    durable: bool,
+) -> None:
+    base = np.uint64(native.data_start(len(header)))
+    with atomic_file(path, total, durable) as fd:
+        crcs = write_storages(
+            fd,
+            path,
+            f"/proc/self/fd/{fd}",
+            plan.devices,
+            plan.ptrs,
+            plan.nbytes,
+            plan.offsets + base,
+            threads,
+            writeback=durable,
+        )
+        native.set_checksums(header, crc_pos, crcs)
+        head = native.make_preamble(header, total) + bytes(header)
+        phase("header")
+        pwrite_all(fd, head, 0)
+
+
+def write_storages(
+    fd: int,
+    path: str,
+    gds_path: str,
+    devices: Sequence[str],
+    ptrs: np.ndarray,
+    nbytes: np.ndarray,
+    file_offsets: np.ndarray,
+    threads: int,
+    writeback: bool = False,
+) -> np.ndarray:
+    """Writes a save plan's storages, host ones with the engine's write_regions and CUDA
+    ones through the staging pipeline, device by device; returns every CRC32C. Empty
+    storages have no bytes and CRC 0. `gds_path` opens the same file again for cuFile
+    (e.g. /proc/self/fd/N). `writeback` (for a save that fsyncs) starts the disk write
+    of host bytes as they are written."""
+    crcs = np.zeros(len(nbytes), dtype=np.uint32)
+    dev = np.array(devices, dtype=object)
+    full = nbytes > 0
+    host = full & (dev == "cpu")
+    if host.any():
+        crcs[host] = write_host(
+            fd,
+            path,
+            ptrs[host],
+            nbytes[host],
+            file_offsets[host],
+            threads=threads,
+            writeback=writeback,
+        )
+    for name in sorted(set(devices) - {"cpu"}):
+        mask = full & (dev == name)
+        if not mask.any():
+            continue
+        _cuda.require_runtime(f"to save {name} tensors")
+        crcs[mask] = write_regions_from_device(
+            fd,
+            path,
+            ptrs[mask],
+            nbytes[mask],
+            file_offsets[mask],
+            _cuda.saved_index(name),
+            num_threads=threads,
+            gds_path=gds_path,
+        )
+    return crcs
+
+
+def _write_stream(
+    f: IO[bytes], plan: SavePlan, header: bytearray, crc_pos: int, total: int, threads: int
+) -> None:
+    if not hasattr(f, "write"):
+        raise TypeError(
+            f"tensorfile.save: f must be a path or a writable binary file object, got {type(f).__name__}"
+        )
+    ptrs, _host = _torch.host_copies(plan.devices, plan.ptrs, plan.nbytes, plan.keepalive)
+    crcs = checksum_host(ptrs, plan.nbytes, threads=threads)
+    native.set_checksums(header, crc_pos, crcs)
+    base = native.data_start(len(header))
+    f.write(native.make_preamble(header, total))
+    f.write(bytes(header))
+    cursor = native.PREAMBLE_NBYTES + len(header)
+    zeros = bytes(native.ALIGN)
+    # The header (with the checksums) goes first in a stream, so each chunk is copied and
+    # checked against them again before it is written: a tensor changed by another thread
+    # during the save makes it fail instead of writing a file that does not load.
+    bounce = np.empty(min(_STREAM_CHUNK, int(plan.nbytes.max(initial=0))), dtype=np.uint8)
+    for s, (ptr, nb, off) in enumerate(
+        zip(ptrs.tolist(), plan.nbytes.tolist(), plan.offsets.tolist())
+    ):
+        if nb == 0:
+            continue
+        at = base + off
+        if at > cursor:
+            f.write(zeros[: at - cursor])
+        crc = 0
+        for k in range(0, nb, len(bounce)):
+            n = min(len(bounce), nb - k)
+            chunk = bounce[:n]
+            ctypes.memmove(chunk.ctypes.data, ptr + k, n)
+            crc = _engine.crc32c(chunk, crc)
+            f.write(chunk.data)
+        if crc != int(crcs[s]):
+            raise RuntimeError(
+                f"tensorfile.save: storage {s} changed while it was being written to the stream; "
+                "the stream holds a damaged file. Save from a snapshot (tensorfile.async_save takes "
+                "one) or stop other threads from changing the tensors during the save"
+            )
+        cursor = at + nb
+
+
+def write_file(
+    path: str, total: int, head: bytes, regions: Any, *, durable: bool, threads: int
+) -> None:
+    """Writes `head` at offset 0 and host regions (ptrs, nbytes, file_offsets; sorted,
+    disjoint, non-empty) to `path`, atomically; for formats without checksums."""
+    ptrs, nbytes, offsets = regions
+    with atomic_file(path, total, durable) as fd:
+        if len(ptrs):
+            write_host(
+                fd, path, ptrs, nbytes, offsets, threads=threads, checksum=False, writeback=durable
+            )
+        pwrite_all(fd, head, 0)

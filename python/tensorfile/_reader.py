@@ -1,0 +1,192 @@
+"""One reader over a file's layout, whatever its format: opens the file with the parser
+its first bytes call for, names its tensors by key path, reads storages through _io and
+rebuilds tensors and the object graph."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from . import _io, _numpy, _torch
+from ._errors import FormatError
+from ._files import FileLike, Source
+from ._layout import Layout, TensorRow
+from ._tree import Builder, key_index, no_gc
+from .formats import native, safetensors, sniff, torchzip
+
+
+def open_reader(f: FileLike, verify: bool = True) -> Reader:
+    """Opens `f` (a path or a binary stream) with the parser its first bytes call for: a
+    tensorfile, a torch.save zip or a safetensors file (the file's name plays no part)."""
+    src = Source(f)
+    try:
+        head = src.read(native.PREAMBLE_NBYTES, 0)
+        kind = sniff(head)
+        if kind == "torch.save":
+            return Reader(src, _torch_layout(src))
+        if kind == "safetensors":
+            return Reader(src, _safetensors_layout(src, head))
+        if kind == "pickle":
+            raise FormatError(
+                f"{src.name}: this looks like a pickle: a legacy (before PyTorch 1.6) torch.save "
+                "file or a plain pickle, which tensorfile does not load; re-save it with a current torch.save"
+            )
+        layout, pad = native.read_layout(src.read, src.nbytes, head, src.name, verify)
+        _io.check_padding(src.name, pad, layout.header_end)
+        return Reader(src, layout)
+    except BaseException:
+        src.close()
+        raise
+
+
+def _torch_layout(src: Source) -> Layout:
+    if not src.seekable or src.nbytes is None:
+        raise ValueError(
+            f"{src.name}: a torch.save zip file is read from its end; pass a path or a seekable stream"
+        )
+    torch = _torch.module(src.name)
+
+    def gather(offsets: list[int], sizes: list[int]) -> bytes:
+        return _io.gather(src, src.name, offsets, sizes)
+
+    archive = torchzip.open_archive(src.read, src.nbytes, torch, src.name, gather)
+    return torchzip.layout(archive, torch, src.name, src.nbytes)
+
+
+def _safetensors_layout(src: Source, head: bytes) -> Layout:
+    def read(nbytes: int, offset: int) -> bytes:
+        # the first bytes were read already (a pipe cannot give them again)
+        if offset + nbytes <= len(head):
+            return head[offset : offset + nbytes]
+        if offset < len(head):
+            return head[offset:] + src.read(offset + nbytes - len(head), len(head))
+        return src.read(nbytes, offset)
+
+    as_numpy = False
+    if sys.modules.get("torch") is None:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            as_numpy = True
+    return safetensors.parse(head, read, src.nbytes, src.name, as_numpy)
+
+
+class Reader:
+    """An open, validated file: the layout is trusted, storages are read on demand."""
+
+    pin_memory = False  # CPU torch storages in pinned memory (load(pin_memory=True))
+
+    def __init__(self, src: Source, layout: Layout) -> None:
+        self.src = src
+        self.layout = layout
+        self.name = src.name
+        self._keys: dict[str, int] | None = None
+        self.ambiguous: set[str] = set()
+
+    @property
+    def format(self) -> str:
+        return self.layout.format
+
+    @property
+    def version(self) -> str:
+        return self.layout.version
+
+    @property
+    def header_nbytes(self) -> int:
+        return self.layout.header_nbytes
+
+    # Key paths -----------------------------------------------------------------
+    def key_index(self) -> dict[str, int]:
+        """{key path: tensor row} of every reference to a tensor; `ambiguous` holds the
+        paths that name more than one tensor."""
+        if self._keys is None:
+            archive = self.layout.archive
+            if archive is None:
+                with no_gc():
+                    self._keys, self.ambiguous = key_index(self.layout.tree)
+            else:
+                keys: dict[str, int] = {}
+
+                def visit(path: str, rec: torchzip.TensorRecord) -> None:
+                    if keys.setdefault(path, rec.index) != rec.index:
+                        self.ambiguous.add(path)
+
+                torchzip.walk_records(archive.root, visit)
+                self._keys = keys
+        return self._keys
+
+    def storage_keys(self, s: int) -> list[str]:
+        by_tensor: dict[int, str] = {}
+        for path, i in self.key_index().items():
+            by_tensor.setdefault(i, path)
+        return [by_tensor.get(i, f"tensor {i}") for i in self.layout.storage_tensors[s]]
+
+    # Storages and objects ------------------------------------------------------
+    def read_storages(
+        self, which: list[int] | None, map_location: Any, verify: bool, threads: int, use_mmap: bool
+    ) -> dict[int, Any]:
+        """Storages `which` (all when None), read and checked; see _io.read_storages."""
+        return _io.read_storages(self, which, map_location, verify, threads, use_mmap)
+
+    def build_tensor(
+        self,
+        i: int,
+        storages: dict[int, Any],
+        cache: dict[int, Any] | None = None,
+        row: TensorRow | None = None,
+    ) -> Any:
+        """Tensor row i over its storage (`row`: that row, when the caller has it)."""
+        if cache is not None and i in cache:
+            return cache[i]
+        if row is None:
+            row = self.layout.tensors[i]
+        storage = storages[row.storage]
+        if row.kind == "numpy":
+            out = _numpy.view(row, storage)
+            if row.dtype == "bool":
+                _io.check_bool_bytes(self.name, i, out.view("uint8"))
+        else:
+            torch = _torch.module(self.name)
+            if row.storage in getattr(storages, "prebuilt", ()):
+                # allocated with its shape before the read
+                out = _torch.with_flags(torch, storage, row.flags)
+            else:
+                if row.dtype == "bool":
+                    _io.check_bool_bytes(self.name, i, _torch.raw_bytes(torch, row, storage))
+                out = _torch.view(torch, row, storage)
+            archive = self.layout.archive
+            if archive is not None and archive.records[i].meta:
+                torch._utils.set_tensor_metadata(out, archive.records[i].meta)
+        if cache is not None:
+            cache[i] = out
+        return out
+
+    def build(self, storages: dict[int, Any]) -> Any:
+        """The file's object graph over `storages` (all of them)."""
+        archive = self.layout.archive
+        if archive is not None:
+            cache: dict[int, Any] = {}
+            n = len(self.layout.tensors)
+            return torchzip.substitute(
+                archive.root, [self.build_tensor(i, storages, cache) for i in range(n)]
+            )
+        # Every row is referenced by the tree (the header guarantees it): build them all
+        # in one pass, taking tensors allocated before the read as they are.
+        tensors: list[Any] = []
+        append = tensors.append
+        prebuilt = getattr(storages, "prebuilt", ())
+        for i, row in enumerate(self.layout.tensors):
+            if row.flags == 0 and row.storage in prebuilt:
+                append(storages[row.storage])
+            else:
+                append(self.build_tensor(i, storages, row=row))
+        return Builder(lambda tag, i: tensors[i], tensors).build(self.layout.tree)
+
+    def close(self) -> None:
+        self.src.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
