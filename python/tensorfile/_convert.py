@@ -8,25 +8,121 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from . import _config, _engine, _files, _io, api
+from . import _config, _engine, _files, _io, _numpy, api
 from ._dtypes import ITEMSIZE
 from ._errors import FormatError
-from ._io import StorageStream
 from ._layout import Layout
 from ._reader import Reader, open_reader
 from ._tree import Builder, Flattener, decode_key_for_path, no_gc
 from .formats import native, safetensors, torchzip
+
+CHUNK_NBYTES = 64 << 20  # the streaming buffer; memory use is about this plus one tensor
 
 Progress = Callable[[int], None]
 
 
 def _nothing(_: int) -> None:
     pass
+
+
+class StorageStream:
+    """Reads a reader's storages in file order through one reusable buffer, checking each
+    against the checksum the file stores for it: runs of small storages are read together
+    (checksums computed by the engine as they arrive), large ones in chunks whose
+    checksums are continued from one chunk to the next. Memory: the buffer."""
+
+    def __init__(self, reader: Reader, threads: int, chunk_nbytes: int = CHUNK_NBYTES) -> None:
+        if reader.src.fd is None:
+            raise ValueError(f"{reader.name}: pass a path (streams cannot be read this way)")
+        self.fd: int = reader.src.fd
+        self.reader = reader
+        self.lay = reader.layout
+        self.threads = threads
+        self.chunk = chunk_nbytes
+        self.buf = np.empty(chunk_nbytes, dtype=np.uint8)
+        self.base = self.buf.ctypes.data
+        self.kind = self.lay.crc_kind
+        self.zip = self.kind == "crc32"
+
+    def _check(self, s: int, got: int) -> None:
+        if self.kind != "none":
+            _io.check_storage_crcs(self.reader, [s], np.array([got], dtype=np.uint32))
+
+    def batches(self, which: list[int]) -> Iterator[tuple[list[int], list[int]]]:
+        """Groups storages `which` (sorted by file offset) into runs that fit the buffer;
+        yields (storages, their offsets in the buffer); a storage larger than the buffer
+        comes alone with offsets [-1]: read it with `chunks`."""
+        nbytes = self.lay.storage_nbytes
+        i = 0
+        while i < len(which):
+            s = which[i]
+            if int(nbytes[s]) > self.chunk:
+                yield [s], [-1]
+                i += 1
+                continue
+            run: list[int] = []
+            at: list[int] = []
+            used = 0
+            while i < len(which) and int(nbytes[which[i]]) <= self.chunk - used:
+                run.append(which[i])
+                at.append(used)
+                used += -(-int(nbytes[which[i]]) // 64) * 64  # keep every start 64-byte aligned
+                i += 1
+            yield run, at
+
+    def read(self, run: list[int], at: list[int], gap_end: int | None) -> None:
+        """Reads a run into the buffer and checks its checksums; with `gap_end`, also that
+        every byte between the run's storages and up to `gap_end` is zero padding."""
+        lay = self.lay
+        nb = lay.storage_nbytes[run]
+        full = nb > 0
+        if not full.any() and gap_end is None:
+            return
+        ptrs = np.asarray(at, dtype=np.uint64) + np.uint64(self.base)
+        crcs = np.zeros(len(run), dtype=np.uint32)
+        offs = lay.storage_offsets[run]
+        if full.any():
+            crcs[full] = _io.read_host(
+                self.fd,
+                self.reader.name,
+                ptrs[full],
+                nb[full],
+                offs[full],
+                threads=self.threads,
+                checksum=self.kind != "none",
+                zip_crc=self.zip,
+                gaps=(int(offs[0]), gap_end) if gap_end is not None else None,
+            )
+        for s, c in zip(run, crcs.tolist()):
+            if int(lay.storage_nbytes[s]):
+                self._check(s, c)
+
+    def chunks(self, s: int) -> Iterator[tuple[int, memoryview]]:
+        """(offset in the storage, bytes) of a large storage, chunk by chunk; its checksum
+        is checked after the last chunk."""
+        nb = int(self.lay.storage_nbytes[s])
+        off = int(self.lay.storage_offsets[s])
+        crc = 0
+        for k in range(0, nb, self.chunk):
+            n = min(self.chunk, nb - k)
+            _io.read_host(
+                self.fd, self.reader.name, [self.base], [n], [off + k], threads=self.threads
+            )
+            view = memoryview(self.buf.data)[:n]
+            if self.kind != "none":
+                crc = _engine.crc32_zip(view, crc) if self.zip else _engine.crc32c(view, crc)
+            yield k, view
+        self._check(s, crc)
+
+    def tensor_view(self, i: int, at: int) -> np.ndarray:
+        """Tensor i's bytes, as a uint8 numpy view of the buffer with the tensor's strides
+        in bytes and an extra last axis for the element's bytes."""
+        return _numpy.byte_view(self.lay.tensors[i], self.buf, at)
 
 
 def _gap_end(reader: Reader, order: list[int], nxt: int) -> int | None:
