@@ -215,6 +215,11 @@ def _to_native(reader: Reader, out: str, stream: StorageStream, progress: Progre
         row = lay.tensors[i]
         if row.kind == "torch" and row.dtype not in ITEMSIZE["torch"]:
             raise FormatError(f"{reader.name}: dtype {row.dtype} cannot be written")
+        if len(row.shape) > native.MAX_NDIM:
+            raise ValueError(
+                f"{reader.name}: tensor {i} has {len(row.shape)} dimensions; a tensorfile holds "
+                f"at most {native.MAX_NDIM}, so it cannot be converted to one"
+            )
         rows.append(row._replace(storage=new_index[row.storage]))
     sizes = [int(lay.storage_nbytes[s]) for s in used]
     offs = native.storage_offsets(sizes)

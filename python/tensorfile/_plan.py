@@ -186,7 +186,20 @@ def plan_save(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> S
     """Groups leaves by the memory they share and lays the storages out. Storages of
     torch tensors keep torch's sharing (one storage, one region); numpy arrays share a
     region when their bytes overlap. Only the span of a storage that some tensor
-    references is written. Torch storages come first, in order of first use."""
+    references is written. Torch storages come first, in order of first use. A tensor
+    with more dimensions than the format holds is refused (never write what the reader
+    refuses)."""
+    plan = _plan_leaves(leaves, error_at)
+    ndim = plan.table.ndim
+    if len(ndim) and int(ndim.max()) > native.MAX_NDIM:
+        i = int(np.argmax(ndim > native.MAX_NDIM))
+        raise error_at(
+            i, f"it has {int(ndim[i])} dimensions; the format holds at most {native.MAX_NDIM}"
+        )
+    return plan
+
+
+def _plan_leaves(leaves: list[Any], error_at: Callable[[int, str], TypeError]) -> SavePlan:
     torch = sys.modules.get("torch")
     everything = list(range(len(leaves)))
     if torch is None or not leaves:
