@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tensorfile import _bench
+from tensorfile.benchmarks import harness as _bench
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 TARGET_NAMES = [
@@ -352,7 +352,7 @@ def test_plan_interleaves_and_rotates_systems(tmp_path: Path) -> None:
 
 
 def test_checkpoint_workload_is_a_training_checkpoint() -> None:
-    from tensorfile import _workloads
+    from tensorfile.benchmarks import workloads as _workloads
 
     # about 500 MB at the default size: the model and its two Adam moments
     full = _workloads.describe("checkpoint", 1024, 20000)
@@ -378,7 +378,7 @@ def test_fork_safe_workloads_hold_plain_tensors_like_a_state_dict(dtype) -> None
     a model's state dict holds: torch's own allocations, not views of numpy arrays (a
     view is slower for every system to read metadata from)."""
     import torch
-    from tensorfile import _workloads
+    from tensorfile.benchmarks import workloads as _workloads
 
     shapes = _workloads.small_shapes(30) + _workloads.transformer_shapes(1 << 20)
     built = _workloads.build(shapes, dtype, fork_safe=True)

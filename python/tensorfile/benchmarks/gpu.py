@@ -112,7 +112,7 @@ def _drop(obj: Any) -> None:
 
 
 def evict(path: str) -> None:
-    from tensorfile._workloads import evict as drop
+    from tensorfile.benchmarks.workloads import evict as drop
 
     drop(path)
 
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorfile
     from tensorfile import _engine
-    from tensorfile._workloads import payload_nbytes, transformer_shapes
+    from tensorfile.benchmarks.workloads import payload_nbytes, transformer_shapes
 
     os.makedirs(args.dir, exist_ok=True)
     b = Bench(args)

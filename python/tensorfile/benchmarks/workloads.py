@@ -289,7 +289,7 @@ def evict(path: str) -> None:
 def make_durable(path: str) -> None:
     """What tensorfile's durable=True promises, for the peers: the file's bytes and its
     directory entry on disk."""
-    from ._files import fsync_dir
+    from .._files import fsync_dir
 
     fsync_file(path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))

@@ -16,7 +16,7 @@ import tempfile
 import time
 from typing import Any, Callable, NoReturn
 
-from . import _workloads
+from .workloads import WORKLOADS, describe
 
 # The peers first in the order of the table; tensorfile is the system under test.
 SYSTEMS = (
@@ -166,7 +166,7 @@ def _version(dist: str) -> str:
 
 
 def machine(directory: str) -> dict[str, Any]:
-    from . import __version__
+    from .. import __version__
 
     try:
         usable = len(os.sched_getaffinity(0))
@@ -265,7 +265,7 @@ def _workload_list(
             }
         )
     for entry in out:
-        entry.update(_workloads.describe(entry["base"], entry["size_mb"], small_count))
+        entry.update(describe(entry["base"], entry["size_mb"], small_count))
     # Tiny sizes round up to the smallest model: measure each payload once.
     seen: set[int] = set()
     kept = []
@@ -375,7 +375,7 @@ def _serve(
     workdir: str,
     progress: Callable[[int, int, str], None] | None,
 ) -> list[dict[str, Any]]:
-    """Runs the jobs in one fork server (`_bench_worker`) and returns one entry per job;
+    """Runs the jobs in one fork server (`worker`) and returns one entry per job;
     a job the server never reported gets an error saying why."""
     jobs_path = os.path.join(workdir, "jobs.json")
     results_path = os.path.join(workdir, "results.jsonl")
@@ -386,7 +386,7 @@ def _serve(
         json.dump({"jobs": wire, "systems": systems, "cores": cores}, f)
     with open(stderr_path, "w") as err:
         with subprocess.Popen(
-            [sys.executable, "-m", "tensorfile._bench_worker", jobs_path, results_path],
+            [sys.executable, "-m", "tensorfile.benchmarks.worker", jobs_path, results_path],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -435,11 +435,11 @@ def run(
     reruns tensorfile's durable save and loads with each thread count; None means 1, 2,
     4, ... up to the core count."""
     systems = list(systems or SYSTEMS)
-    wanted = list(workloads or _workloads.WORKLOADS)
+    wanted = list(workloads or WORKLOADS)
     for w in wanted:
-        if w not in _workloads.WORKLOADS:
+        if w not in WORKLOADS:
             raise ValueError(
-                f"unknown workload {w!r}; expected one of {', '.join(_workloads.WORKLOADS)}"
+                f"unknown workload {w!r}; expected one of {', '.join(WORKLOADS)}"
             )
     for s in systems:
         if s not in SYSTEMS:
@@ -949,9 +949,9 @@ def main(argv: list[str] | None = None, prog: str = "tensorfile bench") -> int:
     targets, writes the JSON and the PNG. Returns the exit status. `dcp` as the first
     argument runs the 2-rank torch.distributed.checkpoint benchmark instead."""
     if argv and argv[0] == "dcp":
-        from . import _bench_dcp
+        from . import dcp
 
-        return _bench_dcp.main(argv[1:], prog=f"{prog} dcp")
+        return dcp.main(argv[1:], prog=f"{prog} dcp")
     p = _Parser(
         prog=prog,
         description="Measure tensorfile against the raw I/O limits of this machine and its peers "
@@ -998,7 +998,7 @@ def main(argv: list[str] | None = None, prog: str = "tensorfile bench") -> int:
     p.add_argument(
         "--workloads",
         default=None,
-        help=f"comma-separated subset of {','.join(_workloads.WORKLOADS)}",
+        help=f"comma-separated subset of {','.join(WORKLOADS)}",
     )
     p.add_argument(
         "--sweep-sizes",
@@ -1050,7 +1050,7 @@ def main(argv: list[str] | None = None, prog: str = "tensorfile bench") -> int:
     if a.directory is not None and os.path.exists(a.directory) and not os.path.isdir(a.directory):
         p.error(f"--dir {a.directory}: not a directory")
     systems = _names(p, a.systems, SYSTEMS, "system")
-    workloads = _names(p, a.workloads, _workloads.WORKLOADS, "workload")
+    workloads = _names(p, a.workloads, WORKLOADS, "workload")
 
     bar = None
     if sys.stderr.isatty():

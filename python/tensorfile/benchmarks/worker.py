@@ -16,8 +16,8 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from . import _workloads
-from ._workloads import evict, files_of, fsync_file, make_durable, tensors_in
+from . import workloads
+from .workloads import evict, files_of, fsync_file, make_durable, tensors_in
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _CHUNK = 64 << 20  # one large write or read per call, as a tuned copy loop would do
@@ -381,7 +381,7 @@ def payload_for(job: dict[str, Any]) -> Any:
     """The object to save: the server's, or (outside the server) a freshly built one."""
     if _PAYLOAD.get("key") == _payload_key(job):
         return _PAYLOAD["obj"]
-    return _workloads.build_workload(job["workload"], job["size_mb"], job["small_count"])
+    return workloads.build_workload(job["workload"], job["size_mb"], job["small_count"])
 
 
 def _hold_payload(job: dict[str, Any] | None) -> None:
@@ -394,7 +394,7 @@ def _hold_payload(job: dict[str, Any] | None) -> None:
     gc.collect()
     _trim()
     if job is not None:
-        _PAYLOAD["obj"] = _workloads.build_workload(
+        _PAYLOAD["obj"] = workloads.build_workload(
             job["workload"], job["size_mb"], job["small_count"], fork_safe=True
         )
         _PAYLOAD["key"] = key
@@ -614,7 +614,7 @@ def run_system(job: dict[str, Any], fns: dict[str, Callable[..., Any]]) -> dict[
         if job["system"] == "dcp":
             # DCP loads in place: the caller allocates the destination (fresh, untouched
             # memory, as every other load allocates its own) inside the timing.
-            template = _workloads.build_workload(
+            template = workloads.build_workload(
                 job["workload"], job["size_mb"], job["small_count"], empty=True
             )
         obj = fns["load"](path, threads, template)
