@@ -112,7 +112,7 @@ def _drop(obj: Any) -> None:
 
 
 def evict(path: str) -> None:
-    from tensorfile.benchmarks.workloads import evict as drop
+    from tensorfile.benchmarks.rawio import evict as drop
 
     drop(path)
 

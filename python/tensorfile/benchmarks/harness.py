@@ -16,6 +16,7 @@ import tempfile
 import time
 from typing import Any, Callable, NoReturn
 
+from .rawio import filesystem, thread_counts
 from .workloads import WORKLOADS, describe
 
 # The peers first in the order of the table; tensorfile is the system under test.
@@ -132,30 +133,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _filesystem(path: str) -> dict[str, Any]:
-    """The mount holding `path`: device, type and free space."""
-    real = os.path.realpath(path)
-    best = ("?", "?", "/")
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                dev, mnt, fstype = line.split()[:3]
-                mnt = mnt.replace("\\040", " ")
-                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
-                    best[2]
-                ):
-                    best = (dev, fstype, mnt)
-    except OSError:
-        pass
-    st = os.statvfs(real)
-    return {
-        "device": best[0],
-        "type": best[1],
-        "mount": best[2],
-        "free_gib": st.f_bavail * st.f_frsize / (1 << 30),
-    }
-
-
 def _version(dist: str) -> str:
     from importlib import metadata
 
@@ -179,7 +156,7 @@ def machine(directory: str) -> dict[str, Any]:
         "memory_gib": _meminfo_gib(),
         "kernel": platform.release(),
         "bench_dir": os.path.abspath(directory),
-        "filesystem": _filesystem(directory),
+        "filesystem": filesystem(directory),
         "python": platform.python_version(),
         "torch": _version("torch"),
         "numpy": _version("numpy"),
@@ -212,16 +189,6 @@ def installed(name: str) -> bool:
         return importlib.util.find_spec(_MODULE[name]) is not None
     except (ImportError, ValueError):
         return False
-
-
-def thread_counts(cores: int) -> list[int]:
-    """1, 2, 4, ... and the core count itself: the thread sweep and the limits' threads."""
-    out = {cores}
-    n = 1
-    while n < cores:
-        out.add(n)
-        n *= 2
-    return sorted(out)
 
 
 def parse_size(text: str) -> float:
@@ -438,9 +405,7 @@ def run(
     wanted = list(workloads or WORKLOADS)
     for w in wanted:
         if w not in WORKLOADS:
-            raise ValueError(
-                f"unknown workload {w!r}; expected one of {', '.join(WORKLOADS)}"
-            )
+            raise ValueError(f"unknown workload {w!r}; expected one of {', '.join(WORKLOADS)}")
     for s in systems:
         if s not in SYSTEMS:
             raise ValueError(f"unknown system {s!r}; expected one of {', '.join(SYSTEMS)}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
@@ -257,39 +256,3 @@ def tensors_in(obj: Any) -> list[Any]:
         elif hasattr(x, "data_ptr") and hasattr(x, "element_size"):
             out.append(x)
     return out
-
-
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def files_of(path: str) -> list[str]:
-    """The file, or every file under the directory (torch.distributed.checkpoint writes one)."""
-    if not os.path.isdir(path):
-        return [path]
-    return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-
-
-def evict(path: str) -> None:
-    """Drops the pages of a file, or of every file under a directory, from the page
-    cache, for a cold read; fsync first because dirty pages stay."""
-    for p in files_of(path):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def make_durable(path: str) -> None:
-    """What tensorfile's durable=True promises, for the peers: the file's bytes and its
-    directory entry on disk."""
-    from .._files import fsync_dir
-
-    fsync_file(path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
