@@ -593,18 +593,53 @@ def _gbps(rows: dict[tuple[str, str, str], dict[str, Any]], w: str, s: str, m: s
     return r["gbps"] if r else None
 
 
+# How a target's check compares its value with its bar.
+COMPARE: dict[str, Callable[[float, float], bool]] = {
+    ">=": lambda value, bar: value >= bar,
+    "<=": lambda value, bar: value <= bar,
+    "<": lambda value, bar: value < bar,
+}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _check(what: str, value: float | None, op: str, bar: float) -> dict[str, Any]:
+    return {"what": what, "value": value, "op": op, "bar": bar}
+
+
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of the requirement with its figures and met (True), missed (False) or
-    not measured (None). Targets read from the main workloads, not the sweeps. RSS
-    targets are read as growth over the child's baseline (the interpreter with torch
-    imported, and for saves the payload already built)."""
+    """Each target of the requirement on each workload it reads, with its checks (the
+    value computed from the rows, the comparison and the bar), its figures as text, and
+    met: True when every check holds, False when one fails, None when a value is not
+    measured. `key` names the target across workloads and runs; `target` is its title.
+    Targets read from the main workloads, not the sweeps. RSS targets are read as growth
+    over the child's baseline (the interpreter with torch imported, and for saves the
+    payload already built)."""
     rows = {(r["workload"], r["system"], r["measure"]): r for r in report["results"]}
     present = {w["name"] for w in report["workloads"]}
     payload = {w["name"]: w["payload_bytes"] for w in report["workloads"]}
+    count = {w["name"]: w["tensors"] for w in report["workloads"]}
     out: list[dict[str, Any]] = []
 
-    def add(target: str, workload: str, met: bool | None, figures: str) -> None:
-        out.append({"target": target, "workload": workload, "met": met, "figures": figures})
+    def add(
+        key: str, target: str, workload: str, checks: list[dict[str, Any]], figures: str
+    ) -> None:
+        if any(c["value"] is None for c in checks):
+            met = None
+        else:
+            met = all(COMPARE[c["op"]](c["value"], c["bar"]) for c in checks)
+        out.append(
+            {
+                "key": key,
+                "target": target,
+                "workload": workload,
+                "met": met,
+                "checks": checks,
+                "figures": figures,
+            }
+        )
 
     def fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
         return "-" if x is None else f"{x:{spec}}{suffix}"
@@ -620,33 +655,40 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             x for x in (_gbps(rows, w, p, "save_durable") for p in ("torch", "safetensors")) if x
         ]
         best = max(peers) if peers else None
-        ok = tf / lim >= 0.9 and tf / best >= 1.3 if tf and lim and best else None
+        vs_lim, vs_best = _ratio(tf, lim), _ratio(tf, best)
         add(
+            "save_durable",
             "durable save >= 0.9x raw write+fsync and >= 1.3x best of torch.save/safetensors (+fsync)",
             w,
-            ok,
-            f"tensorfile {fmt(tf)} GB/s, raw {fmt(lim)} GB/s ({fmt(tf / lim if tf and lim else None)}x), "
-            f"best of torch/safetensors {fmt(best)} GB/s ({fmt(tf / best if tf and best else None)}x)",
+            [
+                _check("vs raw write+fsync", vs_lim, ">=", 0.9),
+                _check("vs best of torch.save/safetensors", vs_best, ">=", 1.3),
+            ],
+            f"tensorfile {fmt(tf)} GB/s, raw {fmt(lim)} GB/s ({fmt(vs_lim)}x), "
+            f"best of torch/safetensors {fmt(best)} GB/s ({fmt(vs_best)}x)",
         )
     if "small-fp32" in present:
         w = "small-fp32"
         for m, what in (("save_durable", "durable save"), ("load_hot", "load")):
             tf, pt = _gbps(rows, w, "tensorfile", m), _gbps(rows, w, "torch", m)
-            ratio = tf / pt if tf and pt else None
+            ratio = _ratio(tf, pt)
             add(
-                f"{what}, 20,000 small tensors >= 5x torch",
+                f"small_{m}_vs_torch",
+                f"{what}, {count[w]:,} small tensors >= 5x torch",
                 w,
-                None if ratio is None else ratio >= 5,
+                [_check("vs torch", ratio, ">=", 5.0)],
                 f"tensorfile {fmt(tf, '.3f')} GB/s, torch {fmt(pt, '.3f')} GB/s ({fmt(ratio)}x)",
             )
     for m, lim_m, bar in (("load_hot", "pagecache_read", 0.8), ("load_cold", "cold_read", 0.9)):
         for w in model_loads:
             tf, lim = _gbps(rows, w, "tensorfile", m), _gbps(rows, w, RAW, lim_m)
-            ratio = tf / lim if tf and lim else None
+            ratio = _ratio(tf, lim)
+            raw = LABEL[lim_m].split(": ")[1]
             add(
-                f"{LABEL[m]} into fresh memory >= {bar}x raw {LABEL[lim_m].split(': ')[1]}",
+                f"{m}_vs_raw",
+                f"{LABEL[m]} into fresh memory >= {bar}x raw {raw}",
                 w,
-                None if ratio is None else ratio >= bar,
+                [_check(f"vs raw {raw}", ratio, ">=", bar)],
                 f"tensorfile {fmt(tf)} GB/s, raw {fmt(lim)} GB/s ({fmt(ratio)}x)",
             )
     for m in ("mmap_hot", "mmap_cold"):
@@ -655,43 +697,45 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             tf, st = _gbps(rows, w, "tensorfile", m), _gbps(rows, w, "safetensors", m)
             # "within 1.2x": tensorfile's time at most 1.2x safetensors' time
-            ratio = st / tf if tf and st else None
+            ratio = _ratio(st, tf)
             add(
+                f"{m}_vs_safetensors",
                 f"{LABEL[m]}: time within 1.2x of safetensors load_file (touched)",
                 w,
-                None if ratio is None else ratio <= 1.2,
+                [_check("time over safetensors' time", ratio, "<=", 1.2)],
                 f"tensorfile {fmt(tf)} GB/s, safetensors {fmt(st)} GB/s (time ratio {fmt(ratio)}x)",
             )
     for w in sorted(present, key=list(payload).index):
         if w not in ("transformer-fp32", "transformer-bf16", "small-fp32", "checkpoint"):
             continue
-        allow = payload[w] * 1.1 / MIB + 64
-        worst = None
-        detail = []
-        for m in ("load_hot", "load_cold", "mmap_hot", "mmap_cold"):
-            r = rows.get((w, "tensorfile", m))
-            if r and r["rss_over_base_mib"] is not None:
-                detail.append(f"{m} +{r['rss_over_base_mib']:.0f}")
-                worst = max(worst or 0.0, r["rss_over_base_mib"])
-        add(
-            "peak RSS while loading <= payload x 1.1 + 64 MiB (over the baseline)",
-            w,
-            None if worst is None else worst <= allow,
-            f"allowed +{allow:.0f} MiB; " + (", ".join(detail) or "not measured") + " MiB",
-        )
-        worst = None
-        detail = []
-        for m in ("save_durable", "save"):
-            r = rows.get((w, "tensorfile", m))
-            if r and r["rss_over_base_mib"] is not None:
-                detail.append(f"{m} +{r['rss_over_base_mib']:.0f}")
-                worst = max(worst or 0.0, r["rss_over_base_mib"])
-        add(
-            "peak RSS while saving <= baseline (payload built) + 64 MiB",
-            w,
-            None if worst is None else worst <= 64,
-            "allowed +64 MiB; " + (", ".join(detail) or "not measured") + " MiB",
-        )
+        for key, measures, allow, target in (
+            (
+                "rss_load",
+                ("load_hot", "load_cold", "mmap_hot", "mmap_cold"),
+                payload[w] * 1.1 / MIB + 64,
+                "peak RSS while loading <= payload x 1.1 + 64 MiB (over the baseline)",
+            ),
+            (
+                "rss_save",
+                ("save_durable", "save"),
+                64.0,
+                "peak RSS while saving <= baseline (payload built) + 64 MiB",
+            ),
+        ):
+            worst = None
+            detail = []
+            for m in measures:
+                r = rows.get((w, "tensorfile", m))
+                if r and r["rss_over_base_mib"] is not None:
+                    detail.append(f"{m} +{r['rss_over_base_mib']:.0f}")
+                    worst = max(worst or 0.0, r["rss_over_base_mib"])
+            add(
+                key,
+                target,
+                w,
+                [_check("MiB over the baseline, the worst measure", worst, "<=", allow)],
+                f"allowed +{allow:.0f} MiB; " + (", ".join(detail) or "not measured") + " MiB",
+            )
     for cross, peer, m, peer_m, bar, what in (
         ("tf:torch.save", "torch", "load_hot", "load_hot", 2.0, "torch.load"),
         (
@@ -707,11 +751,12 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         if w not in present:
             continue
         tf, pe = _gbps(rows, w, cross, m), _gbps(rows, w, peer, peer_m)
-        ratio = tf / pe if tf and pe else None
+        ratio = _ratio(tf, pe)
         add(
+            f"{cross}_{m}",
             f"{cross} {LABEL[m]} >= {bar}x {what}{' cold' if 'cold' in m else ''}",
             w,
-            None if ratio is None else ratio >= bar,
+            [_check(f"vs {peer} {peer_m}", ratio, ">=", bar)],
             f"tensorfile {fmt(tf)} GB/s, {peer} {fmt(pe)} GB/s ({fmt(ratio)}x)",
         )
     if "small-fp32" in present:
@@ -719,11 +764,11 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         for m in HEADER_MEASURES:
             r = rows.get((w, "tensorfile", m))
             ms = r["median_s"] * 1e3 if r and r["median_s"] else None
-            count = next(x["tensors"] for x in report["workloads"] if x["name"] == w)
             add(
-                f"{HEADER_MEASURES[m]}, {count:,} tensors < 50 ms",
+                m,
+                f"{HEADER_MEASURES[m]}, {count[w]:,} tensors < 50 ms",
                 w,
-                None if ms is None else ms < 50,
+                [_check("milliseconds", ms, "<", 50.0)],
                 f"{fmt(ms, '.1f')} ms",
             )
     return out
