@@ -213,7 +213,7 @@ def _size_name(mb: float) -> str:
     return f"{mb:g}M"
 
 
-def _workload_list(
+def workload_list(
     workloads: list[str], size_mb: float, small_count: int, sweep_sizes: list[float]
 ) -> list[dict[str, Any]]:
     """The main workloads, then the payload sweep: the fp32 model at each size."""
@@ -418,7 +418,7 @@ def run(
         sweep_sizes = [size_mb / 16] if "transformer-fp32" in wanted else []
     if sweep_threads is None:
         sweep_threads = thread_counts(cores)
-    wl = _workload_list(wanted, size_mb, small_count, sorted(set(sweep_sizes)))
+    wl = workload_list(wanted, size_mb, small_count, sorted(set(sweep_sizes)))
     missing = [s for s in systems if not installed(s)]
     present = [s for s in systems if s not in missing]
     base = directory or os.path.join("bench", "out", "tmp")
