@@ -484,3 +484,16 @@ def test_usage_errors_exit_2_before_running(
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"Error: {message}" in err or (message in err and "Error:" in err), err
+
+
+def test_the_benchmarks_load_only_when_a_benchmark_runs() -> None:
+    code = (
+        "import sys, tensorfile, tensorfile.cli\n"
+        "print(sorted(m for m in sys.modules if m.startswith('tensorfile.benchmarks')))\n"
+        "tensorfile.cli.main(['bench', '--help'])\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    first, rest = p.stdout.split("\n", 1)
+    assert first == "[]"  # importing the package and its CLI loads no benchmark
+    assert rest.startswith("usage: tensorfile bench ") and "--sweep-sizes" in rest
