@@ -2,7 +2,7 @@
 
 import sys
 
-from tensorfile._bench import main
+from tensorfile.benchmarks.harness import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], prog="bench/bench.py"))

@@ -6,7 +6,9 @@
 # GPU_CHECK_BUDGET_S seconds (default 285).
 #   OUT=/some/dir bench/gpu_check.sh
 # Settings: PYTHON (python3), GPU_BENCH_SIZE_MB (4096), GPU_BENCH_DIR (bench/out/gpu-data,
-# must be on the disk to measure, not tmpfs), GPU_CHECK_BUDGET_S.
+# must be on the disk to measure, not tmpfs), GPU_CHECK_BUDGET_S, GPU_CHECK_PHASES (a
+# comma-separated subset of environment,build,build-pip,smoke,tests-gpu,tests-staging,bench
+# to run; the others are logged as skipped; default all).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -30,6 +32,11 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 phase() {
   local name=$1 limit=$2
   shift 2
+  if [[ -n ${GPU_CHECK_PHASES:-} && ",$GPU_CHECK_PHASES," != *",$name,"* ]]; then
+    echo "=== $name: skipped, not in GPU_CHECK_PHASES"
+    printf '%s\tskipped\t0\n' "$name" >>"$PHASES"
+    return 1
+  fi
   local l
   l=$(left)
   ((l - 5 < limit)) && limit=$((l - 5))

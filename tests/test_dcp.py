@@ -444,7 +444,7 @@ def test_plugin_interface(tmp_path: Path) -> None:
 
 
 def test_bench_dcp_smoke(ctx: Any, tmp_path: Path) -> None:
-    from tensorfile import _bench_dcp
+    from tensorfile.benchmarks import dcp as _bench_dcp
 
     out = tmp_path / "bench.json"
     args = ["--size", "2M", "--small-count", "50", "--small-size", "200K", "--reps", "1"]

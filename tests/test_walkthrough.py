@@ -4,6 +4,9 @@ same steps with numpy arrays."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorfile
@@ -18,11 +21,38 @@ def _in_tmp(tmp_path, monkeypatch):
 
 
 def test_version_and_exports():
-    assert isinstance(tensorfile.__version__, str) and tensorfile.__version__
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.M)
+    assert version and tensorfile.__version__ == version.group(1)
+    documented = {"save", "load", "open", "TensorFile", "FormatError", "ChecksumError"}
+    assert documented | {"__version__"} <= set(tensorfile.__all__)
     assert issubclass(tensorfile.FormatError, ValueError)
     assert issubclass(tensorfile.ChecksumError, tensorfile.FormatError)
-    for name in ("save", "load", "open", "FormatError", "ChecksumError", "__version__"):
-        assert hasattr(tensorfile, name)
+
+
+def test_open_reads_what_save_wrote():
+    x = torch.arange(6.0).reshape(2, 3)
+    tensorfile.save({"x": x, "step": 3}, "ckpt.tf", metadata={"run": "a"})
+    with tensorfile.open("ckpt.tf") as f:
+        assert type(f) is tensorfile.TensorFile
+        assert f.keys() == ["x"] and f.metadata() == {"run": "a"}
+        assert torch.equal(f.get("x"), x)
+        assert f.load()["step"] == 3
+
+
+def test_bad_and_damaged_files_raise_the_documented_errors():
+    Path("junk.tf").write_bytes(b"\x00" * 64)
+    with pytest.raises(tensorfile.FormatError, match=r"junk\.tf"):
+        tensorfile.load("junk.tf")
+    tensorfile.save({"b": torch.full((4096,), 7, dtype=torch.uint8)}, "b.tf")
+    raw = bytearray(Path("b.tf").read_bytes())
+    at = raw.index(b"\x07" * 4096) + 100
+    raw[at] = 8  # one flipped byte in the tensor's storage
+    Path("b.tf").write_bytes(bytes(raw))
+    with pytest.raises(tensorfile.ChecksumError, match=r"b\.tf"):
+        tensorfile.load("b.tf")
+    damaged = tensorfile.load("b.tf", verify=False)["b"]  # the bytes as they are on disk
+    assert int(damaged[100]) == 8 and int((damaged == 7).sum()) == 4095
 
 
 # --------------------------------------------------------------------------- torch

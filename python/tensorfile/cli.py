@@ -135,9 +135,9 @@ def demo(directory: str | None, size_mb: float, runs: int) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
     """Measure tensorfile against the machine's raw limits and its peers (--help for the options)."""
-    from . import _bench
+    from .benchmarks import harness
 
-    sys.exit(_bench.main(list(args), prog="tensorfile bench"))
+    sys.exit(harness.main(list(args), prog="tensorfile bench"))
 
 
 @main.command()

@@ -7,22 +7,29 @@ import gc
 import importlib
 import json
 import os
-import shutil
 import signal
 import statistics
 import sys
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from . import _workloads
-from ._workloads import evict, files_of, fsync_file, make_durable, tensors_in
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_CHUNK = 64 << 20  # one large write or read per call, as a tuned copy loop would do
-_THREAD_CHUNK = 8 << 20
-
+from . import workloads
+from .rawio import (
+    CHUNK,
+    PAGE,
+    evict,
+    files_of,
+    fsync_file,
+    make_durable,
+    read_file,
+    remove,
+    resident_fraction,
+    thread_counts,
+    warm,
+    write_file,
+)
+from .workloads import tensors_in
 
 # --------------------------------------------------------------------------- memory
 
@@ -73,111 +80,6 @@ def _reset_peak() -> bool:
         return False
 
 
-# --------------------------------------------------------------------------- page cache
-
-
-def remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.unlink(path)
-
-
-def warm(path: str) -> None:
-    """Reads the whole file (or directory) once so that its pages are in the page cache."""
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    for p in files_of(path):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            off = 0
-            while True:
-                n = os.preadv(fd, [view], off)
-                if n <= 0:
-                    break
-                off += n
-        finally:
-            os.close(fd)
-
-
-def resident_fraction(path: str) -> float | None:
-    """The fraction of the files' pages in the page cache (mincore), to show that an
-    eviction took; None where it cannot be asked."""
-    pages = resident = 0
-    for p in files_of(path):
-        got = _resident(p)
-        if got is None:
-            return None
-        pages += got[1]
-        resident += got[0]
-    return resident / pages if pages else 0.0
-
-
-def _resident(path: str) -> tuple[int, int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        size = os.path.getsize(path)
-        if size == 0:
-            return (0, 0)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_long,
-        ]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
-            if addr in (None, ctypes.c_void_p(-1).value):
-                return None
-            try:
-                pages = (size + _PAGE - 1) // _PAGE
-                vec = (ctypes.c_ubyte * pages)()
-                if libc.mincore(addr, size, vec) != 0:
-                    return None
-                return (sum(b & 1 for b in bytes(vec)), pages)
-            finally:
-                libc.munmap(addr, size)
-        finally:
-            os.close(fd)
-    except (OSError, AttributeError):
-        return None
-
-
-def _read_file(path: str, dst: Any, threads: int) -> None:
-    """preads the file into `dst` (a touched uint8 array as large as the file)."""
-    view = memoryview(dst).cast("B")
-    size = len(view)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-
-        def span(off: int, end: int) -> None:
-            while off < end:
-                n = os.preadv(fd, [view[off:end]], off)
-                if n <= 0:
-                    raise OSError(f"{path}: short read at {off}")
-                off += n
-
-        if threads <= 1:
-            for off in range(0, size, _CHUNK):
-                span(off, min(size, off + _CHUNK))
-        else:
-            with ThreadPoolExecutor(threads) as pool:
-                jobs = [
-                    pool.submit(span, o, min(size, o + _THREAD_CHUNK))
-                    for o in range(0, size, _THREAD_CHUNK)
-                ]
-                for j in jobs:
-                    j.result()
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------- touching
 
 
@@ -201,7 +103,7 @@ def touch(obj: Any) -> int:
     total = 0
     for a, b in merged:
         arr = np.ctypeslib.as_array((ctypes.c_ubyte * (b - a)).from_address(a))
-        total += int(arr[::_PAGE].sum()) + int(arr[-1])
+        total += int(arr[::PAGE].sum()) + int(arr[-1])
     return total
 
 
@@ -381,7 +283,7 @@ def payload_for(job: dict[str, Any]) -> Any:
     """The object to save: the server's, or (outside the server) a freshly built one."""
     if _PAYLOAD.get("key") == _payload_key(job):
         return _PAYLOAD["obj"]
-    return _workloads.build_workload(job["workload"], job["size_mb"], job["small_count"])
+    return workloads.build_workload(job["workload"], job["size_mb"], job["small_count"])
 
 
 def _hold_payload(job: dict[str, Any] | None) -> None:
@@ -394,7 +296,7 @@ def _hold_payload(job: dict[str, Any] | None) -> None:
     gc.collect()
     _trim()
     if job is not None:
-        _PAYLOAD["obj"] = _workloads.build_workload(
+        _PAYLOAD["obj"] = workloads.build_workload(
             job["workload"], job["size_mb"], job["small_count"], fork_safe=True
         )
         _PAYLOAD["key"] = key
@@ -410,78 +312,14 @@ def _check(obj: Any, job: dict[str, Any]) -> None:
         )
 
 
-def _thread_counts(cores: int) -> list[int]:
-    """1, 2, 4, ... and the core count itself."""
-    out = {cores}
-    n = 1
-    while n < cores:
-        out.add(n)
-        n *= 2
-    return sorted(out)
-
-
-_WRITEBACK_CHUNK = 8 << 20
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range (Linux), which os does not expose; None elsewhere."""
-    import ctypes
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _write_file(path: str, size: int, threads: int, src: bytes, writeback: bool = False) -> None:
-    """Writes `size` bytes with `threads` threads, each pwriting one contiguous share in
-    large calls, into space reserved first, then fsyncs: a tuned writer's raw system calls.
-    `writeback` writes 8 MiB at a time and starts the disk write of each piece at once
-    (sync_file_range), so that the disk works while later pieces are copied."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        # Reserve the space first, as tensorfile does: on ext4 writes into reserved
-        # extents ran up to 2.7x faster here, and the limit must be the best a writer can do.
-        if size:
-            os.posix_fallocate(fd, 0, size)
-        view = memoryview(src)
-        start = _sync_file_range() if writeback else None
-        piece = min(len(view), _WRITEBACK_CHUNK) if start else len(view)
-
-        def span(off: int, end: int) -> None:
-            while off < end:
-                n = os.pwrite(fd, view[: min(end - off, piece)], off)
-                if start is not None:
-                    start(fd, off, n, _SYNC_FILE_RANGE_WRITE)
-                off += n
-
-        share = -(-size // threads) if size else 0
-        share = -(-share // _PAGE) * _PAGE
-        bounds = [(o, min(size, o + share)) for o in range(0, size, share or 1)]
-        if len(bounds) <= 1:
-            for a, b in bounds:
-                span(a, b)
-        else:
-            with ThreadPoolExecutor(len(bounds)) as pool:
-                for j in [pool.submit(span, a, b) for a, b in bounds]:
-                    j.result()
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def run_raw(job: dict[str, Any]) -> dict[str, Any]:
     """One raw limit: the best the plain system calls achieve over 1..N threads."""
     import numpy as np
 
     path, size, measure = job["path"], job["nbytes"], job["measure"]
-    counts = _thread_counts(job["cores"])
+    counts = thread_counts(job["cores"])
     if measure == "write_fsync":
-        src = b"\x01" * min(size, _CHUNK)  # one buffer, resident, written over and over
+        src = b"\x01" * min(size, CHUNK)  # one buffer, resident, written over and over
         entry = _start()
         times: dict[int, float] = {}
         early: dict[int, float] = {}  # the same with early writeback
@@ -489,7 +327,7 @@ def run_raw(job: dict[str, Any]) -> dict[str, Any]:
             for writeback, into in ((False, times), (True, early)):
                 remove(path)
                 t0 = time.perf_counter()
-                _write_file(path, size, n, src, writeback)
+                write_file(path, size, n, src, writeback)
                 into[n] = time.perf_counter() - t0
         best = min(times, key=lambda k: times[k])
         best_early = min(early, key=lambda k: early[k])
@@ -524,7 +362,7 @@ def run_raw(job: dict[str, Any]) -> dict[str, Any]:
             evict(path)
             resident = resident_fraction(path)
         t0 = time.perf_counter()
-        _read_file(path, dst, n)
+        read_file(path, dst, n)
         times[n] = time.perf_counter() - t0
     best = min(times, key=lambda k: times[k])
     entry.update(seconds=times[best], threads=best, by_threads=times)
@@ -614,7 +452,7 @@ def run_system(job: dict[str, Any], fns: dict[str, Callable[..., Any]]) -> dict[
         if job["system"] == "dcp":
             # DCP loads in place: the caller allocates the destination (fresh, untouched
             # memory, as every other load allocates its own) inside the timing.
-            template = _workloads.build_workload(
+            template = workloads.build_workload(
                 job["workload"], job["size_mb"], job["small_count"], empty=True
             )
         obj = fns["load"](path, threads, template)

@@ -16,7 +16,8 @@ import tempfile
 import time
 from typing import Any, Callable, NoReturn
 
-from . import _workloads
+from .rawio import filesystem, thread_counts
+from .workloads import WORKLOADS, describe
 
 # The peers first in the order of the table; tensorfile is the system under test.
 SYSTEMS = (
@@ -132,30 +133,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _filesystem(path: str) -> dict[str, Any]:
-    """The mount holding `path`: device, type and free space."""
-    real = os.path.realpath(path)
-    best = ("?", "?", "/")
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                dev, mnt, fstype = line.split()[:3]
-                mnt = mnt.replace("\\040", " ")
-                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
-                    best[2]
-                ):
-                    best = (dev, fstype, mnt)
-    except OSError:
-        pass
-    st = os.statvfs(real)
-    return {
-        "device": best[0],
-        "type": best[1],
-        "mount": best[2],
-        "free_gib": st.f_bavail * st.f_frsize / (1 << 30),
-    }
-
-
 def _version(dist: str) -> str:
     from importlib import metadata
 
@@ -166,7 +143,7 @@ def _version(dist: str) -> str:
 
 
 def machine(directory: str) -> dict[str, Any]:
-    from . import __version__
+    from .. import __version__
 
     try:
         usable = len(os.sched_getaffinity(0))
@@ -179,7 +156,7 @@ def machine(directory: str) -> dict[str, Any]:
         "memory_gib": _meminfo_gib(),
         "kernel": platform.release(),
         "bench_dir": os.path.abspath(directory),
-        "filesystem": _filesystem(directory),
+        "filesystem": filesystem(directory),
         "python": platform.python_version(),
         "torch": _version("torch"),
         "numpy": _version("numpy"),
@@ -214,16 +191,6 @@ def installed(name: str) -> bool:
         return False
 
 
-def thread_counts(cores: int) -> list[int]:
-    """1, 2, 4, ... and the core count itself: the thread sweep and the limits' threads."""
-    out = {cores}
-    n = 1
-    while n < cores:
-        out.add(n)
-        n *= 2
-    return sorted(out)
-
-
 def parse_size(text: str) -> float:
     """'64M', '1G', '1.5G' or a plain number of MiB -> MiB."""
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
@@ -246,7 +213,7 @@ def _size_name(mb: float) -> str:
     return f"{mb:g}M"
 
 
-def _workload_list(
+def workload_list(
     workloads: list[str], size_mb: float, small_count: int, sweep_sizes: list[float]
 ) -> list[dict[str, Any]]:
     """The main workloads, then the payload sweep: the fp32 model at each size."""
@@ -265,7 +232,7 @@ def _workload_list(
             }
         )
     for entry in out:
-        entry.update(_workloads.describe(entry["base"], entry["size_mb"], small_count))
+        entry.update(describe(entry["base"], entry["size_mb"], small_count))
     # Tiny sizes round up to the smallest model: measure each payload once.
     seen: set[int] = set()
     kept = []
@@ -375,7 +342,7 @@ def _serve(
     workdir: str,
     progress: Callable[[int, int, str], None] | None,
 ) -> list[dict[str, Any]]:
-    """Runs the jobs in one fork server (`_bench_worker`) and returns one entry per job;
+    """Runs the jobs in one fork server (`worker`) and returns one entry per job;
     a job the server never reported gets an error saying why."""
     jobs_path = os.path.join(workdir, "jobs.json")
     results_path = os.path.join(workdir, "results.jsonl")
@@ -386,7 +353,7 @@ def _serve(
         json.dump({"jobs": wire, "systems": systems, "cores": cores}, f)
     with open(stderr_path, "w") as err:
         with subprocess.Popen(
-            [sys.executable, "-m", "tensorfile._bench_worker", jobs_path, results_path],
+            [sys.executable, "-m", "tensorfile.benchmarks.worker", jobs_path, results_path],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -435,12 +402,10 @@ def run(
     reruns tensorfile's durable save and loads with each thread count; None means 1, 2,
     4, ... up to the core count."""
     systems = list(systems or SYSTEMS)
-    wanted = list(workloads or _workloads.WORKLOADS)
+    wanted = list(workloads or WORKLOADS)
     for w in wanted:
-        if w not in _workloads.WORKLOADS:
-            raise ValueError(
-                f"unknown workload {w!r}; expected one of {', '.join(_workloads.WORKLOADS)}"
-            )
+        if w not in WORKLOADS:
+            raise ValueError(f"unknown workload {w!r}; expected one of {', '.join(WORKLOADS)}")
     for s in systems:
         if s not in SYSTEMS:
             raise ValueError(f"unknown system {s!r}; expected one of {', '.join(SYSTEMS)}")
@@ -453,7 +418,7 @@ def run(
         sweep_sizes = [size_mb / 16] if "transformer-fp32" in wanted else []
     if sweep_threads is None:
         sweep_threads = thread_counts(cores)
-    wl = _workload_list(wanted, size_mb, small_count, sorted(set(sweep_sizes)))
+    wl = workload_list(wanted, size_mb, small_count, sorted(set(sweep_sizes)))
     missing = [s for s in systems if not installed(s)]
     present = [s for s in systems if s not in missing]
     base = directory or os.path.join("bench", "out", "tmp")
@@ -628,18 +593,53 @@ def _gbps(rows: dict[tuple[str, str, str], dict[str, Any]], w: str, s: str, m: s
     return r["gbps"] if r else None
 
 
+# How a target's check compares its value with its bar.
+COMPARE: dict[str, Callable[[float, float], bool]] = {
+    ">=": lambda value, bar: value >= bar,
+    "<=": lambda value, bar: value <= bar,
+    "<": lambda value, bar: value < bar,
+}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _check(what: str, value: float | None, op: str, bar: float) -> dict[str, Any]:
+    return {"what": what, "value": value, "op": op, "bar": bar}
+
+
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of the requirement with its figures and met (True), missed (False) or
-    not measured (None). Targets read from the main workloads, not the sweeps. RSS
-    targets are read as growth over the child's baseline (the interpreter with torch
-    imported, and for saves the payload already built)."""
+    """Each target of the requirement on each workload it reads, with its checks (the
+    value computed from the rows, the comparison and the bar), its figures as text, and
+    met: True when every check holds, False when one fails, None when a value is not
+    measured. `key` names the target across workloads and runs; `target` is its title.
+    Targets read from the main workloads, not the sweeps. RSS targets are read as growth
+    over the child's baseline (the interpreter with torch imported, and for saves the
+    payload already built)."""
     rows = {(r["workload"], r["system"], r["measure"]): r for r in report["results"]}
     present = {w["name"] for w in report["workloads"]}
     payload = {w["name"]: w["payload_bytes"] for w in report["workloads"]}
+    count = {w["name"]: w["tensors"] for w in report["workloads"]}
     out: list[dict[str, Any]] = []
 
-    def add(target: str, workload: str, met: bool | None, figures: str) -> None:
-        out.append({"target": target, "workload": workload, "met": met, "figures": figures})
+    def add(
+        key: str, target: str, workload: str, checks: list[dict[str, Any]], figures: str
+    ) -> None:
+        if any(c["value"] is None for c in checks):
+            met = None
+        else:
+            met = all(COMPARE[c["op"]](c["value"], c["bar"]) for c in checks)
+        out.append(
+            {
+                "key": key,
+                "target": target,
+                "workload": workload,
+                "met": met,
+                "checks": checks,
+                "figures": figures,
+            }
+        )
 
     def fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
         return "-" if x is None else f"{x:{spec}}{suffix}"
@@ -655,33 +655,40 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             x for x in (_gbps(rows, w, p, "save_durable") for p in ("torch", "safetensors")) if x
         ]
         best = max(peers) if peers else None
-        ok = tf / lim >= 0.9 and tf / best >= 1.3 if tf and lim and best else None
+        vs_lim, vs_best = _ratio(tf, lim), _ratio(tf, best)
         add(
+            "save_durable",
             "durable save >= 0.9x raw write+fsync and >= 1.3x best of torch.save/safetensors (+fsync)",
             w,
-            ok,
-            f"tensorfile {fmt(tf)} GB/s, raw {fmt(lim)} GB/s ({fmt(tf / lim if tf and lim else None)}x), "
-            f"best of torch/safetensors {fmt(best)} GB/s ({fmt(tf / best if tf and best else None)}x)",
+            [
+                _check("vs raw write+fsync", vs_lim, ">=", 0.9),
+                _check("vs best of torch.save/safetensors", vs_best, ">=", 1.3),
+            ],
+            f"tensorfile {fmt(tf)} GB/s, raw {fmt(lim)} GB/s ({fmt(vs_lim)}x), "
+            f"best of torch/safetensors {fmt(best)} GB/s ({fmt(vs_best)}x)",
         )
     if "small-fp32" in present:
         w = "small-fp32"
         for m, what in (("save_durable", "durable save"), ("load_hot", "load")):
             tf, pt = _gbps(rows, w, "tensorfile", m), _gbps(rows, w, "torch", m)
-            ratio = tf / pt if tf and pt else None
+            ratio = _ratio(tf, pt)
             add(
-                f"{what}, 20,000 small tensors >= 5x torch",
+                f"small_{m}_vs_torch",
+                f"{what}, {count[w]:,} small tensors >= 5x torch",
                 w,
-                None if ratio is None else ratio >= 5,
+                [_check("vs torch", ratio, ">=", 5.0)],
                 f"tensorfile {fmt(tf, '.3f')} GB/s, torch {fmt(pt, '.3f')} GB/s ({fmt(ratio)}x)",
             )
     for m, lim_m, bar in (("load_hot", "pagecache_read", 0.8), ("load_cold", "cold_read", 0.9)):
         for w in model_loads:
             tf, lim = _gbps(rows, w, "tensorfile", m), _gbps(rows, w, RAW, lim_m)
-            ratio = tf / lim if tf and lim else None
+            ratio = _ratio(tf, lim)
+            raw = LABEL[lim_m].split(": ")[1]
             add(
-                f"{LABEL[m]} into fresh memory >= {bar}x raw {LABEL[lim_m].split(': ')[1]}",
+                f"{m}_vs_raw",
+                f"{LABEL[m]} into fresh memory >= {bar}x raw {raw}",
                 w,
-                None if ratio is None else ratio >= bar,
+                [_check(f"vs raw {raw}", ratio, ">=", bar)],
                 f"tensorfile {fmt(tf)} GB/s, raw {fmt(lim)} GB/s ({fmt(ratio)}x)",
             )
     for m in ("mmap_hot", "mmap_cold"):
@@ -690,43 +697,45 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             tf, st = _gbps(rows, w, "tensorfile", m), _gbps(rows, w, "safetensors", m)
             # "within 1.2x": tensorfile's time at most 1.2x safetensors' time
-            ratio = st / tf if tf and st else None
+            ratio = _ratio(st, tf)
             add(
+                f"{m}_vs_safetensors",
                 f"{LABEL[m]}: time within 1.2x of safetensors load_file (touched)",
                 w,
-                None if ratio is None else ratio <= 1.2,
+                [_check("time over safetensors' time", ratio, "<=", 1.2)],
                 f"tensorfile {fmt(tf)} GB/s, safetensors {fmt(st)} GB/s (time ratio {fmt(ratio)}x)",
             )
     for w in sorted(present, key=list(payload).index):
         if w not in ("transformer-fp32", "transformer-bf16", "small-fp32", "checkpoint"):
             continue
-        allow = payload[w] * 1.1 / MIB + 64
-        worst = None
-        detail = []
-        for m in ("load_hot", "load_cold", "mmap_hot", "mmap_cold"):
-            r = rows.get((w, "tensorfile", m))
-            if r and r["rss_over_base_mib"] is not None:
-                detail.append(f"{m} +{r['rss_over_base_mib']:.0f}")
-                worst = max(worst or 0.0, r["rss_over_base_mib"])
-        add(
-            "peak RSS while loading <= payload x 1.1 + 64 MiB (over the baseline)",
-            w,
-            None if worst is None else worst <= allow,
-            f"allowed +{allow:.0f} MiB; " + (", ".join(detail) or "not measured") + " MiB",
-        )
-        worst = None
-        detail = []
-        for m in ("save_durable", "save"):
-            r = rows.get((w, "tensorfile", m))
-            if r and r["rss_over_base_mib"] is not None:
-                detail.append(f"{m} +{r['rss_over_base_mib']:.0f}")
-                worst = max(worst or 0.0, r["rss_over_base_mib"])
-        add(
-            "peak RSS while saving <= baseline (payload built) + 64 MiB",
-            w,
-            None if worst is None else worst <= 64,
-            "allowed +64 MiB; " + (", ".join(detail) or "not measured") + " MiB",
-        )
+        for key, measures, allow, target in (
+            (
+                "rss_load",
+                ("load_hot", "load_cold", "mmap_hot", "mmap_cold"),
+                payload[w] * 1.1 / MIB + 64,
+                "peak RSS while loading <= payload x 1.1 + 64 MiB (over the baseline)",
+            ),
+            (
+                "rss_save",
+                ("save_durable", "save"),
+                64.0,
+                "peak RSS while saving <= baseline (payload built) + 64 MiB",
+            ),
+        ):
+            worst = None
+            detail = []
+            for m in measures:
+                r = rows.get((w, "tensorfile", m))
+                if r and r["rss_over_base_mib"] is not None:
+                    detail.append(f"{m} +{r['rss_over_base_mib']:.0f}")
+                    worst = max(worst or 0.0, r["rss_over_base_mib"])
+            add(
+                key,
+                target,
+                w,
+                [_check("MiB over the baseline, the worst measure", worst, "<=", allow)],
+                f"allowed +{allow:.0f} MiB; " + (", ".join(detail) or "not measured") + " MiB",
+            )
     for cross, peer, m, peer_m, bar, what in (
         ("tf:torch.save", "torch", "load_hot", "load_hot", 2.0, "torch.load"),
         (
@@ -742,11 +751,12 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         if w not in present:
             continue
         tf, pe = _gbps(rows, w, cross, m), _gbps(rows, w, peer, peer_m)
-        ratio = tf / pe if tf and pe else None
+        ratio = _ratio(tf, pe)
         add(
+            f"{cross}_{m}",
             f"{cross} {LABEL[m]} >= {bar}x {what}{' cold' if 'cold' in m else ''}",
             w,
-            None if ratio is None else ratio >= bar,
+            [_check(f"vs {peer} {peer_m}", ratio, ">=", bar)],
             f"tensorfile {fmt(tf)} GB/s, {peer} {fmt(pe)} GB/s ({fmt(ratio)}x)",
         )
     if "small-fp32" in present:
@@ -754,11 +764,11 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         for m in HEADER_MEASURES:
             r = rows.get((w, "tensorfile", m))
             ms = r["median_s"] * 1e3 if r and r["median_s"] else None
-            count = next(x["tensors"] for x in report["workloads"] if x["name"] == w)
             add(
-                f"{HEADER_MEASURES[m]}, {count:,} tensors < 50 ms",
+                m,
+                f"{HEADER_MEASURES[m]}, {count[w]:,} tensors < 50 ms",
                 w,
-                None if ms is None else ms < 50,
+                [_check("milliseconds", ms, "<", 50.0)],
                 f"{fmt(ms, '.1f')} ms",
             )
     return out
@@ -949,9 +959,9 @@ def main(argv: list[str] | None = None, prog: str = "tensorfile bench") -> int:
     targets, writes the JSON and the PNG. Returns the exit status. `dcp` as the first
     argument runs the 2-rank torch.distributed.checkpoint benchmark instead."""
     if argv and argv[0] == "dcp":
-        from . import _bench_dcp
+        from . import dcp
 
-        return _bench_dcp.main(argv[1:], prog=f"{prog} dcp")
+        return dcp.main(argv[1:], prog=f"{prog} dcp")
     p = _Parser(
         prog=prog,
         description="Measure tensorfile against the raw I/O limits of this machine and its peers "
@@ -998,7 +1008,7 @@ def main(argv: list[str] | None = None, prog: str = "tensorfile bench") -> int:
     p.add_argument(
         "--workloads",
         default=None,
-        help=f"comma-separated subset of {','.join(_workloads.WORKLOADS)}",
+        help=f"comma-separated subset of {','.join(WORKLOADS)}",
     )
     p.add_argument(
         "--sweep-sizes",
@@ -1050,7 +1060,7 @@ def main(argv: list[str] | None = None, prog: str = "tensorfile bench") -> int:
     if a.directory is not None and os.path.exists(a.directory) and not os.path.isdir(a.directory):
         p.error(f"--dir {a.directory}: not a directory")
     systems = _names(p, a.systems, SYSTEMS, "system")
-    workloads = _names(p, a.workloads, _workloads.WORKLOADS, "workload")
+    workloads = _names(p, a.workloads, WORKLOADS, "workload")
 
     bar = None
     if sys.stderr.isatty():

@@ -23,7 +23,7 @@ import warnings
 from datetime import timedelta
 from typing import Any
 
-from ._workloads import evict
+from .rawio import evict
 
 WORLD = 2
 SYSTEMS = ("tensorfile", "stock")

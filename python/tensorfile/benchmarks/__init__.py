@@ -1,0 +1,1 @@
+"""The benchmarks behind `tensorfile bench` and bench/: the harness against the raw I/O limits and the peers (`harness`, its fork server `worker`), the 2-rank torch.distributed.checkpoint benchmark (`dcp`), the CUDA benchmark (`gpu`), and the payloads and file helpers they share (`workloads`). Nothing is imported here: `import tensorfile` never loads a benchmark."""
