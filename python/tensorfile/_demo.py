@@ -9,7 +9,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from . import _workloads
+from .benchmarks import rawio, workloads
 
 
 class DemoError(RuntimeError):
@@ -115,13 +115,13 @@ def compare(
 
     import tensorfile
 
-    shapes = _workloads.transformer_shapes(int(size_mb * (1 << 20)))
-    payload = _workloads.payload_nbytes(shapes, "float32")
+    shapes = workloads.transformer_shapes(int(size_mb * (1 << 20)))
+    payload = workloads.payload_nbytes(shapes, "float32")
     echo(
         f"-- tensorfile vs torch.save/torch.load: a synthetic transformer state dict, "
         f"{payload / (1 << 20):.1f} MiB of float32 in {len(shapes)} tensors, median of {runs} runs"
     )
-    sd = _workloads.build(shapes, "float32")
+    sd = workloads.build(shapes, "float32")
     tf_path = os.path.join(directory, "compare.tensorfile")
     pt_path = os.path.join(directory, "compare.pt")
 
@@ -130,7 +130,7 @@ def compare(
 
     def pt_save() -> None:
         torch.save(sd, pt_path)
-        _workloads.make_durable(
+        rawio.make_durable(
             pt_path
         )  # tensorfile.save is durable by default; torch.save alone is not
 

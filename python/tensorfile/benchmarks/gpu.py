@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def gpu_part(b: Bench, torch: Any, tensorfile: Any, shapes: list[Any], nbytes: int) -> None:
-    from .. import _config, _cuda, _engine
+    from .. import _config, _engine
 
     rep = b.report
     d = b.args.dir
@@ -284,7 +284,7 @@ def gpu_part(b: Bench, torch: Any, tensorfile: Any, shapes: list[Any], nbytes: i
         return out
 
     b.timed("safetensors_load", load_st, nbytes, before=hot(st_path))
-    _cuda.release_staging()
+    tensorfile.release_staging_buffers()
 
 
 def pinned_h2d(b: Bench, torch: Any, dev: Any, n: int) -> None:
