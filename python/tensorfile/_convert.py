@@ -193,6 +193,7 @@ def _placeholders(reader: Reader) -> tuple[Any, list[Any]]:
     else:
         stand = [np.empty(0) for _ in range(n)]
     if reader.layout.archive is not None:
+        reader.key_index()  # substitute() fills the graph in place: name the keys first
         return torchzip.substitute(reader.layout.archive.root, stand), stand
     return Builder(lambda tag, i: stand[i]).build(reader.layout.tree), stand
 
