@@ -5,6 +5,7 @@ path or a stream at positions."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import socket
@@ -19,6 +20,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 FileLike = Union[PathLike, IO[bytes]]
 
 TMP_MARK = ".tftmp"
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 # Test hook for the crash tests: with TENSORFILE_TEST_PHASE_FD set, a save writes the name
@@ -155,6 +157,41 @@ def fsync_dir(directory: str) -> None:
         os.close(dfd)
 
 
+_KINDS = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _refuse_unless_regular(name: str, mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(21, f"tensorfile: {name} is a directory, not a file", name)
+    if not stat.S_ISREG(mode):
+        kind = next((k for test, k in _KINDS if test(mode)), "not a file")
+        raise FormatError(f"{name}: not a regular file ({kind})")
+
+
+def open_regular(name: str) -> tuple[int, os.stat_result]:
+    """Opens a regular file for reading; returns the descriptor and its fstat. Anything
+    else raises before it can block or act: a directory IsADirectoryError, a FIFO, device
+    or socket FormatError. Block devices are refused too (their st_size is 0 and a
+    checkpoint is a file). stat first, so that no device is even opened (opening a tape
+    rewinds it), then the open is non-blocking (a FIFO swapped in meanwhile would wait for
+    a writer forever) and fstat of what was opened decides."""
+    _refuse_unless_regular(name, os.stat(name).st_mode)
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        _refuse_unless_regular(name, st.st_mode)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 class Source:
     """An open file: a descriptor read with pread, or a stream. A seekable stream (an
     open file, BytesIO) is read at positions like a file, from where it stood when
@@ -169,16 +206,8 @@ class Source:
         self.nbytes: int | None = None
         if isinstance(f, (str, os.PathLike)):
             self.name = os.fspath(f)
-            if os.path.isdir(self.name):
-                raise IsADirectoryError(
-                    21, f"tensorfile: {self.name} is a directory, not a file", self.name
-                )
-            self.fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self.fd, st = open_regular(self.name)
             self.owns_fd = True
-            st = os.fstat(self.fd)
-            if not stat.S_ISREG(st.st_mode):
-                self.close()
-                raise FormatError(f"{self.name}: not a regular file")
             self.nbytes = st.st_size
         elif hasattr(f, "read"):
             self.name = str(getattr(f, "name", "<stream>"))
