@@ -83,30 +83,61 @@ def clean(directory: PathLike) -> list[str]:
     return removed
 
 
+def _keep_owner_and_mode(fd: int, old: os.stat_result) -> None:
+    """Gives the file at `fd` the owner, group and permission bits of the file it will
+    replace, as far as this process may: a non-root process keeps its own uid and may still
+    set a group it belongs to. chown clears set-id bits, so the mode comes after it."""
+    now = os.fstat(fd)
+    if (now.st_uid, now.st_gid) != (old.st_uid, old.st_gid):
+        try:
+            os.fchown(fd, old.st_uid, old.st_gid)
+        except OSError:
+            try:
+                os.fchown(fd, -1, old.st_gid)
+            except OSError:
+                pass
+    try:
+        os.fchmod(fd, stat.S_IMODE(old.st_mode))
+    except PermissionError:
+        pass  # a file system without modes (vfat, some FUSE); the file stays 0600
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, total: int, durable: bool) -> Iterator[int]:
     """Yields the descriptor of a temporary file beside `path`, with `total` bytes
     reserved, for the caller to fill; then fsyncs it (when durable), renames it over
-    `path` and fsyncs the directory. On any error the temporary file is removed and
-    `path` is left as it was; OSErrors say so."""
+    `path` and fsyncs the directory. A replaced file's permission bits, owner and group
+    carry over to the new one (owner and group as far as the process may set them, before
+    any byte is written); a new file gets the mode open() would give it. On any error the
+    temporary file is removed and `path` is left as it was; OSErrors say so."""
     target = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
     directory = os.path.dirname(target)
-    if os.path.isdir(target):
+    try:
+        old: os.stat_result | None = os.stat(target)
+    except (FileNotFoundError, NotADirectoryError):
+        old = None
+    if old is not None and stat.S_ISDIR(old.st_mode):
         raise IsADirectoryError(21, f"tensorfile.save: {path} is a directory", path)
-    existed = os.path.exists(target)
     try:
         clean(directory)
     except OSError:
         pass  # cleaning is a courtesy; the save itself reports real problems
     tmp = tmp_name(target)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        # Over an existing file, start private and take its mode once the owner is set.
+        fd = os.open(
+            tmp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC,
+            0o600 if old is not None else 0o666,
+        )
     except FileNotFoundError:
         raise FileNotFoundError(
             2, f"tensorfile.save: directory {directory} does not exist", path
         ) from None
     try:
         try:
+            if old is not None:
+                _keep_owner_and_mode(fd, old)
             phase("created")
             _engine.preallocate(fd, total, path)
             phase("writing")
@@ -124,7 +155,7 @@ def atomic_file(path: str, total: int, durable: bool) -> Iterator[int]:
         except OSError:
             pass
         if isinstance(e, OSError) and e.errno is not None:
-            state = "the previous file is intact" if existed else "no file was created"
+            state = "the previous file is intact" if old is not None else "no file was created"
             raise OSError(
                 e.errno, f"{os.strerror(e.errno)} while writing {path}; {state}", path
             ) from e
