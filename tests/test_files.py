@@ -155,3 +155,177 @@ def test_saving_through_a_symlink_replaces_its_target_and_keeps_the_mode(tmp_pat
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert stat.S_IMODE(real.stat().st_mode) == 0o600
     assert torch.equal(tensorfile.load(real), torch.ones(2))
+
+
+# --------------------------------------------------------------------------- temporary files
+
+# A writer that stops as it starts writing and goes on when told; with its pid replaced by
+# one that names no process here, as a writer in another pid namespace (a container on a
+# shared volume) looks from this one.
+WRITER = textwrap.dedent(
+    """
+    import os, sys, torch, tensorfile
+    from tensorfile import _files
+    path, pid = sys.argv[1], int(sys.argv[2])
+    if pid:
+        os.getpid = lambda: pid
+
+    def phase(name):
+        if name == "writing":
+            print("writing", flush=True)
+            sys.stdin.readline()
+
+    _files.phase = phase
+    tensorfile.save({"x": torch.arange(10)}, path)
+    print("saved", flush=True)
+    """
+)
+
+
+def _start_writer(path: Path, pid: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), str(pid)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "writing\n"
+    return proc
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            pipe.close()
+    proc.wait()
+
+
+def test_a_live_writer_keeps_its_file_whatever_its_pid_says(tmp_path: Path) -> None:
+    proc = _start_writer(tmp_path / "ckpt.tf", FOREIGN_PID)
+    try:
+        (tmp,) = _tmps(tmp_path)
+        assert f".{HOST}.{FOREIGN_PID}." in tmp
+        tensorfile.save(torch.zeros(1), tmp_path / "other.tf")  # cleans the directory
+        assert tensorfile.clean(tmp_path) == []
+        assert _tmps(tmp_path) == [tmp]
+        out, _ = proc.communicate("go\n", timeout=120)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0 and out == "saved\n"
+    assert torch.equal(tensorfile.load(tmp_path / "ckpt.tf")["x"], torch.arange(10))
+    assert _tmps(tmp_path) == []
+
+
+@pytest.mark.parametrize("pid", [0, FOREIGN_PID], ids=["own-pid", "foreign-pid"])
+def test_a_dead_writers_file_is_removed(tmp_path: Path, pid: int) -> None:
+    proc = _start_writer(tmp_path / "ckpt.tf", pid)
+    _stop(proc)
+    (tmp,) = _tmps(tmp_path)
+    assert tensorfile.clean(tmp_path) == [str(tmp_path / tmp)]
+    assert _tmps(tmp_path) == []
+
+
+LOCKER = textwrap.dedent(
+    """
+    import fcntl, os, sys
+    fd = os.open(sys.argv[1], os.O_WRONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_a_locked_file_is_kept_until_its_holder_goes(tmp_path: Path) -> None:
+    tmp = tmp_path / f".ckpt.tf.{HOST}.{FOREIGN_PID}.0badf00d.tftmp"
+    tmp.write_bytes(b"x")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(tmp)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+        assert tensorfile.clean(tmp_path) == []
+        assert tmp.exists()
+        proc.communicate("\n", timeout=60)
+    finally:
+        _stop(proc)
+    assert tensorfile.clean(tmp_path) == [str(tmp)]
+
+
+def test_a_pid_too_large_for_the_os_does_not_stop_a_save(tmp_path: Path) -> None:
+    ours = tmp_path / f".x.{HOST}.99999999999999999999.abcd1234.tftmp"
+    not_ours = tmp_path / f".x.{HOST}.99999999999999999999.a.tftmp"
+    for p in (ours, not_ours):
+        p.write_bytes(b"x")
+    tensorfile.save(torch.ones(2), tmp_path / "x")
+    assert torch.equal(tensorfile.load(tmp_path / "x"), torch.ones(2))
+    assert not ours.exists() and not_ours.exists()
+
+
+def test_only_tensorfiles_own_regular_files_are_removed(tmp_path: Path) -> None:
+    def name(host: str = HOST, token: str = "0badf00d") -> str:
+        return f".ckpt.tf.{host}.{FOREIGN_PID}.{token}.tftmp"
+
+    stale = tmp_path / name()
+    a_dir = tmp_path / name(token="00000001")
+    a_fifo = tmp_path / name(token="00000002")
+    a_link = tmp_path / name(token="00000003")
+    linked = tmp_path / "linked.tf"
+    other_host = tmp_path / name(host="elsewhere")
+    notes = tmp_path / ".notes.tftmp"
+    no_token = tmp_path / f".ckpt.tf.{HOST}.{FOREIGN_PID}.tftmp"
+    for p in (stale, linked, other_host, notes, no_token):
+        p.write_bytes(b"x")
+    a_dir.mkdir()
+    os.mkfifo(a_fifo)
+    a_link.symlink_to(linked)
+    assert tensorfile.clean(tmp_path) == [str(stale)]
+    left = {a_dir, a_fifo, a_link, linked, other_host, notes, no_token}
+    assert set(tmp_path.iterdir()) == left
+    tensorfile.save(torch.ones(2), tmp_path / "ckpt.tf")
+    assert set(tmp_path.iterdir()) == left | {tmp_path / "ckpt.tf"}
+
+
+def test_a_file_that_cannot_be_removed_is_reported_and_never_fails_a_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stale = tmp_path / f".ckpt.tf.{HOST}.{FOREIGN_PID}.0badf00d.tftmp"
+    stale.write_bytes(b"x")
+    unlink = os.unlink
+
+    def refuse(path: str, *args: object, **kwargs: object) -> None:
+        if str(path) == str(stale):
+            raise PermissionError(13, "Permission denied", str(path))
+        unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", refuse)
+    problems: list[tuple[str, str]] = []
+    assert tensorfile.clean(tmp_path, on_error=lambda p, e: problems.append((p, e.strerror))) == []
+    assert problems == [(str(stale), "Permission denied")]
+    tensorfile.save(torch.ones(2), tmp_path / "ckpt.tf")
+    assert stale.exists()
+    assert torch.equal(tensorfile.load(tmp_path / "ckpt.tf"), torch.ones(2))
+
+
+def test_a_save_whose_new_file_a_cleaner_locked_first_takes_another_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock = _files._lock
+    calls = []
+
+    def lost_first(fd: int) -> bool:
+        calls.append(fd)
+        return len(calls) > 1 and lock(fd)
+
+    monkeypatch.setattr(_files, "_lock", lost_first)
+    monkeypatch.setattr(_files, "_clean_quietly", lambda directory: None)
+    tensorfile.save(torch.ones(2), tmp_path / "ckpt.tf")
+    assert len(calls) == 2
+    # The first file is left to the cleaner that holds its lock; the second was renamed.
+    assert len(_tmps(tmp_path)) == 1
+    assert torch.equal(tensorfile.load(tmp_path / "ckpt.tf"), torch.ones(2))
