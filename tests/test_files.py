@@ -329,3 +329,21 @@ def test_a_save_whose_new_file_a_cleaner_locked_first_takes_another_name(
     # The first file is left to the cleaner that holds its lock; the second was renamed.
     assert len(_tmps(tmp_path)) == 1
     assert torch.equal(tensorfile.load(tmp_path / "ckpt.tf"), torch.ones(2))
+
+
+# --------------------------------------------------------------------------- same_file
+
+
+def test_same_file(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    (tmp_path / "sym.tf").symlink_to(a)
+    os.link(a, tmp_path / "hard.tf")
+    (tmp_path / "sub").mkdir()
+    assert _files.same_file(a, tmp_path / "sym.tf")
+    assert _files.same_file(tmp_path / "hard.tf", a)
+    assert _files.same_file(a, tmp_path / "sub" / ".." / "a.pt")
+    assert not _files.same_file(a, b)
+    assert not _files.same_file(a, tmp_path / "missing.tf")
+    assert not _files.same_file(tmp_path / "missing.tf", tmp_path / "missing.tf")

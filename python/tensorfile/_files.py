@@ -262,6 +262,15 @@ def atomic_file(path: str, total: int, durable: bool) -> Iterator[int]:
     phase("done")
 
 
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """True when `a` and `b` both exist and are one file (after symlinks, or hard links
+    of one inode): writing one would replace the other."""
+    try:
+        return _same_inode(os.stat(a), os.stat(b))
+    except (OSError, ValueError):
+        return False
+
+
 def pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
