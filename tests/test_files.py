@@ -347,3 +347,28 @@ def test_same_file(tmp_path: Path) -> None:
     assert not _files.same_file(a, b)
     assert not _files.same_file(a, tmp_path / "missing.tf")
     assert not _files.same_file(tmp_path / "missing.tf", tmp_path / "missing.tf")
+
+
+def test_convert_refuses_an_out_that_is_in_through_a_link(tmp_path: Path) -> None:
+    from tensorfile import _convert
+
+    src = tmp_path / "model.pt"
+    torch.save({"w": torch.arange(4.0)}, src)
+    before = src.read_bytes()
+    (tmp_path / "model.tf").symlink_to(src)
+    os.link(src, tmp_path / "hard.tf")
+    for out in ("model.tf", "hard.tf"):
+        with pytest.raises(ValueError, match="same file"):
+            _convert.convert(str(src), str(tmp_path / out), "tensorfile")
+        p = subprocess.run(
+            [sys.executable, "-m", "tensorfile", "convert", str(src), str(tmp_path / out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        assert p.returncode != 0
+        assert p.stderr.strip().splitlines()[-1] == "Error: IN and OUT are the same file"
+        assert "Traceback" not in p.stderr
+    assert src.read_bytes() == before
+    assert (tmp_path / "model.tf").is_symlink()
