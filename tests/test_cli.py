@@ -121,6 +121,24 @@ def test_clean_removes_only_stale_files(tmp_path: Path) -> None:
     assert not stale.exists() and live.exists() and kept.exists()
 
 
+def test_clean_passes_over_what_it_did_not_write(tmp_path: Path) -> None:
+    host = socket.gethostname().replace(".", "_")[:32]
+    foreign = 2**22 + 1  # no process here has it
+    stale = tmp_path / f".model.tf.{host}.{foreign}.0badf00d.tftmp"
+    huge_pid = tmp_path / f".x.{host}.99999999999999999999.abcd1234.tftmp"
+    a_dir = tmp_path / f".model.tf.{host}.{foreign}.00000001.tftmp"
+    odd = tmp_path / f".x.{host}.99999999999999999999.a.tftmp"
+    for f in (stale, huge_pid, odd):
+        f.write_bytes(b"x")
+    a_dir.mkdir()
+    p = tf("clean", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    no_traceback(p)
+    assert sorted(p.stdout.splitlines()[:-1]) == sorted([f"removed {stale}", f"removed {huge_pid}"])
+    assert p.stdout.splitlines()[-1] == f"2 stale temporary files removed from {tmp_path}"
+    assert sorted(tmp_path.iterdir()) == sorted([a_dir, odd])
+
+
 @pytest.mark.parametrize(
     "args",
     [

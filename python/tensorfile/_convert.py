@@ -462,6 +462,8 @@ def convert(
     a tensorfile or safetensors file (or a DCP directory), atomically, verifying the
     source's checksums on the way, with memory bounded by the streaming buffer plus the
     largest non-contiguous tensor."""
+    if _files.same_file(src, dst):
+        raise ValueError(f"{src} and {dst} are the same file; converting would replace it")
     threads = _config.num_threads(num_threads)
     if os.path.isdir(src):
         from . import dcp

@@ -290,14 +290,14 @@ def convert(src: str, dst: str, to: str | None, skip_non_tensors: bool) -> None:
     """Convert IN (tensorfile, torch.save, safetensors, or a torch.distributed.checkpoint
     directory) to OUT, streaming through a bounded buffer. OUT is replaced atomically; the
     source's checksums are verified on the way."""
-    from . import _convert
+    from . import _convert, _files
 
     if to is None:
         if os.path.isdir(dst) or dst.endswith(os.sep):
             to = "dcp"
         else:
             to = "safetensors" if dst.endswith(".safetensors") else "tensorfile"
-    if os.path.abspath(src) == os.path.abspath(dst):
+    if os.path.abspath(src) == os.path.abspath(dst) or _files.same_file(src, dst):
         raise click.ClickException("IN and OUT are the same file")
     total = os.path.getsize(src) if os.path.isfile(src) else 0
     try:
