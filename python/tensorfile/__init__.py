@@ -9,7 +9,7 @@ from ._cuda import release_staging as release_staging_buffers
 from ._errors import ChecksumError, CudaError, FormatError
 from ._files import clean
 from ._io import read_regions_to_device, write_regions_from_device
-from .api import TensorFile, load, open, save, save_safetensors
+from .api import TensorFile, load, load_model, open, save, save_safetensors
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "clean",
     "cuda_available",
     "load",
+    "load_model",
     "open",
     "read_regions_to_device",
     "release_async_buffers",

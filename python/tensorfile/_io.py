@@ -329,40 +329,57 @@ def read_storages(
     verify: bool,
     threads: int,
     use_mmap: bool,
+    into: dict[int, Any] | None = None,
 ) -> dict[int, Any]:
-    """Reads storages (all when `which` is None) into fresh memory, checks them, and
-    returns {storage index: torch UntypedStorage or numpy uint8 array}; reading them all
-    onto the CPU, a _torch.Prebuilt dict where some values are their one tensor."""
+    """Reads storages (all when `which` is None), checks them, and returns {storage
+    index: torch UntypedStorage or numpy uint8 array}; reading them all onto the CPU, a
+    _torch.Prebuilt dict where some values are their one tensor. Storages in `into` are
+    read straight into the memory of the tensor given for them (CPU or CUDA), which is
+    then their value; no destination is allocated for them."""
     lay = reader.layout
     idx = list(range(len(lay.storage_kind))) if which is None else which
     whole = which is None
+    into = dict(into or {})
     if use_mmap:
+        if into:
+            raise ValueError("tensorfile.load: into= cannot be combined with mmap=True")
         raw = _map_storages(reader, idx, verify, threads, whole)
     elif reader.src.fd is not None:
-        direct = _cuda_targets(reader, idx, map_location)
+        direct = _cuda_targets(reader, [s for s in idx if s not in into], map_location)
+        direct.update({s: t.device for s, t in into.items() if t.is_cuda})
         if direct:
-            return _read_to_cuda(reader, idx, direct, map_location, verify, threads, whole)
+            return _read_to_cuda(reader, idx, direct, map_location, verify, threads, whole, into)
         prebuild = whole and not reader.pin_memory and _torch.stays_on_cpu(lay, map_location)
-        raw = _pread_storages(reader, idx, verify, threads, whole, prebuild)
+        raw = _pread_storages(reader, idx, verify, threads, whole, prebuild, into)
         if prebuild:
             return raw  # every storage's place is where it was read
     else:
-        raw = _stream_storages(reader, idx, verify, threads, whole)
+        into = {s: t for s, t in into.items() if t.is_cpu}  # the rest is copied after the read
+        raw = _stream_storages(reader, idx, verify, threads, whole, into)
     place = _torch.placer(lay, reader.name, map_location)
-    return {s: place(s, raw[s]) for s in idx}
+    return {s: raw[s] if s in into else place(s, raw[s]) for s in idx}
 
 
-def _allocate(reader: Reader, idx: list[int], prebuild: bool = False) -> tuple[Any, np.ndarray]:
+def _allocate(
+    reader: Reader, idx: list[int], prebuild: bool = False, into: dict[int, Any] | None = None
+) -> tuple[Any, np.ndarray]:
     lay = reader.layout
-    if any(lay.storage_kind[s] == "torch" for s in idx):
+    into = into or {}
+    fresh = [s for s in idx if s not in into]
+    if any(lay.storage_kind[s] == "torch" for s in fresh):
         torch = _torch.module(reader.name)
-        bufs, ptrs = _torch.allocate(torch, lay, idx, prebuild, reader.pin_memory)
+        bufs, got = _torch.allocate(torch, lay, fresh, prebuild, reader.pin_memory)
     else:
-        bufs, ptrs = {}, np.zeros(len(idx), dtype=np.uint64)
-    for j, s in enumerate(idx):
+        bufs, got = {}, np.zeros(len(fresh), dtype=np.uint64)
+    ptr_of = dict(zip(fresh, got.tolist()))
+    for s in fresh:
         if lay.storage_kind[s] == "numpy":
-            bufs[s], ptrs[j] = _numpy.allocate(int(lay.storage_nbytes[s]))
-    return bufs, ptrs
+            bufs[s], ptr_of[s] = _numpy.allocate(int(lay.storage_nbytes[s]))
+    for s in idx:
+        if s in into:
+            bufs[s] = into[s]
+            ptr_of[s] = into[s].data_ptr()
+    return bufs, np.array([ptr_of[s] for s in idx], dtype=np.uint64)
 
 
 def _verify(reader: Reader, idx: list[int], ptrs: np.ndarray, threads: int, crcs: Any) -> None:
@@ -393,12 +410,19 @@ def _data_begin(lay: Layout) -> int:
 
 
 def _pread_storages(
-    reader: Reader, idx: list[int], verify: bool, threads: int, whole: bool, prebuild: bool = False
+    reader: Reader,
+    idx: list[int],
+    verify: bool,
+    threads: int,
+    whole: bool,
+    prebuild: bool = False,
+    into: dict[int, Any] | None = None,
 ) -> dict[int, Any]:
-    """Reads storages into fresh memory; with `prebuild`, some values are already the
-    storage's one tensor (see _torch.allocate) rather than a storage."""
+    """Reads storages into fresh memory (or the destinations of `into`); with
+    `prebuild`, some values are already the storage's one tensor (see _torch.allocate)
+    rather than a storage."""
     lay = reader.layout
-    bufs, ptrs = _allocate(reader, idx, prebuild)
+    bufs, ptrs = _allocate(reader, idx, prebuild, into)
     fd = reader.src.fd
     assert fd is not None
     nbytes = lay.storage_nbytes[idx]
@@ -424,10 +448,15 @@ def _pread_storages(
 
 
 def _stream_storages(
-    reader: Reader, idx: list[int], verify: bool, threads: int, whole: bool
+    reader: Reader,
+    idx: list[int],
+    verify: bool,
+    threads: int,
+    whole: bool,
+    into: dict[int, Any] | None = None,
 ) -> dict[int, Any]:
     lay, src = reader.layout, reader.src
-    bufs, ptrs = _allocate(reader, idx)
+    bufs, ptrs = _allocate(reader, idx, False, into)
     pad_check = whole and lay.canonical_gaps
     cursor = min(native.data_start(lay.header_end - native.PREAMBLE_NBYTES), lay.file_nbytes)
     for j, s in enumerate(idx):
@@ -504,9 +533,11 @@ def _read_to_cuda(
     verify: bool,
     threads: int,
     whole: bool,
+    into: dict[int, Any],
 ) -> dict[int, Any]:
-    """Allocates each target storage on its CUDA device and fills it from the file; the
-    rest (numpy arrays, CPU tensors) is read as usual."""
+    """Allocates each target storage on its CUDA device (or takes its destination from
+    `into`) and fills it from the file; the rest (numpy arrays, CPU tensors) is read as
+    usual."""
     lay = reader.layout
     fd = reader.src.fd
     assert fd is not None
@@ -552,9 +583,9 @@ def _read_to_cuda(
         )
     rest = [s for s in idx if s not in direct]
     if rest:  # the padding was checked above
-        raw = _pread_storages(reader, rest, verify, threads, False)
+        raw = _pread_storages(reader, rest, verify, threads, False, False, into)
         place = _torch.placer(lay, reader.name, map_location)
-        out.update({s: place(s, raw[s]) for s in rest})
+        out.update({s: raw[s] if s in into else place(s, raw[s]) for s in rest})
     return out
 
 

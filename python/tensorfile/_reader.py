@@ -121,12 +121,76 @@ class Reader:
             by_tensor.setdefault(i, path)
         return [by_tensor.get(i, f"tensor {i}") for i in self.layout.storage_tensors[s]]
 
+    # Destinations (in-place loads) ----------------------------------------------
+    def destinations(self, targets: dict[str, Any]) -> tuple[dict[int, Any], dict[int, Any]]:
+        """Matches `targets` ({key path: torch tensor}) to the file's tensors. Returns
+        ({tensor row: destination}, {storage: destination read straight into}): a storage
+        is read straight into its destination's memory when it holds just that one tensor,
+        whole and contiguous, and the destination is contiguous with the same strides;
+        other destinations are copied into after the read. Raises ValueError naming every
+        key path whose dtype or shape differs (before anything is read)."""
+        keys = self.key_index()
+        rows = self.layout.tensors
+        by_row: dict[int, Any] = {}
+        wrong: list[str] = []
+        for path, t in targets.items():
+            i = keys.get(path)
+            if i is None:
+                continue
+            if path in self.ambiguous:
+                wrong.append(f"{path!r} names more than one tensor in the file")
+                continue
+            row = rows[i]
+            want = _torch.dtype_info(t.dtype)
+            if row.kind != "torch":
+                wrong.append(f"{path!r} is a numpy array in the file")
+            elif want is None or want[0] != row.dtype or list(t.shape) != list(row.shape):
+                wrong.append(
+                    f"{path!r}: the file has {row.dtype} {list(row.shape)}, the destination "
+                    f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+                )
+            else:
+                by_row[i] = t
+        if wrong:
+            shown = "; ".join(wrong[:20]) + ("; ..." if len(wrong) > 20 else "")
+            raise ValueError(
+                f"{self.name}: {len(wrong)} tensor(s) do not fit their destination: {shown}"
+            )
+        direct: dict[int, Any] = {}
+        used: set[int] = set()
+        nbytes = self.layout.storage_nbytes
+        for i, t in by_row.items():
+            row = rows[i]
+            s = row.storage
+            members = self.layout.storage_tensors[s]
+            ptr = t.data_ptr()
+            if (
+                len(members) == 1
+                and row.offset == 0
+                and t.numel() * t.element_size() == int(nbytes[s])
+                and list(t.stride()) == list(row.strides)
+                and t.is_contiguous()
+                and not (t.is_conj() or t.is_neg())
+                and (t.is_cpu or t.is_cuda)
+                and ptr not in used
+            ):
+                direct[s] = t
+                if ptr:
+                    used.add(ptr)
+        return by_row, direct
+
     # Storages and objects ------------------------------------------------------
     def read_storages(
-        self, which: list[int] | None, map_location: Any, verify: bool, threads: int, use_mmap: bool
+        self,
+        which: list[int] | None,
+        map_location: Any,
+        verify: bool,
+        threads: int,
+        use_mmap: bool,
+        into: dict[int, Any] | None = None,
     ) -> dict[int, Any]:
         """Storages `which` (all when None), read and checked; see _io.read_storages."""
-        return _io.read_storages(self, which, map_location, verify, threads, use_mmap)
+        return _io.read_storages(self, which, map_location, verify, threads, use_mmap, into)
 
     def build_tensor(
         self,
@@ -161,11 +225,29 @@ class Reader:
             cache[i] = out
         return out
 
-    def build(self, storages: dict[int, Any]) -> Any:
-        """The file's object graph over `storages` (all of them)."""
+    def build(
+        self,
+        storages: dict[int, Any],
+        dests: dict[int, Any] | None = None,
+        direct: Any = (),
+    ) -> Any:
+        """The file's object graph over `storages` (all of them); rows in `dests` are
+        those destination tensors: filled by the read where their storage is in
+        `direct`, copied into here otherwise (once per destination)."""
         archive = self.layout.archive
-        if archive is not None:
+        if dests:
+            torch = _torch.module(self.name)
             cache: dict[int, Any] = {}
+            copied: set[int] = set()
+            for i, t in dests.items():
+                if self.layout.tensors[i].storage not in direct and id(t) not in copied:
+                    with torch.no_grad():
+                        t.copy_(self.build_tensor(i, storages, cache))
+                    copied.add(id(t))
+                cache[i] = t
+        else:
+            cache = {}
+        if archive is not None:
             n = len(self.layout.tensors)
             return torchzip.substitute(
                 archive.root, [self.build_tensor(i, storages, cache) for i in range(n)]
@@ -176,7 +258,9 @@ class Reader:
         append = tensors.append
         prebuilt = getattr(storages, "prebuilt", ())
         for i, row in enumerate(self.layout.tensors):
-            if row.flags == 0 and row.storage in prebuilt:
+            if i in cache:
+                append(cache[i])
+            elif row.flags == 0 and row.storage in prebuilt:
                 append(storages[row.storage])
             else:
                 append(self.build_tensor(i, storages, row=row))

@@ -628,3 +628,33 @@ def decode_key_for_path(k: Any) -> Any:
         except Exception:
             return k
     return k
+
+
+def tensor_paths(obj: Any, is_tensor: Callable[[Any], bool]) -> dict[str, Any]:
+    """{key path: leaf} for every leaf of nested dicts, lists and tuples that `is_tensor`
+    accepts, with the key paths `key_index` gives a file's tree (str() of non-string dict
+    keys, list positions, joined with "."). Nesting is bounded as in a save."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise ValueError(f"containers are nested more than {MAX_DEPTH} deep")
+        if isinstance(node, dict):
+            items: Any = node.items()
+        elif isinstance(node, (list, tuple)):
+            items = enumerate(node)
+        else:
+            return
+        for k, v in items:
+            name = k if type(k) is str else str(k)
+            path = f"{prefix}.{name}" if prefix else name
+            if is_tensor(v):
+                out[path] = v
+            else:
+                walk(v, path, depth + 1)
+
+    if is_tensor(obj):
+        out[""] = obj
+    else:
+        walk(obj, "", 0)
+    return out

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _config, _cuda, _io
 from ._files import FileLike, PathLike
 from ._plan import check_metadata, plan_safetensors
 from ._reader import open_reader
-from ._tree import no_gc
+from ._tree import no_gc, tensor_paths
 
 
 def save(
@@ -71,6 +71,7 @@ def load(
     f: FileLike,
     map_location: Any = None,
     *,
+    into: Any = None,
     mmap: bool = False,
     verify: bool = True,
     num_threads: int | None = None,
@@ -87,6 +88,13 @@ def load(
     for fast copies to CUDA; it needs CUDA. `verify=False` skips the checksums, never
     the structural checks. Raises FormatError (ChecksumError for damaged bytes) naming
     the file; no code in the file is ever executed. Releases the GIL while bytes move.
+
+    `into` (an in-place load) is a nested container of tensors, such as
+    `{"model": model.state_dict(), "optim": opt.state_dict()}`: every tensor of the file
+    whose key path exists in `into` with the same dtype and shape is read into that
+    tensor's memory, on its device, and the result holds those very tensors; a key path
+    whose dtype or shape differs raises ValueError naming every mismatch before any byte
+    is read. Tensors not in `into` are allocated as usual; other values come from the file.
     """
     if pin_memory:
         if mmap:
@@ -99,16 +107,68 @@ def load(
         reader = open_reader(f, verify)
         reader.pin_memory = pin_memory
         try:
-            storages = reader.read_storages(
-                None, map_location, verify, _config.num_threads(num_threads), mmap
+            dests, direct = (
+                reader.destinations(_torch_targets(into)) if into is not None else ({}, {})
             )
-            out = reader.build(storages)
+            storages = reader.read_storages(
+                None, map_location, verify, _config.num_threads(num_threads), mmap, direct
+            )
+            out = reader.build(storages, dests, direct)
         finally:
             reader.close()
         # Free the header's many small objects while the collector is still paused:
         # alive at gc.enable(), they would make its next pass walk them all.
         del reader, storages
         return out
+
+
+def _torch_targets(into: Any) -> dict[str, Any]:
+    """{key path: tensor} of an `into` container (torch tensors only)."""
+    import torch
+
+    return tensor_paths(into, lambda x: isinstance(x, torch.Tensor))
+
+
+class IncompatibleKeys(NamedTuple):
+    """What load_model returns, as `load_state_dict` does."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def load_model(
+    module: Any, f: FileLike, *, strict: bool = True, prefix: str = ""
+) -> IncompatibleKeys:
+    """Reads the state dict in `f` (or the sub-tree under `prefix`, such as "model." of a
+    checkpoint) straight into `module`'s parameters and buffers, with no second copy of
+    them in memory. Returns (missing_keys, unexpected_keys) as
+    `module.load_state_dict` does; with `strict=True` either raises RuntimeError before
+    any byte is read. Reads only the storages of the tensors it fills."""
+    import torch
+
+    state = module.state_dict()
+    targets = {prefix + k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    with no_gc(), open_reader(f) as reader:
+        keys = reader.key_index()
+        missing = [k for k in state if prefix + k not in keys]
+        unexpected = [
+            k[len(prefix) :] for k in keys if k.startswith(prefix) and k[len(prefix) :] not in state
+        ]
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"{reader.name}: error loading the state dict into {type(module).__name__}: "
+                f"missing keys {missing[:20]}, unexpected keys {unexpected[:20]}"
+            )
+        dests, direct = reader.destinations(targets)
+        rows = reader.layout.tensors
+        which = sorted({rows[i].storage for i in dests})
+        storages = reader.read_storages(which, "cpu", True, _config.num_threads(), False, direct)
+        cache: dict[int, Any] = {}
+        with torch.no_grad():
+            for i, t in dests.items():
+                if rows[i].storage not in direct:
+                    t.copy_(reader.build_tensor(i, storages, cache))
+    return IncompatibleKeys(missing, unexpected)
 
 
 class TensorFile:
