@@ -225,6 +225,20 @@ class Reader:
             cache[i] = out
         return out
 
+    def fill(self, storages: dict[int, Any], dests: dict[int, Any], direct: Any) -> dict[int, Any]:
+        """Copies into the destinations of `dests` ({row: tensor}) whose storage was not
+        read straight into them (`direct`), once per destination; returns {row: tensor}."""
+        torch = _torch.module(self.name)
+        cache: dict[int, Any] = {}
+        copied: set[int] = set()
+        with torch.no_grad():
+            for i, t in dests.items():
+                if self.layout.tensors[i].storage not in direct and id(t) not in copied:
+                    t.copy_(self.build_tensor(i, storages, cache))
+                    copied.add(id(t))
+                cache[i] = t
+        return cache
+
     def build(
         self,
         storages: dict[int, Any],
@@ -235,18 +249,7 @@ class Reader:
         those destination tensors: filled by the read where their storage is in
         `direct`, copied into here otherwise (once per destination)."""
         archive = self.layout.archive
-        if dests:
-            torch = _torch.module(self.name)
-            cache: dict[int, Any] = {}
-            copied: set[int] = set()
-            for i, t in dests.items():
-                if self.layout.tensors[i].storage not in direct and id(t) not in copied:
-                    with torch.no_grad():
-                        t.copy_(self.build_tensor(i, storages, cache))
-                    copied.add(id(t))
-                cache[i] = t
-        else:
-            cache = {}
+        cache = self.fill(storages, dests, direct) if dests else {}
         if archive is not None:
             n = len(self.layout.tensors)
             return torchzip.substitute(

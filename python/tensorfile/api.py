@@ -160,14 +160,9 @@ def load_model(
                 f"missing keys {missing[:20]}, unexpected keys {unexpected[:20]}"
             )
         dests, direct = reader.destinations(targets)
-        rows = reader.layout.tensors
-        which = sorted({rows[i].storage for i in dests})
+        which = sorted({reader.layout.tensors[i].storage for i in dests})
         storages = reader.read_storages(which, "cpu", True, _config.num_threads(), False, direct)
-        cache: dict[int, Any] = {}
-        with torch.no_grad():
-            for i, t in dests.items():
-                if rows[i].storage not in direct:
-                    t.copy_(reader.build_tensor(i, storages, cache))
+        reader.fill(storages, dests, direct)
     return IncompatibleKeys(missing, unexpected)
 
 
