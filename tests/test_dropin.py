@@ -1,0 +1,268 @@
+"""torch.load's arguments and habits: weights_only, mmap, pickle_module and pickle_load_args
+accepted or refused with a reason, map_location="meta" without reading a byte, and the
+messages a new user meets first (saving a module, a missing CUDA device, inspect, demo)."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import pickle
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import tensorfile  # noqa: E402
+from _util import assert_same  # noqa: E402
+
+
+def _state() -> dict[str, Any]:
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    sd: dict[str, Any] = {
+        "w": w,
+        "row": w[1],  # a view: shares w's storage at an offset
+        "wt": w.t(),  # strided
+        "bf16": torch.linspace(-2, 2, 5).to(torch.bfloat16),
+        "fp8": torch.linspace(-1, 1, 4).to(torch.float8_e4m3fn),
+        "mask": torch.tensor([True, False, True]),
+        "p": torch.nn.Parameter(torch.ones(2)),
+        "step": 7,
+    }
+    return sd
+
+
+def _files(tmp_path: Path) -> dict[str, Path]:
+    sd = _state()
+    paths = {"tensorfile": tmp_path / "s.tf", "torch.save": tmp_path / "s.pt"}
+    tensorfile.save(sd, paths["tensorfile"])
+    torch.save(sd, paths["torch.save"])
+    flat = {k: v.detach() for k, v in sd.items() if isinstance(v, torch.Tensor) and k != "row"}
+    paths["safetensors"] = tmp_path / "s.safetensors"
+    tensorfile.save_safetensors(flat, paths["safetensors"], copy_shared=True)
+    return paths
+
+
+# --------------------------------------------------------------------------- item 13
+
+
+def test_every_torch_load_parameter_is_accepted_by_name() -> None:
+    ours = inspect.signature(tensorfile.load).parameters
+    for name, param in inspect.signature(torch.load).parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ours.values())
+        else:
+            assert name in ours, name
+            assert ours[name].kind == param.kind, name
+    # the same positional order as torch.load: f, map_location, pickle_module
+    assert list(ours)[:3] == ["f", "map_location", "pickle_module"]
+
+
+@pytest.mark.parametrize("weights_only", [True, False, None])
+def test_weights_only_loads_the_same(tmp_path: Path, weights_only: Any) -> None:
+    for path in _files(tmp_path).values():
+        want = tensorfile.load(path)
+        assert_same(want, tensorfile.load(path, weights_only=weights_only), str(path))
+        assert_same(want, tensorfile.load(path, "cpu", None, weights_only=weights_only))
+
+
+def test_mmap_none_is_false_and_true_maps(tmp_path: Path) -> None:
+    path = _files(tmp_path)["torch.save"]
+    want = torch.load(path, weights_only=True)
+    assert_same(want, tensorfile.load(path, mmap=None))
+    assert_same(want, tensorfile.load(path, mmap=True, weights_only=True))
+    with pytest.raises(TypeError, match="mmap must be True, False or None"):
+        tensorfile.load(path, mmap="yes")
+
+
+def test_pickle_module_other_than_pickle_is_refused(tmp_path: Path) -> None:
+    path = _files(tmp_path)["torch.save"]
+    assert_same(torch.load(path, weights_only=True), tensorfile.load(path, pickle_module=pickle))
+    dill = types.ModuleType("dill")
+    with pytest.raises(ValueError, match=r"pickle_module=dill .*never unpickles arbitrary"):
+        tensorfile.load(path, pickle_module=dill)
+    with pytest.raises(ValueError, match="pickle_module"):
+        tensorfile.load(path, None, dill)
+
+
+def test_pickle_load_args_encoding_only(tmp_path: Path) -> None:
+    path = _files(tmp_path)["torch.save"]
+    # torch.load warns that pickle_load_args need weights_only=False; encoding changes
+    # only Python 2 strings, which a torch.save zip never holds
+    want = torch.load(path, weights_only=True)
+    assert_same(want, tensorfile.load(path, encoding="latin1"))
+    with pytest.raises(TypeError, match=r"'errors'.*only encoding= is accepted"):
+        tensorfile.load(path, errors="strict")
+    with pytest.raises(TypeError, match="encoding must be a str"):
+        tensorfile.load(path, encoding=1)
+    with pytest.raises(TypeError, match="weights_only must be"):
+        tensorfile.load(path, weights_only="yes")
+
+
+# --------------------------------------------------------------------------- item 14
+
+
+class _CountingStream(io.BytesIO):
+    """Counts the bytes handed out, however they are asked for."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.nread = 0
+
+    def read(self, n: int | None = -1) -> bytes:
+        out = super().read(n)
+        self.nread += len(out)
+        return out
+
+    def readinto(self, b: Any) -> int:
+        n = super().readinto(b)
+        self.nread += n
+        return n
+
+
+def _meta_matches(cpu: Any, meta: Any, path: str) -> None:
+    if isinstance(cpu, torch.Tensor):
+        assert meta.device.type == "meta", path
+        assert type(meta) is type(cpu), path
+        assert (meta.dtype, meta.shape, meta.stride()) == (cpu.dtype, cpu.shape, cpu.stride()), path
+        assert meta.storage_offset() == cpu.storage_offset(), path
+        assert meta.untyped_storage().nbytes() == cpu.untyped_storage().nbytes(), path
+        assert meta.requires_grad == cpu.requires_grad, path
+    elif isinstance(cpu, dict):
+        assert list(meta) == list(cpu), path
+        for k in cpu:
+            _meta_matches(cpu[k], meta[k], f"{path}.{k}")
+    else:
+        assert meta == cpu, path
+
+
+@pytest.mark.parametrize("where", ["meta", "device", "dict"])
+def test_meta_map_location_for_every_format(tmp_path: Path, where: str) -> None:
+    ml: Any = {"meta": "meta", "device": torch.device("meta"), "dict": {"cpu": "meta"}}[where]
+    for fmt, path in _files(tmp_path).items():
+        cpu = tensorfile.load(path)
+        got = tensorfile.load(path, map_location=ml, weights_only=True)
+        _meta_matches(cpu, got, fmt)
+        if fmt != "safetensors":  # views of one storage stay views of one storage
+            assert got["row"].untyped_storage()._cdata == got["w"].untyped_storage()._cdata
+            assert got["wt"].untyped_storage()._cdata == got["w"].untyped_storage()._cdata
+        with tensorfile.open(path) as f:
+            t = f.get("bf16", map_location=ml)
+            assert (t.device.type, t.dtype, t.shape) == ("meta", torch.bfloat16, (5,))
+            assert f.get("mask", map_location=ml).device.type == "meta"
+            _meta_matches(cpu, f.load(map_location=ml), fmt)
+
+
+def test_meta_reads_no_tensor_bytes(tmp_path: Path) -> None:
+    big = {"big": torch.ones(1 << 20), "step": 1}  # 4 MiB of tensor bytes
+    for path in (tmp_path / "b.tf", tmp_path / "b.pt", tmp_path / "b.safetensors"):
+        if path.suffix == ".tf":
+            tensorfile.save(big, path)
+        elif path.suffix == ".pt":
+            torch.save(big, path)
+        else:
+            tensorfile.save_safetensors({"big": big["big"]}, path)
+        stream = _CountingStream(path.read_bytes())
+        got = tensorfile.load(stream, map_location="meta")
+        assert got["big"].device.type == "meta" and got["big"].shape == (1 << 20,)
+        assert stream.nread < 256 << 10, (path.suffix, stream.nread)
+
+
+def test_meta_skips_damaged_bytes_that_a_real_load_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "d.tf"
+    tensorfile.save({"w": torch.ones(1024)}, path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # inside the one storage
+    path.write_bytes(bytes(data))
+    with pytest.raises(tensorfile.ChecksumError):
+        tensorfile.load(path)
+    assert tensorfile.load(path, map_location="meta")["w"].shape == (1024,)
+
+
+def _saved_from_cuda(
+    obj: Any, path: Path, monkeypatch: pytest.MonkeyPatch, which: Any = None
+) -> None:
+    """torch.save of CPU tensors, recorded as saved from cuda:0 (all, or the storages of
+    the tensors in `which`), as a GPU machine would have written them."""
+    real = torch.serialization.location_tag
+    ptrs = None if which is None else {t.untyped_storage().data_ptr() for t in which}
+
+    def tag(storage: Any) -> str:
+        return "cuda:0" if ptrs is None or storage.data_ptr() in ptrs else real(storage)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", tag)
+        torch.save(obj, path)
+
+
+def test_dict_map_location_sends_some_storages_to_meta(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = torch.arange(4.0), torch.arange(3)
+    path = tmp_path / "mixed.pt"
+    _saved_from_cuda({"a": a, "b": b}, path, monkeypatch, which=[a])
+    got = tensorfile.load(path, map_location={"cuda:0": "meta"})
+    assert got["a"].device.type == "meta" and got["a"].shape == (4,)
+    assert got["b"].device.type == "cpu" and torch.equal(got["b"], b)
+
+
+# --------------------------------------------------------------------------- item 17
+
+
+def test_saving_a_module_suggests_its_state_dict(tmp_path: Path) -> None:
+    net = torch.nn.Linear(2, 3)
+    with pytest.raises(TypeError, match=r"save its state_dict\(\) instead"):
+        tensorfile.save({"net": net}, tmp_path / "net.tf")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"'opt'.*save its state_dict\(\) instead"):
+        tensorfile.save({"opt": opt}, tmp_path / "opt.tf")
+    with pytest.raises(TypeError) as e:  # other objects get no such hint
+        tensorfile.save({"x": object()}, tmp_path / "x.tf")
+    assert "state_dict" not in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_cuda_message_says_what_map_location_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = torch.arange(4.0)
+    path = tmp_path / "gpu.pt"
+    _saved_from_cuda({"t": t}, path, monkeypatch)
+    with pytest.raises(RuntimeError, match=r"saved from cuda:0, and map_location=None keeps"):
+        tensorfile.load(path)
+    with pytest.raises(RuntimeError, match=r"map_location='cuda:1' sends every storage there"):
+        tensorfile.load(path, map_location="cuda:1")
+    with pytest.raises(RuntimeError, match=r"map_location=\{'cuda:0': 'cuda:1'\} maps it there"):
+        tensorfile.load(path, map_location={"cuda:0": "cuda:1"})
+    with tensorfile.open(path) as f, pytest.raises(RuntimeError, match=r"gpu\.pt.*map_location"):
+        f.get("t")
+    assert torch.equal(tensorfile.load(path, map_location="cpu")["t"], t)
+
+
+def test_inspect_says_what_the_version_counts(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from tensorfile.cli import main
+
+    paths = _files(tmp_path)
+    runner = CliRunner()
+    first = {
+        fmt: runner.invoke(main, ["inspect", str(p)]).output.splitlines()[0]
+        for fmt, p in paths.items()
+    }
+    assert first["torch.save"].startswith(
+        f"{paths['torch.save']}: torch.save zip, archive version 3,"
+    )
+    assert first["tensorfile"].startswith(f"{paths['tensorfile']}: tensorfile, format version 1.")
+    assert first["safetensors"].startswith(f"{paths['safetensors']}: safetensors, ")
+
+
+def test_demo_names_no_directory_it_deletes() -> None:
+    from tensorfile import _demo
+
+    lines: list[str] = []
+    _demo.run(None, 1, 1, echo=lines.append)
+    out = "\n".join(lines)
+    assert "tensorfile-demo-" not in out, out
+    assert "(files written: mlp.params, mydict, x-file, x-files; in a temporary directory" in out
