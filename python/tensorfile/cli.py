@@ -196,6 +196,16 @@ def describe_file(path: str) -> dict[str, Any]:
         }
 
 
+def _format_label(info: dict[str, Any]) -> str:
+    """The format and what its version number counts, for inspect's first line."""
+    fmt, version = info["format"], info["version"]
+    if not version:
+        return str(fmt)
+    if fmt == "torch.save":
+        return f"torch.save zip, archive version {version}"
+    return f"{fmt}, format version {version}"
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
@@ -207,8 +217,7 @@ def inspect(file: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    version = f" {info['version']}" if info["version"] else ""
-    click.echo(f"{file}: {info['format']}{version}, {info['file_nbytes']:,} bytes")
+    click.echo(f"{file}: {_format_label(info)}, {info['file_nbytes']:,} bytes")
     rows = [
         (
             t["key"],
