@@ -296,8 +296,11 @@ def test_convert_between_formats_and_diff(tmp_path: Path) -> None:
     # diff across formats: identical tensors exit 0, a change exits 1 and is named
     p = tf("diff", str(st_out), str(back))
     assert p.returncode == 0, p.stdout + p.stderr
-    p = tf("diff", str(src), str(st_out))
+    p = tf("diff", str(src), str(st_out), "--tensors-only")
     assert p.returncode == 0 and "3 identical" in p.stdout, p.stdout
+    p = tf("diff", str(src), str(st_out))  # the safetensors file has no "step"
+    assert p.returncode == 1 and "3 identical" in p.stdout, p.stdout
+    assert re.search(r"^only in A: step$", p.stdout, re.M), p.stdout
     changed = dict(want["model"])
     changed["w"] = want["model"]["w"] + 0.5
     changed["b"] = torch.ones(3, dtype=torch.bfloat16)

@@ -266,3 +266,136 @@ def test_demo_names_no_directory_it_deletes() -> None:
     out = "\n".join(lines)
     assert "tensorfile-demo-" not in out, out
     assert "(files written: mlp.params, mydict, x-file, x-files; in a temporary directory" in out
+
+
+# --------------------------------------------------------------------------- item 15
+
+
+def _diff(*args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+    from tensorfile.cli import main
+
+    r = CliRunner().invoke(main, ["diff", *args])
+    return r.exit_code, r.output
+
+
+def _checkpoint(step: int, lr: float) -> dict[str, Any]:
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    m(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    opt.param_groups[0]["lr"] = lr  # the schedule moved on; the tensors are the same
+    return {"model": m.state_dict(), "optim": opt.state_dict(), "step": step, "lr": lr}
+
+
+def test_diff_compares_plain_values_too(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.pt", tmp_path / "b.tf"
+    torch.save(_checkpoint(10, 1e-3), a)
+    tensorfile.save(_checkpoint(11, 2e-3), b)
+    code, out = _diff(str(a), str(b))
+    assert code == 1, out
+    assert "differs:   step: int 10 -> int 11" in out, out
+    assert "differs:   lr: float 0.001 -> float 0.002" in out, out
+    # the optimizer's param_groups hold the lr too
+    assert "differs:   optim.param_groups.0.lr: float 0.001 -> float 0.002" in out, out
+    assert "; 3 other value(s) differ" in out, out
+    code, out = _diff(str(a), str(b), "--tensors-only")  # the old comparison
+    assert code == 0 and "0 with different values" in out, out
+    # the same checkpoint in two formats is identical, values and all
+    same = tmp_path / "same.tf"
+    tensorfile.save(_checkpoint(10, 1e-3), same)
+    code, out = _diff(str(a), str(same))
+    assert code == 0, out
+
+
+def test_diff_reports_types_and_structure(tmp_path: Path) -> None:
+    import collections
+
+    t = torch.arange(3.0)
+    a = {
+        "n": 1,
+        "seq": [1, 2],
+        "od": collections.OrderedDict(x=1),
+        "p": torch.nn.Parameter(t.clone()),
+        "sub": {"k": 1},
+        "gone": {"deep": {"t": t, "v": 2}},
+        "empty": {},
+        "nan": float("nan"),
+    }
+    b = {
+        "n": 1.0,
+        "seq": (1, 2),
+        "od": {"x": 1},
+        "p": t.clone(),
+        "sub": [1],
+        "new": None,
+        "empty": [],
+        "nan": float("nan"),
+    }
+    pa, pb = tmp_path / "a.tf", tmp_path / "b.pt"
+    tensorfile.save(a, pa)
+    torch.save(b, pb)
+    code, out = _diff("--json", str(pa), str(pb))
+    assert code == 1
+    import json
+
+    report = json.loads(out)
+    values = {v["key"]: (v["a"], v["b"]) for v in report["values"]}
+    assert values == {
+        "n": ("int 1", "float 1.0"),
+        "seq": ("list of 2", "tuple of 2"),
+        "od": ("OrderedDict of 1", "dict of 1"),
+        "p": ("torch Parameter requiring grad float32[3]", "torch float32[3]"),
+        "sub": ("dict of 1", "list of 1"),
+        "empty": ("dict {}", "list []"),
+    }, values
+    # a subtree the other side lacks entirely is named once; "sub"'s children by path
+    assert report["only_in_a"] == ["sub.k", "gone"], report
+    assert report["only_in_b"] == ["sub.0", "new"], report
+
+
+def test_diff_holds_one_tensor_pair_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import weakref
+
+    from tensorfile import _convert
+
+    sd = {f"t{i}": torch.full((256,), float(i)) for i in range(8)}
+    pa, pb = tmp_path / "a.tf", tmp_path / "b.safetensors"
+    tensorfile.save(sd, pa)
+    tensorfile.save_safetensors(sd, pb)
+    alive: list[Any] = []
+    most = 0
+    real = _convert._Side.tensor
+
+    def tensor(self: Any, i: int) -> Any:
+        nonlocal most
+        most = max(most, sum(r() is not None for r in alive))
+        out = real(self, i)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(_convert._Side, "tensor", tensor)
+    report = _convert.diff(str(pa), str(pb))
+    assert report["identical"] and len(alive) == 16
+    assert most <= 1  # at each read, at most the pair's other tensor is still alive
+
+
+def test_diff_of_a_pickle_sharing_containers_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorfile import _convert
+
+    node: Any = [torch.zeros(1)]
+    for _ in range(40):  # 2**40 key paths through one small pickle
+        node = [node, node]
+    path = tmp_path / "shared.pt"
+    torch.save({"x": node}, path)
+    monkeypatch.setattr(_convert, "MAX_DIFF_VALUES", 10_000)
+    code, out = _diff(str(path), str(path))
+    assert code == 1 and "more than 10,000 values" in out and "--tensors-only" in out, out
+    assert "Traceback" not in out
+    code, out = _diff(str(path), str(path), "--tensors-only")
+    assert code == 0, out

@@ -324,14 +324,24 @@ def convert(src: str, dst: str, to: str | None, skip_non_tensors: bool) -> None:
 @click.argument("b", metavar="B", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("--all", "show_all", is_flag=True, help="List identical tensors too.")
+@click.option(
+    "--tensors-only",
+    is_flag=True,
+    help="Compare only the tensors, by key path (ignore plain values, types and structure).",
+)
 @_quiet_option
-def diff(a: str, b: str, as_json: bool, show_all: bool) -> None:
-    """Compare the tensors of A and B by key path, across formats: keys only in one, dtype
-    or shape changes, max absolute difference per common tensor. Exit 0 when identical, 1 if not."""
+def diff(a: str, b: str, as_json: bool, show_all: bool, tensors_only: bool) -> None:
+    """Compare A and B by key path, across formats: every value of the object tree (plain
+    values such as step and lr, types, container kinds) and each common tensor's dtype,
+    shape and max absolute difference, one tensor pair in memory at a time. Exit 0 when
+    identical, 1 if not."""
     from . import _convert
 
-    with _progress(0, "diff", unit="tensor") as update:
-        report = _convert.diff(a, b, update)
+    try:
+        with _progress(0, "diff", unit="tensor") as update:
+            report = _convert.diff(a, b, update, tensors_only=tensors_only)
+    except (ValueError, ImportError) as e:
+        raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -343,16 +353,20 @@ def diff(a: str, b: str, as_json: bool, show_all: bool) -> None:
             fa = f"{c['a'][0]}[{','.join(map(str, c['a'][1]))}]"
             fb = f"{c['b'][0]}[{','.join(map(str, c['b'][1]))}]"
             click.echo(f"changed:   {c['key']}: {fa} -> {fb}")
+        for v in report["values"]:
+            click.echo(f"differs:   {v['key']}: {v['a']} -> {v['b']}")
         for key, d in report["max_abs_diff"].items():
             if d != 0 or show_all:
                 click.echo(
                     f"differs:   {key}: max abs difference {d:.6g}" if d else f"same:      {key}"
                 )
         same = sum(1 for d in report["max_abs_diff"].values() if d == 0)
+        others = "" if tensors_only else f"; {len(report['values'])} other value(s) differ"
         click.echo(
             f"{len(report['max_abs_diff']) + len(report['changed'])} common tensor(s): {same} identical, "
             f"{len(report['max_abs_diff']) - same} with different values, {len(report['changed'])} with "
             f"different dtype or shape; {len(report['only_in_a'])} only in A, {len(report['only_in_b'])} only in B"
+            f"{others}"
         )
     if not report["identical"]:
         raise SystemExit(1)
