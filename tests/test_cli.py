@@ -221,7 +221,9 @@ def test_console_script_inspects_a_torch_save_file(tmp_path: Path) -> None:
     path = _torch_file(tmp_path)
     p = console("inspect", str(path))
     assert p.returncode == 0, p.stderr
-    assert re.search(r"model\.pt: torch\.save \d+, [\d,]+ bytes$", p.stdout, re.M), p.stdout
+    assert re.search(
+        r"model\.pt: torch\.save zip, archive version \d+, [\d,]+ bytes$", p.stdout, re.M
+    ), p.stdout
     assert re.search(r"^model\.wt\s+float32\s+4x3\s+48\s+\d+\s+cpu", p.stdout, re.M), p.stdout
     assert re.search(r"^model\.b\s+bfloat16\s+2\s+4\s", p.stdout, re.M), p.stdout
 

@@ -4,9 +4,11 @@ messages a new user meets first (saving a module, a missing CUDA device, inspect
 
 from __future__ import annotations
 
+import collections
 import inspect
 import io
 import pickle
+import struct
 import types
 from pathlib import Path
 from typing import Any
@@ -254,7 +256,7 @@ def test_inspect_says_what_the_version_counts(tmp_path: Path) -> None:
     assert first["torch.save"].startswith(
         f"{paths['torch.save']}: torch.save zip, archive version 3,"
     )
-    assert first["tensorfile"].startswith(f"{paths['tensorfile']}: tensorfile, format version 1.")
+    assert first["tensorfile"].startswith(f"{paths['tensorfile']}: tensorfile 1.")
     assert first["safetensors"].startswith(f"{paths['safetensors']}: safetensors, ")
 
 
@@ -399,3 +401,173 @@ def test_diff_of_a_pickle_sharing_containers_is_bounded(
     assert "Traceback" not in out
     code, out = _diff(str(path), str(path), "--tensors-only")
     assert code == 0, out
+
+
+# --------------------------------------------------------------------------- item 16
+
+
+def _convert_cli(*args: str) -> Any:
+    from click.testing import CliRunner
+    from tensorfile.cli import main
+
+    return CliRunner().invoke(main, ["convert", *args])
+
+
+def _rich_state() -> collections.OrderedDict[str, Any]:
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    sd: collections.OrderedDict[str, Any] = collections.OrderedDict(
+        w=w,
+        row=w[1],
+        wt=w.t(),
+        bf16=torch.linspace(-2, 2, 5).to(torch.bfloat16),
+        fp8=torch.linspace(-1, 1, 4).to(torch.float8_e4m3fn),
+        e5m2=torch.linspace(-1, 1, 4).to(torch.float8_e5m2),
+        u16=torch.arange(3).to(torch.uint16),
+        mask=torch.tensor([True, False, True]),
+        p=torch.nn.Parameter(torch.ones(2)),
+        g=torch.ones(2, requires_grad=True),
+        c=torch.ones(2, dtype=torch.complex64) * (1 + 2j),
+        empty=torch.zeros(0, 3),
+        scalar=torch.tensor(3.5, dtype=torch.float64),
+        step=7,
+        sz=torch.Size([2, 3]),
+        dt=torch.bfloat16,
+        dev=torch.device("cpu"),
+        plain=[(1, "x\udc80", b"b", bytearray(b"q"), 1j, None, float("inf"), 2**80)],
+    )
+    sd["tied"] = sd["w"]  # the same tensor twice
+    sd._metadata = {"": {"version": 1}}  # type: ignore[attr-defined]
+    return sd
+
+
+def _same_storage(a: Any, b: Any) -> bool:
+    return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
+@pytest.mark.parametrize("source", ["tensorfile", "torch.save", "safetensors"])
+def test_convert_to_a_torch_save_file(tmp_path: Path, source: str) -> None:
+    import zipfile
+
+    sd = _rich_state()
+    src = tmp_path / {"tensorfile": "s.tf", "torch.save": "s.pt", "safetensors": "s.st"}[source]
+    if source == "tensorfile":
+        sd["m8"] = torch.arange(8).to(torch.uint8)
+        sd["m32"] = sd["m8"].view(torch.int32)  # one storage, two dtypes (torch.save refuses)
+        tensorfile.save(sd, src)
+    elif source == "torch.save":
+        sd["conj"] = (torch.ones(2, dtype=torch.complex64) * 1j).conj()  # a lazy conj view
+        torch.save(sd, src)
+    else:
+        flat = {k: v.detach() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        del flat["row"], flat["wt"], flat["tied"]
+        tensorfile.save_safetensors(flat, src)
+    out = tmp_path / "out.pt"
+    r = _convert_cli(str(src), str(out))  # .pt: a torch.save file by default
+    assert r.exit_code == 0 and "(torch.save) from" in r.output, r.output
+    want = tensorfile.load(src)
+    got = torch.load(out, weights_only=True)
+    assert_same(want, got)
+    assert_same(want, tensorfile.load(out))  # and it reads back here, CRC-32s checked
+    assert zipfile.ZipFile(out).testzip() is None  # every record's CRC-32 is right
+    if source != "safetensors":
+        assert _same_storage(got["row"], got["w"]) and _same_storage(got["wt"], got["w"])
+        assert got["tied"] is got["w"] and type(got["p"]) is torch.nn.Parameter
+        assert got._metadata == {"": {"version": 1}}
+    if source == "tensorfile":
+        assert _same_storage(got["m32"], got["m8"])
+    if source == "torch.save":
+        assert got["conj"].is_conj() and torch.equal(got["conj"], sd["conj"])
+    mapped = torch.load(out, weights_only=True, mmap=True)
+    assert_same(got, mapped)
+
+
+def test_torch_save_records_are_aligned_and_zip64_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zipfile
+
+    from tensorfile.formats import torchzip_writer
+
+    sd = {"a": torch.arange(5, dtype=torch.int16), "b": torch.ones(3, 7), "n": 1}
+    src = tmp_path / "s.tf"
+    tensorfile.save(sd, src)
+    for limit in (torchzip_writer.ZIP64_LIMIT, 0):  # 0: zip64 fields on every record
+        monkeypatch.setattr(torchzip_writer, "ZIP64_LIMIT", limit)
+        out = tmp_path / f"out{limit}.pt"
+        assert _convert_cli(str(src), str(out), "--to", "torch").exit_code == 0
+        raw = out.read_bytes()
+        z = zipfile.ZipFile(out)
+        assert z.testzip() is None
+        for info in z.infolist():
+            nlen, elen = struct.unpack_from("<HH", raw, info.header_offset + 26)
+            data = info.header_offset + 30 + nlen + elen
+            assert data % 64 == 0, info.filename
+            assert raw[data : data + info.file_size] == z.read(info)
+        assert (b"PK\x06\x06" in raw) == (limit == 0)
+        assert_same(sd, torch.load(out, weights_only=True))
+        assert_same(sd, tensorfile.load(out))
+
+
+def test_large_storages_stream_in_chunks(tmp_path: Path) -> None:
+    from tensorfile import _convert
+    from tensorfile._reader import open_reader
+
+    sd = {"big": torch.randn(5000), "small": torch.arange(3), "view": None}
+    sd["view"] = sd["big"][10:20]
+    for src, save in ((tmp_path / "s.tf", tensorfile.save), (tmp_path / "s.pt", torch.save)):
+        save(sd, src)
+        out = tmp_path / "out.pt"
+        with open_reader(str(src)) as reader:  # a 4 KiB buffer: "big" comes in 5 chunks
+            stream = _convert.StorageStream(reader, 2, chunk_nbytes=4096)
+            _convert._to_torch(reader, str(out), stream, lambda n: None)
+        got = torch.load(out, weights_only=True)
+        assert_same(sd, got)
+        assert _same_storage(got["view"], got["big"])
+
+
+def test_torch_save_target_refuses_what_torch_load_cannot_read(tmp_path: Path) -> None:
+    import numpy as np
+
+    for name, obj in {
+        "array": {"x": {"arr": np.arange(3)}},
+        "npscalar": {"x": {"lr": np.float32(0.5)}},
+    }.items():
+        src = tmp_path / f"{name}.tf"
+        tensorfile.save(obj, src)
+        out = tmp_path / f"{name}.pt"
+        r = _convert_cli(str(src), str(out))
+        assert r.exit_code == 1 and "x." in r.output and "weights_only=True" in r.output, r.output
+        assert not out.exists()
+
+
+def test_convert_to_safetensors_warns_of_copies(tmp_path: Path) -> None:
+    w = torch.randn(4, 8)
+    src = tmp_path / "tied.tf"
+    tensorfile.save({"emb": w, "head": w, "wt": w.t(), "half": w[:2], "own": torch.ones(3)}, src)
+    from click.testing import CliRunner
+    from tensorfile.cli import main
+
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "o.safetensors")])
+    assert r.exit_code == 0, r.output
+    # emb, head and wt each hold w's 128 bytes, half 64 of them: 448 bytes for 128
+    assert "4 tensors that share storage (emb, head, wt, half)" in r.stderr, r.stderr
+    assert "adding 320 bytes" in r.stderr, r.stderr
+    r = CliRunner().invoke(
+        main, ["convert", str(tmp_path / "o.safetensors"), str(tmp_path / "o2.safetensors")]
+    )
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
+
+
+def test_a_failed_conversion_to_torch_leaves_the_old_file(tmp_path: Path) -> None:
+    src = tmp_path / "d.tf"
+    tensorfile.save({"w": torch.ones(1024)}, src)
+    data = bytearray(src.read_bytes())
+    data[-5] ^= 0xFF  # inside the storage: found while streaming it
+    src.write_bytes(bytes(data))
+    out = tmp_path / "out.pt"
+    torch.save({"old": torch.zeros(1)}, out)
+    before = out.read_bytes()
+    r = _convert_cli(str(src), str(out))
+    assert r.exit_code == 1 and "checksum mismatch" in r.output, r.output
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tftmp")] == []

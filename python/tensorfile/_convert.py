@@ -8,18 +8,19 @@ from __future__ import annotations
 import math
 import os
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _config, _engine, _files, _io, _numpy, api
-from ._dtypes import ITEMSIZE
+from . import _config, _engine, _files, _io, _numpy, _torch, api
+from ._dtypes import ITEMSIZE, TORCH_ITEMSIZE
 from ._errors import FormatError
 from ._layout import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, Layout
 from ._reader import Reader, open_reader
 from ._tree import Builder, Flattener, decode_key_for_path, no_gc
-from .formats import native, safetensors, torchzip
+from .formats import native, safetensors, torchzip, torchzip_writer
 
 CHUNK_NBYTES = 64 << 20  # the streaming buffer; memory use is about this plus one tensor
 
@@ -284,6 +285,137 @@ def _write(
     )
 
 
+def _to_torch(reader: Reader, out: str, stream: StorageStream, progress: Progress) -> None:
+    """Writes the file as a torch.save zip (formats/torchzip_writer) that
+    torch.load(weights_only=True) reads: the same object graph, dtypes, views and
+    sharing. Storages stream from the source into their records; each record's zip
+    CRC-32 is the source's verified one when it is a torch.save file, else computed."""
+    torch = _torch.module(reader.name)
+    lay = reader.layout
+    keys = reader.key_index()  # before the stand-ins take the place of the records
+    graph, stand = _placeholders(reader)
+    row_of = {id(t): i for i, t in enumerate(stand)}
+    try:
+        leaves = torchzip_writer.loadable_tensors(torch, graph, lambda x: id(x) in row_of)
+    except ValueError as e:
+        raise ValueError(f"{reader.name}: {e}") from None
+    rows = [row_of[id(t)] for t in leaves]
+
+    def where(i: int) -> str:
+        return next((k for k, j in keys.items() if j == i), f"tensor {i}")
+
+    members: dict[int, list[int]] = {}
+    for i in rows:
+        row = lay.tensors[i]
+        if row.kind != "torch":
+            raise ValueError(
+                f"{reader.name}: {where(i)!r} is a numpy array, which torch.load(weights_only=True) "
+                "does not load; convert to a tensorfile or safetensors file instead"
+            )
+        if row.offset % TORCH_ITEMSIZE[row.dtype]:
+            raise ValueError(
+                f"{reader.name}: {where(i)!r} starts inside a {row.dtype} element of its storage, "
+                "which a torch tensor cannot"
+            )
+        members.setdefault(row.storage, []).append(i)
+    used = _sorted_storages(lay, sorted(members))
+    new_index = {s: j for j, s in enumerate(used)}
+    storages = []
+    for s in used:
+        nb = int(lay.storage_nbytes[s])
+        dtypes = {lay.tensors[i].dtype for i in members[s]}
+        one = dtypes.pop() if len(dtypes) == 1 else None
+        if one not in torchzip_writer.STORAGE_CLASS or nb % TORCH_ITEMSIZE[one]:
+            one = None  # an UntypedStorage, its tensors rebuilt with their dtypes
+        storages.append(torchzip_writer.StorageSpec(lay.storage_device[s], nb, one))
+    archive = lay.archive
+    specs = {}
+    for t, i in zip(leaves, rows):
+        row = lay.tensors[i]
+        specs[id(t)] = torchzip_writer.TensorSpec(
+            storage=new_index[row.storage],
+            dtype=row.dtype,
+            offset=row.offset // TORCH_ITEMSIZE[row.dtype],
+            shape=tuple(row.shape),
+            strides=tuple(row.strides),
+            requires_grad=bool(row.flags & FLAG_REQUIRES_GRAD),
+            parameter=bool(row.flags & FLAG_PARAMETER),
+            meta=dict(archive.records[i].meta) if archive is not None else {},
+        )
+    pkl = torchzip_writer.encode_pickle(torch, graph, specs, storages)
+    del graph, stand, leaves, specs
+    prefix = torchzip_writer.PREFIX
+    names = [f"{prefix}/data.pkl", f"{prefix}/byteorder"]
+    names += [f"{prefix}/data/{j}" for j in range(len(used))] + [f"{prefix}/version"]
+    small = {0: pkl, 1: b"little", len(names) - 1: torchzip_writer.VERSION}
+    sizes = [len(pkl), 6, *(st.nbytes for st in storages), len(torchzip_writer.VERSION)]
+    zl = torchzip_writer.plan_zip(names, sizes)
+    crcs = [0] * len(names)
+    for r, data in small.items():
+        crcs[r] = zlib.crc32(data)
+    # a torch.save source's records carry checked zip CRC-32s already (0: not computed)
+    known = lay.storage_crcs if lay.crc_kind == "crc32" else np.zeros(len(lay.storage_kind))
+    with _files.atomic_file(out, zl.total, True) as fd:
+        for run, at in stream.batches(used):
+            if at[0] < 0:
+                (s,) = run
+                r = 2 + new_index[s]
+                crc = 0
+                for k, view in stream.chunks(s):
+                    _write(
+                        fd,
+                        [stream.base],
+                        [len(view)],
+                        [zl.data_offsets[r] + k],
+                        stream.threads,
+                        out,
+                        False,
+                    )
+                    if not known[s]:
+                        crc = _engine.crc32_zip(view, crc)
+                    progress(len(view))
+                crcs[r] = int(known[s]) or crc
+                _files.pwrite_all(fd, zl.local_header(r, crcs[r]), zl.header_offsets[r])
+                continue
+            stream.read(run, at, None)
+            run_nb = [int(lay.storage_nbytes[s]) for s in run]
+            ptrs = [stream.base + a for a in at]
+            todo = [j for j, s in enumerate(run) if run_nb[j] and not known[s]]
+            got = _io.checksum_host(
+                [ptrs[j] for j in todo],
+                [run_nb[j] for j in todo],
+                threads=stream.threads,
+                zip_crc=True,
+            )
+            for j, c in zip(todo, got.tolist()):
+                crcs[2 + new_index[run[j]]] = c
+            heads = []
+            for s in run:
+                r = 2 + new_index[s]
+                crcs[r] = int(known[s]) or crcs[r]
+                heads.append(zl.local_header(r, crcs[r]))
+            hbuf = np.frombuffer(b"".join(heads), dtype=np.uint8)
+            src: list[int] = []
+            lens: list[int] = []
+            dst: list[int] = []
+            hat = 0
+            for j, s in enumerate(run):  # each header, then its data: in file order
+                r = 2 + new_index[s]
+                src += [hbuf.ctypes.data + hat]
+                lens += [len(heads[j])]
+                dst += [zl.header_offsets[r]]
+                hat += len(heads[j])
+                if run_nb[j]:
+                    src += [ptrs[j]]
+                    lens += [run_nb[j]]
+                    dst += [zl.data_offsets[r]]
+            _write(fd, src, lens, dst, stream.threads, out, False)
+            progress(sum(run_nb))
+        for r, data in small.items():
+            _files.pwrite_all(fd, zl.local_header(r, crcs[r]) + data, zl.header_offsets[r])
+        _files.pwrite_all(fd, zl.tail(crcs), zl.cd_offset)
+
+
 def tensor_entries(reader: Reader) -> tuple[list[tuple[str, int]], list[str]]:
     """(key path, tensor row) of every tensor, and the key paths of values that are not
     tensors (safetensors cannot hold them)."""
@@ -327,9 +459,40 @@ def _plain_paths(reader: Reader) -> list[str]:
     return out
 
 
+def _copies(lay: Layout, entries: list[tuple[str, int]]) -> dict[str, Any]:
+    """What writing `entries` (key path, tensor row) as separate tensors duplicates:
+    {"tensors": entries sharing storage bytes with another, "nbytes": bytes written
+    beyond the storage bytes they view, "keys": their key paths}."""
+    by_storage: dict[int, list[tuple[str, int, int, int]]] = {}
+    for key, i in entries:
+        row = lay.tensors[i]
+        item = ITEMSIZE[row.kind][row.dtype]
+        numel = math.prod(row.shape)
+        lo = hi = row.offset
+        if numel:
+            step = item if row.kind == "torch" else 1
+            hi = lo + item + sum((d - 1) * st * step for d, st in zip(row.shape, row.strides))
+        by_storage.setdefault(row.storage, []).append((key, lo, hi, numel * item))
+    tensors, nbytes, keys = 0, 0, []
+    for group in by_storage.values():
+        if len(group) < 2:
+            continue
+        covered, end = 0, -1
+        for _k, lo, hi, _n in sorted(group, key=lambda g: g[1]):  # the union of the spans
+            if hi > max(lo, end):
+                covered += hi - max(lo, end)
+                end = hi
+        extra = sum(g[3] for g in group) - covered
+        if extra > 0:
+            tensors += len(group)
+            nbytes += extra
+            keys += [g[0] for g in group]
+    return {"tensors": tensors, "nbytes": nbytes, "keys": keys}
+
+
 def _to_safetensors(
     reader: Reader, out: str, stream: StorageStream, progress: Progress, skip_plain: bool
-) -> list[str]:
+) -> tuple[list[str], dict[str, Any]]:
     lay = reader.layout
     entries, plain = tensor_entries(reader)
     if plain and not skip_plain:
@@ -386,7 +549,7 @@ def _to_safetensors(
             _emit(stream, fd, out, run, at, dst_of)
             progress(int(lay.storage_nbytes[run].sum()))
         _files.pwrite_all(fd, head, 0)
-    return plain
+    return plain, _copies(lay, entries)
 
 
 def _covers(lay: Layout, i: int, s: int) -> bool:
@@ -453,10 +616,16 @@ def convert(
     num_threads: int | None = None,
 ) -> dict[str, Any]:
     """Converts any file tensorfile reads (or a torch.distributed.checkpoint directory) to
-    a tensorfile or safetensors file (or a DCP directory), atomically, verifying the
+    a tensorfile, safetensors or torch.save file (`to`: "tensorfile", "safetensors",
+    "torch"; or a DCP directory, "dcp"), atomically, verifying the
     source's checksums on the way, with memory bounded by the streaming buffer plus the
     largest non-contiguous tensor."""
     threads = _config.num_threads(num_threads)
+    if to == "torch" and os.path.isdir(src):
+        raise ValueError(
+            f"{src}: a torch.distributed.checkpoint directory converts to a tensorfile, "
+            "safetensors or DCP; convert it to a tensorfile first, then that to a torch.save file"
+        )
     if os.path.isdir(src):
         from . import dcp
 
@@ -467,13 +636,19 @@ def convert(
     with no_gc(), open_reader(src, True) as reader:
         stream = StorageStream(reader, threads)
         skipped: list[str] = []
+        info: dict[str, Any] = {"from": reader.format, "to": to}
         if to == "tensorfile":
             _to_native(reader, dst, stream, progress)
         elif to == "safetensors":
-            skipped = _to_safetensors(reader, dst, stream, progress, skip_non_tensors)
+            skipped, info["duplicated"] = _to_safetensors(
+                reader, dst, stream, progress, skip_non_tensors
+            )
+        elif to == "torch":
+            _to_torch(reader, dst, stream, progress)
         else:
             raise ValueError(f"unknown target format {to!r}")
-        return {"from": reader.format, "to": to, "skipped": skipped}
+        info["skipped"] = skipped
+        return info
 
 
 def _convert_in_memory(state: Any, dst: str, to: str, skip_non_tensors: bool) -> dict[str, Any]:

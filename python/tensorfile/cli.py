@@ -43,7 +43,7 @@ class _Group(click.Group):
 def main(ctx: click.Context, quiet: bool) -> None:
     """Fast, safe save and load of tensors and checkpoints.
 
-    Reads tensorfile, torch.save (zip) and safetensors files; writes tensorfile and safetensors."""
+    Reads tensorfile, torch.save (zip) and safetensors files; writes all three."""
     ctx.obj = {"quiet": quiet}
 
 
@@ -203,7 +203,7 @@ def _format_label(info: dict[str, Any]) -> str:
         return str(fmt)
     if fmt == "torch.save":
         return f"torch.save zip, archive version {version}"
-    return f"{fmt}, format version {version}"
+    return f"{fmt} {version}"
 
 
 @main.command()
@@ -279,15 +279,20 @@ def verify(files: tuple[str, ...]) -> None:
         raise SystemExit(1)
 
 
+_TARGET_BY_SUFFIX = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
+
+
 @main.command()
 @click.argument("src", metavar="IN", type=click.Path(exists=True))
 @click.argument("dst", metavar="OUT", type=click.Path())
 @click.option(
     "--to",
     "to",
-    type=click.Choice(["tensorfile", "safetensors", "dcp"]),
+    type=click.Choice(["tensorfile", "safetensors", "torch", "dcp"]),
     default=None,
-    help="Format to write.  [default: from OUT's extension: .safetensors, a directory for dcp, else tensorfile]",
+    help="Format to write (torch: a torch.save zip that torch.load(weights_only=True) reads).  "
+    "[default: from OUT's extension: .safetensors, .pt or .pth for torch, a directory for dcp, "
+    "else tensorfile]",
 )
 @click.option(
     "--skip-non-tensors",
@@ -305,7 +310,7 @@ def convert(src: str, dst: str, to: str | None, skip_non_tensors: bool) -> None:
         if os.path.isdir(dst) or dst.endswith(os.sep):
             to = "dcp"
         else:
-            to = "safetensors" if dst.endswith(".safetensors") else "tensorfile"
+            to = _TARGET_BY_SUFFIX.get(os.path.splitext(dst)[1].lower(), "tensorfile")
     if os.path.abspath(src) == os.path.abspath(dst):
         raise click.ClickException("IN and OUT are the same file")
     total = os.path.getsize(src) if os.path.isfile(src) else 0
@@ -314,9 +319,19 @@ def convert(src: str, dst: str, to: str | None, skip_non_tensors: bool) -> None:
             info = _convert.convert(src, dst, to, update, skip_non_tensors=skip_non_tensors)
     except (ValueError, TypeError, ImportError) as e:
         raise click.ClickException(str(e)) from None
+    copies = info.get("duplicated")
+    if copies and copies["nbytes"]:
+        shown = ", ".join(copies["keys"][:4]) + (", ..." if len(copies["keys"]) > 4 else "")
+        click.echo(
+            f"warning: safetensors cannot share memory between tensors: {copies['tensors']} tensors "
+            f"that share storage ({shown}) were written as separate copies, adding "
+            f"{copies['nbytes']:,} bytes",
+            err=True,
+        )
     skipped = info["skipped"]
     note = f"; left out {len(skipped)} non-tensor value(s)" if skipped else ""
-    click.echo(f"wrote {dst} ({to}) from {src} ({info['from']}){note}")
+    written = "torch.save" if to == "torch" else to
+    click.echo(f"wrote {dst} ({written}) from {src} ({info['from']}){note}")
 
 
 @main.command()
