@@ -8,18 +8,19 @@ from __future__ import annotations
 import math
 import os
 import sys
+import zlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _config, _engine, _files, _io, _numpy, api
-from ._dtypes import ITEMSIZE
+from . import _config, _engine, _files, _io, _numpy, _torch, api
+from ._dtypes import ITEMSIZE, TORCH_ITEMSIZE
 from ._errors import FormatError
-from ._layout import Layout
+from ._layout import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, Layout
 from ._reader import Reader, open_reader
 from ._tree import Builder, Flattener, decode_key_for_path, no_gc
-from .formats import native, safetensors, torchzip
+from .formats import native, safetensors, torchzip, torchzip_writer
 
 CHUNK_NBYTES = 64 << 20  # the streaming buffer; memory use is about this plus one tensor
 
@@ -290,6 +291,137 @@ def _write(
     )
 
 
+def _to_torch(reader: Reader, out: str, stream: StorageStream, progress: Progress) -> None:
+    """Writes the file as a torch.save zip (formats/torchzip_writer) that
+    torch.load(weights_only=True) reads: the same object graph, dtypes, views and
+    sharing. Storages stream from the source into their records; each record's zip
+    CRC-32 is the source's verified one when it is a torch.save file, else computed."""
+    torch = _torch.module(reader.name)
+    lay = reader.layout
+    keys = reader.key_index()  # before the stand-ins take the place of the records
+    graph, stand = _placeholders(reader)
+    row_of = {id(t): i for i, t in enumerate(stand)}
+    try:
+        leaves = torchzip_writer.loadable_tensors(torch, graph, lambda x: id(x) in row_of)
+    except ValueError as e:
+        raise ValueError(f"{reader.name}: {e}") from None
+    rows = [row_of[id(t)] for t in leaves]
+
+    def where(i: int) -> str:
+        return next((k for k, j in keys.items() if j == i), f"tensor {i}")
+
+    members: dict[int, list[int]] = {}
+    for i in rows:
+        row = lay.tensors[i]
+        if row.kind != "torch":
+            raise ValueError(
+                f"{reader.name}: {where(i)!r} is a numpy array, which torch.load(weights_only=True) "
+                "does not load; convert to a tensorfile or safetensors file instead"
+            )
+        if row.offset % TORCH_ITEMSIZE[row.dtype]:
+            raise ValueError(
+                f"{reader.name}: {where(i)!r} starts inside a {row.dtype} element of its storage, "
+                "which a torch tensor cannot"
+            )
+        members.setdefault(row.storage, []).append(i)
+    used = _sorted_storages(lay, sorted(members))
+    new_index = {s: j for j, s in enumerate(used)}
+    storages = []
+    for s in used:
+        nb = int(lay.storage_nbytes[s])
+        dtypes = {lay.tensors[i].dtype for i in members[s]}
+        one = dtypes.pop() if len(dtypes) == 1 else None
+        if one not in torchzip_writer.STORAGE_CLASS or nb % TORCH_ITEMSIZE[one]:
+            one = None  # an UntypedStorage, its tensors rebuilt with their dtypes
+        storages.append(torchzip_writer.StorageSpec(lay.storage_device[s], nb, one))
+    archive = lay.archive
+    specs = {}
+    for t, i in zip(leaves, rows):
+        row = lay.tensors[i]
+        specs[id(t)] = torchzip_writer.TensorSpec(
+            storage=new_index[row.storage],
+            dtype=row.dtype,
+            offset=row.offset // TORCH_ITEMSIZE[row.dtype],
+            shape=tuple(row.shape),
+            strides=tuple(row.strides),
+            requires_grad=bool(row.flags & FLAG_REQUIRES_GRAD),
+            parameter=bool(row.flags & FLAG_PARAMETER),
+            meta=dict(archive.records[i].meta) if archive is not None else {},
+        )
+    pkl = torchzip_writer.encode_pickle(torch, graph, specs, storages)
+    del graph, stand, leaves, specs
+    prefix = torchzip_writer.PREFIX
+    names = [f"{prefix}/data.pkl", f"{prefix}/byteorder"]
+    names += [f"{prefix}/data/{j}" for j in range(len(used))] + [f"{prefix}/version"]
+    small = {0: pkl, 1: b"little", len(names) - 1: torchzip_writer.VERSION}
+    sizes = [len(pkl), 6, *(st.nbytes for st in storages), len(torchzip_writer.VERSION)]
+    zl = torchzip_writer.plan_zip(names, sizes)
+    crcs = [0] * len(names)
+    for r, data in small.items():
+        crcs[r] = zlib.crc32(data)
+    # a torch.save source's records carry checked zip CRC-32s already (0: not computed)
+    known = lay.storage_crcs if lay.crc_kind == "crc32" else np.zeros(len(lay.storage_kind))
+    with _files.atomic_file(out, zl.total, True) as fd:
+        for run, at in stream.batches(used):
+            if at[0] < 0:
+                (s,) = run
+                r = 2 + new_index[s]
+                crc = 0
+                for k, view in stream.chunks(s):
+                    _write(
+                        fd,
+                        [stream.base],
+                        [len(view)],
+                        [zl.data_offsets[r] + k],
+                        stream.threads,
+                        out,
+                        False,
+                    )
+                    if not known[s]:
+                        crc = _engine.crc32_zip(view, crc)
+                    progress(len(view))
+                crcs[r] = int(known[s]) or crc
+                _files.pwrite_all(fd, zl.local_header(r, crcs[r]), zl.header_offsets[r])
+                continue
+            stream.read(run, at, None)
+            run_nb = [int(lay.storage_nbytes[s]) for s in run]
+            ptrs = [stream.base + a for a in at]
+            todo = [j for j, s in enumerate(run) if run_nb[j] and not known[s]]
+            got = _io.checksum_host(
+                [ptrs[j] for j in todo],
+                [run_nb[j] for j in todo],
+                threads=stream.threads,
+                zip_crc=True,
+            )
+            for j, c in zip(todo, got.tolist()):
+                crcs[2 + new_index[run[j]]] = c
+            heads = []
+            for s in run:
+                r = 2 + new_index[s]
+                crcs[r] = int(known[s]) or crcs[r]
+                heads.append(zl.local_header(r, crcs[r]))
+            hbuf = np.frombuffer(b"".join(heads), dtype=np.uint8)
+            src: list[int] = []
+            lens: list[int] = []
+            dst: list[int] = []
+            hat = 0
+            for j, s in enumerate(run):  # each header, then its data: in file order
+                r = 2 + new_index[s]
+                src += [hbuf.ctypes.data + hat]
+                lens += [len(heads[j])]
+                dst += [zl.header_offsets[r]]
+                hat += len(heads[j])
+                if run_nb[j]:
+                    src += [ptrs[j]]
+                    lens += [run_nb[j]]
+                    dst += [zl.data_offsets[r]]
+            _write(fd, src, lens, dst, stream.threads, out, False)
+            progress(sum(run_nb))
+        for r, data in small.items():
+            _files.pwrite_all(fd, zl.local_header(r, crcs[r]) + data, zl.header_offsets[r])
+        _files.pwrite_all(fd, zl.tail(crcs), zl.cd_offset)
+
+
 def tensor_entries(reader: Reader) -> tuple[list[tuple[str, int]], list[str]]:
     """(key path, tensor row) of every tensor, and the key paths of values that are not
     tensors (safetensors cannot hold them)."""
@@ -333,9 +465,40 @@ def _plain_paths(reader: Reader) -> list[str]:
     return out
 
 
+def _copies(lay: Layout, entries: list[tuple[str, int]]) -> dict[str, Any]:
+    """What writing `entries` (key path, tensor row) as separate tensors duplicates:
+    {"tensors": entries sharing storage bytes with another, "nbytes": bytes written
+    beyond the storage bytes they view, "keys": their key paths}."""
+    by_storage: dict[int, list[tuple[str, int, int, int]]] = {}
+    for key, i in entries:
+        row = lay.tensors[i]
+        item = ITEMSIZE[row.kind][row.dtype]
+        numel = math.prod(row.shape)
+        lo = hi = row.offset
+        if numel:
+            step = item if row.kind == "torch" else 1
+            hi = lo + item + sum((d - 1) * st * step for d, st in zip(row.shape, row.strides))
+        by_storage.setdefault(row.storage, []).append((key, lo, hi, numel * item))
+    tensors, nbytes, keys = 0, 0, []
+    for group in by_storage.values():
+        if len(group) < 2:
+            continue
+        covered, end = 0, -1
+        for _k, lo, hi, _n in sorted(group, key=lambda g: g[1]):  # the union of the spans
+            if hi > max(lo, end):
+                covered += hi - max(lo, end)
+                end = hi
+        extra = sum(g[3] for g in group) - covered
+        if extra > 0:
+            tensors += len(group)
+            nbytes += extra
+            keys += [g[0] for g in group]
+    return {"tensors": tensors, "nbytes": nbytes, "keys": keys}
+
+
 def _to_safetensors(
     reader: Reader, out: str, stream: StorageStream, progress: Progress, skip_plain: bool
-) -> list[str]:
+) -> tuple[list[str], dict[str, Any]]:
     lay = reader.layout
     entries, plain = tensor_entries(reader)
     if plain and not skip_plain:
@@ -392,7 +555,7 @@ def _to_safetensors(
             _emit(stream, fd, out, run, at, dst_of)
             progress(int(lay.storage_nbytes[run].sum()))
         _files.pwrite_all(fd, head, 0)
-    return plain
+    return plain, _copies(lay, entries)
 
 
 def _covers(lay: Layout, i: int, s: int) -> bool:
@@ -459,12 +622,18 @@ def convert(
     num_threads: int | None = None,
 ) -> dict[str, Any]:
     """Converts any file tensorfile reads (or a torch.distributed.checkpoint directory) to
-    a tensorfile or safetensors file (or a DCP directory), atomically, verifying the
+    a tensorfile, safetensors or torch.save file (`to`: "tensorfile", "safetensors",
+    "torch"; or a DCP directory, "dcp"), atomically, verifying the
     source's checksums on the way, with memory bounded by the streaming buffer plus the
     largest non-contiguous tensor."""
     if _files.same_file(src, dst):
         raise ValueError(f"{src} and {dst} are the same file; converting would replace it")
     threads = _config.num_threads(num_threads)
+    if to == "torch" and os.path.isdir(src):
+        raise ValueError(
+            f"{src}: a torch.distributed.checkpoint directory converts to a tensorfile, "
+            "safetensors or DCP; convert it to a tensorfile first, then that to a torch.save file"
+        )
     if os.path.isdir(src):
         from . import dcp
 
@@ -475,13 +644,19 @@ def convert(
     with no_gc(), open_reader(src, True) as reader:
         stream = StorageStream(reader, threads)
         skipped: list[str] = []
+        info: dict[str, Any] = {"from": reader.format, "to": to}
         if to == "tensorfile":
             _to_native(reader, dst, stream, progress)
         elif to == "safetensors":
-            skipped = _to_safetensors(reader, dst, stream, progress, skip_non_tensors)
+            skipped, info["duplicated"] = _to_safetensors(
+                reader, dst, stream, progress, skip_non_tensors
+            )
+        elif to == "torch":
+            _to_torch(reader, dst, stream, progress)
         else:
             raise ValueError(f"unknown target format {to!r}")
-        return {"from": reader.format, "to": to, "skipped": skipped}
+        info["skipped"] = skipped
+        return info
 
 
 def _convert_in_memory(state: Any, dst: str, to: str, skip_non_tensors: bool) -> dict[str, Any]:
@@ -523,37 +698,62 @@ def _flatten_tensors(obj: Any) -> tuple[dict[str, Any], list[str]]:
 
 # --------------------------------------------------------------------------- diff
 
+MAX_DIFF_VALUES = 1_000_000  # per side: a pickle's shared containers can repeat a subtree
+
 
 class _Side:
-    """One side of a diff: a file opened lazily, or a DCP directory read whole."""
+    """One side of a diff: a file opened lazily (tensors read one at a time), or a DCP
+    directory read whole."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.file: api.TensorFile | None = None
+        self.reader: Reader | None = None
+        self.state: Any = None
         self.flat: dict[str, Any] = {}
         if os.path.isdir(path):
             from . import dcp
 
-            self.flat, _ = _flatten_tensors(dcp.dcp_to_state_dict(path))
+            self.state = dcp.dcp_to_state_dict(path)
+            self.flat, _ = _flatten_tensors(self.state)
             self.keys = list(self.flat)
         else:
-            self.file = api.open(path)
-            self.keys = self.file.keys()
+            self.reader = open_reader(path, True)
+            self.keys = list(self.reader.key_index())
 
     def describe(self, key: str) -> tuple[str, list[int]]:
-        if self.file is None:
+        if self.reader is None:
             t = self.flat[key]
             return str(t.dtype).removeprefix("torch."), list(t.shape)
-        r = self.file._reader
-        _kind, _s, dtype, shape, *_ = r.layout.tensors[r.key_index()[key]]
-        return dtype, list(shape)
+        row = self.reader.layout.tensors[self.reader.key_index()[key]]
+        return row.dtype, list(row.shape)
 
     def get(self, key: str) -> Any:
-        return self.flat[key] if self.file is None else self.file.get(key, map_location="cpu")
+        if self.reader is None:
+            return self.flat[key]
+        if key in self.reader.ambiguous:
+            raise ValueError(f"{self.reader.name}: key path {key!r} names more than one tensor")
+        return self.tensor(self.reader.key_index()[key])
+
+    def tensor(self, i: int) -> Any:
+        """Tensor row i, read (its storage only) and checked, on the CPU."""
+        assert self.reader is not None
+        s = self.reader.layout.tensors[i].storage
+        storages = self.reader.read_storages([s], "cpu", True, _config.num_threads(), False)
+        return self.reader.build_tensor(i, storages)
+
+    def graph(self) -> tuple[Any, dict[int, int]]:
+        """The whole object graph, tensors as stand-ins, and {id(stand-in): tensor row}
+        (empty for a DCP directory, whose tensors are in memory)."""
+        if self.reader is None:
+            return self.state, {}
+        self.reader.key_index()  # before the stand-ins take the place of the records
+        graph, stand = _placeholders(self.reader)
+        self._stand = stand  # keeps the ids in the map unique
+        return graph, {id(t): i for i, t in enumerate(stand)}
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        if self.reader is not None:
+            self.reader.close()
 
 
 def _max_abs_diff(a: Any, b: Any) -> float:
@@ -591,38 +791,227 @@ def _max_abs_diff(a: Any, b: Any) -> float:
     return worst
 
 
-def diff(path_a: str, path_b: str, progress: Progress = _nothing) -> dict[str, Any]:
-    """Compares the tensors of two files (any formats, or DCP directories) by key path:
-    keys only in one, dtype or shape changes, and the max absolute difference of each
-    common tensor. Reads one tensor pair at a time."""
+def diff(
+    path_a: str, path_b: str, progress: Progress = _nothing, *, tensors_only: bool = False
+) -> dict[str, Any]:
+    """Compares two files (any formats, or DCP directories) by key path, reading one
+    tensor pair at a time: values only in one (`only_in_a`, `only_in_b`), tensors whose
+    dtype or shape changed (`changed`), the max absolute difference of each common tensor
+    (`max_abs_diff`), and every other difference (`values`: plain values, types,
+    container kinds). `tensors_only` compares the tensors alone, as `keys()` lists them."""
     a, b = _Side(path_a), _Side(path_b)
     try:
-        keys_b = set(b.keys)
-        keys_a = set(a.keys)
-        report: dict[str, Any] = {
-            "only_in_a": [k for k in a.keys if k not in keys_b],
-            "only_in_b": [k for k in b.keys if k not in keys_a],
-            "changed": [],
-            "max_abs_diff": {},
-        }
-        for key in a.keys:
-            if key not in keys_b:
-                continue
-            da, db = a.describe(key), b.describe(key)
-            if da != db:
-                report["changed"].append({"key": key, "a": da, "b": db})
-            elif 0 not in da[1] or not da[1]:
-                report["max_abs_diff"][key] = _max_abs_diff(a.get(key), b.get(key))
-            else:
-                report["max_abs_diff"][key] = 0.0
-            progress(1)
+        if tensors_only:
+            report = _diff_tensors(a, b, progress)
+        else:
+            report = _diff_all(a, b, progress)
         report["identical"] = not (
             report["only_in_a"]
             or report["only_in_b"]
             or report["changed"]
+            or report["values"]
             or any(v != 0 for v in report["max_abs_diff"].values())
         )
         return report
     finally:
         a.close()
         b.close()
+
+
+def _diff_tensors(a: _Side, b: _Side, progress: Progress) -> dict[str, Any]:
+    keys_b = set(b.keys)
+    keys_a = set(a.keys)
+    report: dict[str, Any] = {
+        "only_in_a": [k for k in a.keys if k not in keys_b],
+        "only_in_b": [k for k in b.keys if k not in keys_a],
+        "changed": [],
+        "max_abs_diff": {},
+        "values": [],
+    }
+    for key in a.keys:
+        if key not in keys_b:
+            continue
+        da, db = a.describe(key), b.describe(key)
+        if da != db:
+            report["changed"].append({"key": key, "a": da, "b": db})
+        elif 0 not in da[1] or not da[1]:
+            report["max_abs_diff"][key] = _max_abs_diff(a.get(key), b.get(key))
+        else:
+            report["max_abs_diff"][key] = 0.0
+        progress(1)
+    return report
+
+
+class _Entry(NamedTuple):
+    """One value of a graph, at its key path: a tensor (its stand-in or, for a DCP side,
+    itself), a container with children (`value` is the container), or any other value."""
+
+    what: str  # "tensor", "container" or "value"
+    value: Any
+    parent: str | None  # the key path of the enclosing container
+
+
+_EXIT = object()  # marks the end of a container's children on the walk's stack
+
+
+def _entries(side: _Side) -> dict[str, _Entry]:
+    """{key path: entry} of every value reachable from the side's root, in order. Keys
+    join with "." as in keys(), OrderedDict attributes with "@"; a container reached
+    again inside itself is a value ("<cycle>"), so the walk ends."""
+    graph, rows = side.graph()
+    torch = sys.modules.get("torch")
+    tensor_types: tuple[type, ...] = (np.ndarray,) if torch is None else (np.ndarray, torch.Tensor)
+    out: dict[str, _Entry] = {}
+    active: set[int] = set()
+    stack: list[tuple[Any, str, Any]] = [(graph, "", None)]
+    while stack:
+        node, path, parent = stack.pop()
+        if parent is _EXIT:  # leaving a container
+            active.discard(node)
+            continue
+        while path in out:  # a path spelled twice ({"a.b": 1, "a": {"b": 2}})
+            path += "'"
+        if len(out) >= MAX_DIFF_VALUES:
+            raise ValueError(
+                f"{side.path}: more than {MAX_DIFF_VALUES:,} values to compare (containers "
+                "shared many times over); compare with --tensors-only"
+            )
+        if isinstance(node, tensor_types):
+            out[path] = _Entry("tensor", rows.get(id(node), node), parent)
+            continue
+        children: list[tuple[str, Any]] = []
+        if isinstance(node, dict):
+            children = [(str(k), v) for k, v in node.items()]
+            attrs = getattr(node, "__dict__", None)
+            if attrs:
+                children += [(f"@{k}", v) for k, v in attrs.items()]
+        elif type(node) in (list, tuple):
+            children = [(str(i), v) for i, v in enumerate(node)]
+        if not children:
+            out[path] = _Entry("value", node, parent)
+            continue
+        if id(node) in active:
+            out[path] = _Entry("value", "<cycle>", parent)
+            continue
+        out[path] = _Entry("container", node, parent)
+        active.add(id(node))
+        stack.append((id(node), "", _EXIT))
+        for name, child in reversed(children):
+            sep = "" if not path or name.startswith("@") else "."
+            stack.append((child, f"{path}{sep}{name}", path))
+    return out
+
+
+def _same_value(x: Any, y: Any) -> bool:
+    """Type-exact equality of plain values (nan equals nan; containers item by item)."""
+    if type(x) is not type(y):
+        return False
+    if isinstance(x, float):
+        return x == y or (math.isnan(x) and math.isnan(y))
+    if isinstance(x, complex):
+        return _same_value(x.real, y.real) and _same_value(x.imag, y.imag)
+    if isinstance(x, dict):
+        return list(x) == list(y) and all(_same_value(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)):
+        return len(x) == len(y) and all(_same_value(p, q) for p, q in zip(x, y))
+    try:
+        return bool(x == y)
+    except Exception:  # values whose == cannot answer (numpy arrays in a set, say)
+        return x is y
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _diff_all(a: _Side, b: _Side, progress: Progress) -> dict[str, Any]:
+    ea, eb = _entries(a), _entries(b)
+    report: dict[str, Any] = {
+        "only_in_a": _only_in(ea, eb),
+        "only_in_b": _only_in(eb, ea),
+        "changed": [],
+        "max_abs_diff": {},
+        "values": [],
+    }
+    for path, x in ea.items():
+        y = eb.get(path)
+        if y is None:
+            continue
+        label = path or "<root>"
+        if x.what == "tensor" and y.what == "tensor":
+            ta, tb = _tensor_facts(a, x.value), _tensor_facts(b, y.value)
+            if ta[:2] != tb[:2]:
+                report["changed"].append({"key": label, "a": list(ta[:2]), "b": list(tb[:2])})
+            elif ta[2] != tb[2]:
+                report["values"].append({"key": label, "a": _describe(a, x), "b": _describe(b, y)})
+            elif 0 in ta[1] and ta[1]:
+                report["max_abs_diff"][label] = 0.0
+            else:
+                report["max_abs_diff"][label] = _max_abs_diff(_read(a, x.value), _read(b, y.value))
+            progress(1)
+        elif x.what == "container" and y.what == "container":
+            if type(x.value) is not type(y.value):
+                report["values"].append({"key": label, "a": _describe(a, x), "b": _describe(b, y)})
+        elif x.what != y.what or not _same_value(x.value, y.value):
+            report["values"].append({"key": label, "a": _describe(a, x), "b": _describe(b, y)})
+    return report
+
+
+def _only_in(ours: dict[str, _Entry], theirs: dict[str, _Entry]) -> list[str]:
+    """Key paths of the values (tensors, plain values, empty containers) in `ours` and
+    not in `theirs`; where the other side has nothing at all under a container, the
+    container's path stands for all of it."""
+    under: set[str] = set()  # every path of theirs and every prefix it continues
+    for p in theirs:
+        under.add(p)
+        for i, c in enumerate(p):
+            if c in ".@":
+                under.add(p[:i])
+    out: list[str] = []
+    shown: set[str] = set()
+    for path, e in ours.items():
+        if e.what == "container" or path in theirs:
+            continue
+        top, parent = path, e.parent
+        while parent and parent not in under:  # the root ("") is never shown for all
+            top, parent = parent, ours[parent].parent
+        if top not in shown:
+            shown.add(top)
+            out.append(top or "<root>")
+    return out
+
+
+def _tensor_facts(side: _Side, ref: Any) -> tuple[str, list[int], str]:
+    """(dtype, shape, kind and flags) of a tensor entry: a row index or a tensor."""
+    if isinstance(ref, int):
+        assert side.reader is not None
+        row = side.reader.layout.tensors[ref]
+        kind = row.kind
+        if row.flags & FLAG_PARAMETER:
+            kind += " Parameter"
+        if row.flags & FLAG_REQUIRES_GRAD:
+            kind += " requiring grad"
+        return row.dtype, list(row.shape), kind
+    if isinstance(ref, np.ndarray):
+        return str(ref.dtype), list(ref.shape), "numpy"
+    kind = "torch"
+    if type(ref).__name__ == "Parameter":
+        kind += " Parameter"
+    if ref.requires_grad:
+        kind += " requiring grad"
+    return str(ref.dtype).removeprefix("torch."), list(ref.shape), kind
+
+
+def _read(side: _Side, ref: Any) -> Any:
+    return side.tensor(ref) if isinstance(ref, int) else ref
+
+
+def _describe(side: _Side, e: _Entry) -> str:
+    if e.what == "tensor":
+        dtype, shape, kind = _tensor_facts(side, e.value)
+        return f"{kind} {dtype}[{','.join(map(str, shape))}]"
+    name = type(e.value).__name__
+    if e.what == "container":
+        return f"{name} of {len(e.value)}"
+    return f"{name} {_short(e.value)}"

@@ -21,8 +21,9 @@ def _check(ok: bool, what: str) -> None:
         raise DemoError(f"demo check failed: {what}")
 
 
-def walkthrough(directory: str, echo: Callable[[str], None]) -> None:
-    """The reference walkthrough, each statement echoed before it runs."""
+def walkthrough(directory: str, echo: Callable[[str], None], kept: bool = True) -> None:
+    """The reference walkthrough, each statement echoed before it runs. `kept`: the
+    directory outlives the demo (else it is a temporary one, and is not named)."""
     import torch
     from torch import nn
     from torch.nn import functional as F
@@ -101,7 +102,11 @@ def walkthrough(directory: str, echo: Callable[[str], None]) -> None:
         same = Y_clone == Y
         echo(repr(same))
         _check(bool(same.all()), "clone(X) == net(X)")
-        echo(f"(files in {directory}: {', '.join(sorted(os.listdir('.')))})")
+        files = ", ".join(sorted(os.listdir(".")))
+        if kept:
+            echo(f"(files in {directory}: {files})")
+        else:
+            echo(f"(files written: {files}; in a temporary directory, removed when the demo ends)")
     finally:
         os.chdir(here)
 
@@ -195,7 +200,7 @@ def run(
     progress = sys.stderr.isatty()
     if directory is None:
         with tempfile.TemporaryDirectory(prefix="tensorfile-demo-") as tmp:
-            walkthrough(tmp, echo)
+            walkthrough(tmp, echo, kept=False)
             echo("")
             compare(tmp, size_mb, runs, echo, progress)
     else:

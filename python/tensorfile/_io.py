@@ -71,6 +71,8 @@ def check_bool_bytes(name: str, label: Any, raw: Any) -> None:
     """A bool tensor's bytes (a uint8 numpy array or torch tensor) must be 0 or 1."""
     if isinstance(raw, np.ndarray):
         bad = raw.size and int(raw.max()) > 1
+    elif raw.is_meta:
+        return  # no bytes to look at
     else:
         bad = raw.numel() and bool((raw > 1).any())
     if bad:
@@ -338,8 +340,18 @@ def read_storages(
     then their value; no destination is allocated for them."""
     lay = reader.layout
     idx = list(range(len(lay.storage_kind))) if which is None else which
-    whole = which is None
     into = dict(into or {})
+    meta = _torch.check_devices(reader.name, lay, [s for s in idx if s not in into], map_location)
+    if meta:  # made on the meta device, as torch.load makes them: no byte is read
+        rest = [s for s in idx if s not in meta]
+        out = (
+            read_storages(reader, rest, map_location, verify, threads, use_mmap, into)
+            if rest
+            else {}
+        )
+        out.update({s: _torch.meta_storage(reader.name, int(lay.storage_nbytes[s])) for s in meta})
+        return out
+    whole = which is None
     if use_mmap:
         if into:
             raise ValueError("tensorfile.load: into= cannot be combined with mmap=True")
@@ -519,10 +531,7 @@ def _cuda_targets(reader: Reader, idx: list[int], map_location: Any) -> dict[int
     if not any(lay.storage_kind[s] == "torch" for s in idx):
         return {}
     torch = _torch.module(reader.name)
-    targets = _torch.target_devices(torch, lay.storage_device, lay.storage_kind, idx, map_location)
-    for dev in {str(d) for d in targets.values()}:
-        _torch.check_device(reader.name, torch, dev)
-    return targets
+    return _torch.target_devices(torch, lay.storage_device, lay.storage_kind, idx, map_location)
 
 
 def _read_to_cuda(

@@ -291,6 +291,40 @@ def check_device(name: str, torch: Any, target: str) -> None:
             )
 
 
+def check_devices(name: str, lay: Layout, idx: Sequence[int], map_location: Any) -> set[int]:
+    """Before any read: fails if map_location (None: the saved devices) sends a torch
+    storage of `idx` to a CUDA device this process cannot use, saying what the caller
+    asked; returns the storages it sends to the meta device (made there, never read)."""
+    if _is_callable(sys.modules.get("torch"), map_location):
+        return set()  # a callable decides storage by storage, on the CPU, as in torch.load
+    kinds, devices = lay.storage_kind, lay.storage_device
+    saved = {devices[s] for s in idx if kinds[s] == "torch"}
+    to_meta = set()
+    for where in sorted(saved):
+        target = mapped_location(where, map_location)
+        if target.partition(":")[0] == "meta":
+            to_meta.add(where)
+        if not target.startswith("cuda"):
+            continue
+        try:
+            check_device(name, module(name), target)
+        except RuntimeError as e:
+            if map_location is None:
+                asked = f"it was saved from {where}, and map_location=None keeps the saved device"
+            elif isinstance(map_location, dict):
+                asked = (
+                    f"it was saved from {where}, and map_location={map_location!r} maps it there"
+                )
+            else:
+                asked = f"map_location={map_location!r} sends every storage there"
+            raise RuntimeError(f"{e} ({asked})") from None
+    return {s for s in idx if kinds[s] == "torch" and devices[s] in to_meta}
+
+
+def meta_storage(name: str, nbytes: int) -> Any:
+    return module(name).UntypedStorage(nbytes, device="meta")
+
+
 def _to_device(name: str, storage: Any, target: str) -> Any:
     torch = module(name)
     dev = torch.device(target)

@@ -278,6 +278,11 @@ class Flattener:
             f"objects of type {t.__module__}.{t.__qualname__} are not supported "
             "(tensorfile saves tensors, arrays, dict/list/tuple/OrderedDict and plain values; "
             "there is no pickle)"
+            + (
+                "; save its state_dict() instead and restore it with load_state_dict()"
+                if callable(getattr(obj, "state_dict", None))
+                else ""
+            )
         )
 
 

@@ -4,6 +4,7 @@ work is in _io (bytes), _reader (files) and _plan (what a save writes)."""
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -70,24 +71,35 @@ def save_safetensors(
 def load(
     f: FileLike,
     map_location: Any = None,
+    pickle_module: Any = None,
     *,
     into: Any = None,
-    mmap: bool = False,
+    weights_only: bool | None = None,
+    mmap: bool | None = None,
     verify: bool = True,
     num_threads: int | None = None,
     pin_memory: bool = False,
+    **pickle_load_args: Any,
 ) -> Any:
     """Loads what `save` wrote: the same containers, tensors, sharing and plain values.
 
-    `map_location` works as in torch.load (None, a device string, a torch.device, a dict
-    remapping saved devices, or a callable(storage, location)). Storages bound for CUDA
-    are read from the file straight into device memory through pinned staging buffers
-    (or GPUDirect Storage, see TENSORFILE_GDS); a callable receives CPU storages, as in
-    torch.load. `mmap=True` returns tensors backed by a private copy-on-write mapping of
-    the file. `pin_memory=True` puts CPU tensors in pinned (page-locked) memory, ready
-    for fast copies to CUDA; it needs CUDA. `verify=False` skips the checksums, never
-    the structural checks. Raises FormatError (ChecksumError for damaged bytes) naming
-    the file; no code in the file is ever executed. Releases the GIL while bytes move.
+    Takes torch.load's arguments. `map_location` works as in torch.load (None, a device
+    string, a torch.device, a dict remapping saved devices, or a callable(storage,
+    location)). Storages bound for CUDA are read from the file straight into device
+    memory through pinned staging buffers (or GPUDirect Storage, see TENSORFILE_GDS); a
+    callable receives CPU storages, as in torch.load. Storages sent to "meta" (a string,
+    torch.device("meta") or a dict value) become meta tensors with the saved dtypes,
+    shapes, strides and sharing, and none of their bytes are read (so not checked
+    either). `mmap=True` returns tensors backed by a private copy-on-write mapping of the
+    file (None means False, as in torch.load). The load is always safe: no code in the
+    file is ever executed, so `weights_only` (True, False or None) changes nothing, and
+    `pickle_module` may only be None (or the standard `pickle`): tensorfile reads
+    torch.save pickles with its own restricted unpickler. Of torch.load's
+    `**pickle_load_args` only `encoding` is accepted; it affects only strings of Python 2
+    pickles, which torch.save zip files never hold. `pin_memory=True` puts CPU tensors in
+    pinned (page-locked) memory, ready for fast copies to CUDA; it needs CUDA.
+    `verify=False` skips the checksums, never the structural checks. Raises FormatError
+    (ChecksumError for damaged bytes) naming the file. Releases the GIL while bytes move.
 
     `into` (an in-place load) is a nested container of tensors, such as
     `{"model": model.state_dict(), "optim": opt.state_dict()}`: every tensor of the file
@@ -96,8 +108,9 @@ def load(
     whose dtype or shape differs raises ValueError naming every mismatch before any byte
     is read. Tensors not in `into` are allocated as usual; other values come from the file.
     """
+    use_mmap = _torch_load_args(pickle_module, weights_only, mmap, pickle_load_args)
     if pin_memory:
-        if mmap:
+        if use_mmap:
             raise ValueError("tensorfile.load: pin_memory=True cannot be combined with mmap=True")
         if not _cuda.cuda_available():
             raise RuntimeError(
@@ -111,7 +124,7 @@ def load(
                 reader.destinations(_torch_targets(into)) if into is not None else ({}, {})
             )
             storages = reader.read_storages(
-                None, map_location, verify, _config.num_threads(num_threads), mmap, direct
+                None, map_location, verify, _config.num_threads(num_threads), use_mmap, direct
             )
             out = reader.build(storages, dests, direct)
         finally:
@@ -166,6 +179,38 @@ def load_model(
     return IncompatibleKeys(missing, unexpected)
 
 
+def _torch_load_args(
+    pickle_module: Any, weights_only: Any, mmap: Any, pickle_load_args: dict[str, Any]
+) -> bool:
+    """Checks the torch.load arguments that tensorfile accepts for drop-in use; returns
+    whether to map the file. Refuses, with the reason, what would ask it to unpickle."""
+    if weights_only not in (None, True, False):
+        raise TypeError(
+            f"tensorfile.load: weights_only must be True, False or None, got {weights_only!r}"
+        )
+    if pickle_module is not None and pickle_module is not pickle:
+        name = getattr(pickle_module, "__name__", type(pickle_module).__name__)
+        raise ValueError(
+            f"tensorfile.load: pickle_module={name} is not supported: tensorfile never unpickles "
+            "arbitrary objects. torch.save files are read by its own restricted unpickler "
+            "(tensors, containers and plain values, as torch.load(weights_only=True)); leave "
+            "pickle_module out"
+        )
+    extra = sorted(k for k in pickle_load_args if k != "encoding")
+    if extra:
+        raise TypeError(
+            f"tensorfile.load: unexpected keyword argument(s) {', '.join(map(repr, extra))}: "
+            "torch.load hands these to the unpickler, and tensorfile runs no pickle code to "
+            "hand them to (of torch.load's pickle_load_args only encoding= is accepted)"
+        )
+    encoding = pickle_load_args.get("encoding", "utf-8")
+    if not isinstance(encoding, str):
+        raise TypeError(f"tensorfile.load: encoding must be a str, got {type(encoding).__name__}")
+    if mmap is not None and not isinstance(mmap, bool):
+        raise TypeError(f"tensorfile.load: mmap must be True, False or None, got {mmap!r}")
+    return bool(mmap)
+
+
 class TensorFile:
     """A lazily read file: `keys()`, `get(key)`, `metadata()`, `load()`; reads only the
     bytes asked for. Use as a context manager, or call close()."""
@@ -189,7 +234,8 @@ class TensorFile:
         return len(self._reader.key_index())
 
     def get(self, key: str, map_location: Any = None) -> Any:
-        """Reads one tensor (and only the storage it views)."""
+        """Reads one tensor (and only the storage it views); `map_location` as in load,
+        "meta" included (nothing is read then)."""
         index = self._reader.key_index().get(key)
         if index is None:
             raise KeyError(f"{self._reader.name}: no tensor at key path {key!r}")
@@ -214,6 +260,7 @@ class TensorFile:
         return dict(self._reader.layout.metadata)
 
     def load(self, map_location: Any = None, *, num_threads: int | None = None) -> Any:
+        """The whole object graph, as `tensorfile.load` gives it."""
         with no_gc():
             storages = self._reader.read_storages(
                 None, map_location, self._verify, _config.num_threads(num_threads), False

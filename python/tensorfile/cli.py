@@ -43,7 +43,7 @@ class _Group(click.Group):
 def main(ctx: click.Context, quiet: bool) -> None:
     """Fast, safe save and load of tensors and checkpoints.
 
-    Reads tensorfile, torch.save (zip) and safetensors files; writes tensorfile and safetensors."""
+    Reads tensorfile, torch.save (zip) and safetensors files; writes all three."""
     ctx.obj = {"quiet": quiet}
 
 
@@ -196,6 +196,16 @@ def describe_file(path: str) -> dict[str, Any]:
         }
 
 
+def _format_label(info: dict[str, Any]) -> str:
+    """The format and what its version number counts, for inspect's first line."""
+    fmt, version = info["format"], info["version"]
+    if not version:
+        return str(fmt)
+    if fmt == "torch.save":
+        return f"torch.save zip, archive version {version}"
+    return f"{fmt} {version}"
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
@@ -207,8 +217,7 @@ def inspect(file: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    version = f" {info['version']}" if info["version"] else ""
-    click.echo(f"{file}: {info['format']}{version}, {info['file_nbytes']:,} bytes")
+    click.echo(f"{file}: {_format_label(info)}, {info['file_nbytes']:,} bytes")
     rows = [
         (
             t["key"],
@@ -270,15 +279,20 @@ def verify(files: tuple[str, ...]) -> None:
         raise SystemExit(1)
 
 
+_TARGET_BY_SUFFIX = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
+
+
 @main.command()
 @click.argument("src", metavar="IN", type=click.Path(exists=True))
 @click.argument("dst", metavar="OUT", type=click.Path())
 @click.option(
     "--to",
     "to",
-    type=click.Choice(["tensorfile", "safetensors", "dcp"]),
+    type=click.Choice(["tensorfile", "safetensors", "torch", "dcp"]),
     default=None,
-    help="Format to write.  [default: from OUT's extension: .safetensors, a directory for dcp, else tensorfile]",
+    help="Format to write (torch: a torch.save zip that torch.load(weights_only=True) reads).  "
+    "[default: from OUT's extension: .safetensors, .pt or .pth for torch, a directory for dcp, "
+    "else tensorfile]",
 )
 @click.option(
     "--skip-non-tensors",
@@ -296,7 +310,7 @@ def convert(src: str, dst: str, to: str | None, skip_non_tensors: bool) -> None:
         if os.path.isdir(dst) or dst.endswith(os.sep):
             to = "dcp"
         else:
-            to = "safetensors" if dst.endswith(".safetensors") else "tensorfile"
+            to = _TARGET_BY_SUFFIX.get(os.path.splitext(dst)[1].lower(), "tensorfile")
     if os.path.abspath(src) == os.path.abspath(dst) or _files.same_file(src, dst):
         raise click.ClickException("IN and OUT are the same file")
     total = os.path.getsize(src) if os.path.isfile(src) else 0
@@ -305,9 +319,19 @@ def convert(src: str, dst: str, to: str | None, skip_non_tensors: bool) -> None:
             info = _convert.convert(src, dst, to, update, skip_non_tensors=skip_non_tensors)
     except (ValueError, TypeError, ImportError) as e:
         raise click.ClickException(str(e)) from None
+    copies = info.get("duplicated")
+    if copies and copies["nbytes"]:
+        shown = ", ".join(copies["keys"][:4]) + (", ..." if len(copies["keys"]) > 4 else "")
+        click.echo(
+            f"warning: safetensors cannot share memory between tensors: {copies['tensors']} tensors "
+            f"that share storage ({shown}) were written as separate copies, adding "
+            f"{copies['nbytes']:,} bytes",
+            err=True,
+        )
     skipped = info["skipped"]
     note = f"; left out {len(skipped)} non-tensor value(s)" if skipped else ""
-    click.echo(f"wrote {dst} ({to}) from {src} ({info['from']}){note}")
+    written = "torch.save" if to == "torch" else to
+    click.echo(f"wrote {dst} ({written}) from {src} ({info['from']}){note}")
 
 
 @main.command()
@@ -315,14 +339,24 @@ def convert(src: str, dst: str, to: str | None, skip_non_tensors: bool) -> None:
 @click.argument("b", metavar="B", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("--all", "show_all", is_flag=True, help="List identical tensors too.")
+@click.option(
+    "--tensors-only",
+    is_flag=True,
+    help="Compare only the tensors, by key path (ignore plain values, types and structure).",
+)
 @_quiet_option
-def diff(a: str, b: str, as_json: bool, show_all: bool) -> None:
-    """Compare the tensors of A and B by key path, across formats: keys only in one, dtype
-    or shape changes, max absolute difference per common tensor. Exit 0 when identical, 1 if not."""
+def diff(a: str, b: str, as_json: bool, show_all: bool, tensors_only: bool) -> None:
+    """Compare A and B by key path, across formats: every value of the object tree (plain
+    values such as step and lr, types, container kinds) and each common tensor's dtype,
+    shape and max absolute difference, one tensor pair in memory at a time. Exit 0 when
+    identical, 1 if not."""
     from . import _convert
 
-    with _progress(0, "diff", unit="tensor") as update:
-        report = _convert.diff(a, b, update)
+    try:
+        with _progress(0, "diff", unit="tensor") as update:
+            report = _convert.diff(a, b, update, tensors_only=tensors_only)
+    except (ValueError, ImportError) as e:
+        raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -334,16 +368,20 @@ def diff(a: str, b: str, as_json: bool, show_all: bool) -> None:
             fa = f"{c['a'][0]}[{','.join(map(str, c['a'][1]))}]"
             fb = f"{c['b'][0]}[{','.join(map(str, c['b'][1]))}]"
             click.echo(f"changed:   {c['key']}: {fa} -> {fb}")
+        for v in report["values"]:
+            click.echo(f"differs:   {v['key']}: {v['a']} -> {v['b']}")
         for key, d in report["max_abs_diff"].items():
             if d != 0 or show_all:
                 click.echo(
                     f"differs:   {key}: max abs difference {d:.6g}" if d else f"same:      {key}"
                 )
         same = sum(1 for d in report["max_abs_diff"].values() if d == 0)
+        others = "" if tensors_only else f"; {len(report['values'])} other value(s) differ"
         click.echo(
             f"{len(report['max_abs_diff']) + len(report['changed'])} common tensor(s): {same} identical, "
             f"{len(report['max_abs_diff']) - same} with different values, {len(report['changed'])} with "
             f"different dtype or shape; {len(report['only_in_a'])} only in A, {len(report['only_in_b'])} only in B"
+            f"{others}"
         )
     if not report["identical"]:
         raise SystemExit(1)
