@@ -11,8 +11,6 @@
 #include <climits>
 #include <cstring>
 
-#include "crc32.hpp"
-#include "crc32c.hpp"
 #include "errors.hpp"
 #include "file.hpp"
 #include "thread_pool.hpp"
@@ -45,15 +43,6 @@ struct Plan {
   std::vector<size_t> chunk_count;  // per region: number of chunks (0 if gathered)
   size_t nchunks = 0;
 };
-
-void check_sorted(const std::vector<Region>& regions) {
-  for (size_t i = 1; i < regions.size(); i++) {
-    const Region& a = regions[i - 1];
-    if (regions[i].file_offset < a.file_offset || regions[i].file_offset - a.file_offset < a.nbytes) {
-      throw std::invalid_argument("regions must be sorted by file_offset and must not overlap");
-    }
-  }
-}
 
 // gap_end == 0 means "no gap checking": gathered spans cover only the regions.
 Plan make_plan(const std::vector<Region>& regions, uint64_t task_nbytes, bool check_gaps, uint64_t gap_begin,
@@ -128,7 +117,7 @@ std::vector<uint32_t> fold_chunks(const std::vector<Region>& regions, const Plan
     uint32_t crc = chunk_crcs[plan.chunk_begin[i]];
     for (size_t c = 1; c < plan.chunk_count[i]; c++) {
       uint64_t len = std::min(task_nbytes, regions[i].nbytes - c * task_nbytes);
-      crc = checksum_combine(options, crc, chunk_crcs[plan.chunk_begin[i] + c], len);
+      crc = checksum_combine(options.zip_crc, crc, chunk_crcs[plan.chunk_begin[i] + c], len);
     }
     crcs[i] = crc;
   }
@@ -171,13 +160,18 @@ void start_writeback(int fd, uint64_t file_offset, uint64_t nbytes) noexcept {
 #endif
 }
 
-void require_zero(const unsigned char* p, size_t nbytes, uint64_t file_offset, const std::string& path) {
-  for (size_t k = 0; k < nbytes; k++) {
-    if (p[k] != 0) {
-      throw FormatError(path + ": padding byte at offset " + std::to_string(file_offset + k) +
-                        " is not zero (the file is damaged or was not written by tensorfile)");
-    }
-  }
+// Asks the kernel for transparent huge pages on the 2 MiB-aligned interior of
+// [ptr, ptr + nbytes) before it is first touched; a no-op where unsupported.
+void advise_hugepages(uintptr_t ptr, uint64_t nbytes) noexcept {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  uintptr_t begin = (ptr + kHuge - 1) & ~(kHuge - 1);
+  uintptr_t end = (ptr + nbytes) & ~(kHuge - 1);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)ptr;
+  (void)nbytes;
+#endif
 }
 
 }  // namespace
@@ -192,7 +186,7 @@ std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, 
     if (t.kind == Task::kGap) return;  // holes in a fresh file read as zeros
     if (t.kind == Task::kChunk) {
       const auto* src = reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset;
-      if (options.checksum) chunk_crcs[t.slot] = checksum(options, src, t.nbytes);
+      if (options.checksum) chunk_crcs[t.slot] = checksum(options.zip_crc, src, t.nbytes);
       pwrite_full(fd, src, t.nbytes, regions[t.first].file_offset + t.offset, path);
       if (options.writeback) start_writeback(fd, regions[t.first].file_offset + t.offset, t.nbytes);
       return;
@@ -204,7 +198,7 @@ std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, 
       const Region& r = regions[i];
       if (r.file_offset > cursor) iov.push_back({const_cast<unsigned char*>(kZeros), r.file_offset - cursor});
       if (r.nbytes) iov.push_back({reinterpret_cast<void*>(r.ptr), r.nbytes});
-      if (options.checksum) crcs[i] = checksum(options, reinterpret_cast<const void*>(r.ptr), r.nbytes);
+      if (options.checksum) crcs[i] = checksum(options.zip_crc, reinterpret_cast<const void*>(r.ptr), r.nbytes);
       cursor = r.file_offset + r.nbytes;
     }
     pwritev_full(fd, iov, t.begin, path);
@@ -213,8 +207,10 @@ std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, 
   return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options);
 }
 
-std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, const TransferOptions& options,
+std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& given, const TransferOptions& options,
                                    bool check_gaps, uint64_t gap_begin, uint64_t gap_end, const std::string& path) {
+  const FileOrder order(given);
+  const std::vector<Region>& regions = order.regions();
   check_sorted(regions);
   if (options.hugepages) {
     for (const Region& r : regions) advise_hugepages(r.ptr, r.nbytes);
@@ -236,7 +232,7 @@ std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, c
       auto* dst = reinterpret_cast<unsigned char*>(regions[t.first].ptr) + t.offset;
       prefault(dst, t.nbytes);
       pread_full(fd, dst, t.nbytes, regions[t.first].file_offset + t.offset, path);
-      if (options.checksum) chunk_crcs[t.slot] = checksum(options, dst, t.nbytes);
+      if (options.checksum) chunk_crcs[t.slot] = checksum(options.zip_crc, dst, t.nbytes);
       return;
     }
     // Gaps inside a gathered span land in `pad`, one slot per gap, and are checked after.
@@ -276,10 +272,10 @@ std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, c
     }
     if (options.checksum) {
       for (size_t i = t.first; i < t.last; i++)
-        crcs[i] = checksum(options, reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
+        crcs[i] = checksum(options.zip_crc, reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
     }
   });
-  return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options);
+  return order.restore(fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options));
 }
 
 std::vector<uint32_t> checksum_regions(const std::vector<Region>& input, const TransferOptions& options) {
@@ -296,33 +292,13 @@ std::vector<uint32_t> checksum_regions(const std::vector<Region>& input, const T
     const Task& t = plan.tasks[k];
     if (t.kind == Task::kChunk) {
       chunk_crcs[t.slot] =
-          checksum(options, reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset, t.nbytes);
+          checksum(options.zip_crc, reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset, t.nbytes);
     } else if (t.kind == Task::kGather) {
       for (size_t i = t.first; i < t.last; i++)
-        crcs[i] = checksum(options, reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
+        crcs[i] = checksum(options.zip_crc, reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
     }
   });
   return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options);
-}
-
-void advise_hugepages(uintptr_t ptr, uint64_t nbytes) noexcept {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  uintptr_t begin = (ptr + kHuge - 1) & ~(kHuge - 1);
-  uintptr_t end = (ptr + nbytes) & ~(kHuge - 1);
-  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)nbytes;
-#endif
-}
-
-uint32_t checksum(const TransferOptions& options, const void* data, size_t nbytes) noexcept {
-  return options.zip_crc ? crc32_zip(data, nbytes) : crc32c(data, nbytes);
-}
-
-uint32_t checksum_combine(const TransferOptions& options, uint32_t crc_a, uint32_t crc_b, size_t nbytes_b) noexcept {
-  return options.zip_crc ? crc32_zip_combine(crc_a, crc_b, nbytes_b) : crc32c_combine(crc_a, crc_b, nbytes_b);
 }
 
 }  // namespace tensorfile
