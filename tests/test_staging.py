@@ -356,7 +356,19 @@ def test_staging_buffer_allocation_failure_leaks_nothing(tmp_path, dev):
     p = dev.alloc(100)
     with open(tmp_path / "f", "rb") as f, pytest.raises(MemoryError):
         _engine.device_read_regions(
-            "sim", 0, f.fileno(), [p], [100], [0], [], [], 2, 1 << 60, 2, True, "f"
+            backend="sim",
+            device=0,
+            fd=f.fileno(),
+            ptrs=[p],
+            nbytes=[100],
+            file_offsets=[0],
+            zero_offsets=[],
+            zero_nbytes=[],
+            num_threads=2,
+            staging_nbytes=1 << 60,
+            staging_buffers=2,
+            checksum=True,
+            path="f",
         )
 
 
@@ -371,8 +383,25 @@ def test_the_simulation_refuses_addresses_it_does_not_own(tmp_path, dev):
 
 def test_unknown_backend_is_refused(tmp_path):
     write_file(tmp_path / "f", 4096)
-    with open(tmp_path / "f", "rb") as f, pytest.raises(ValueError, match="backend"):
-        _engine.device_read_regions("tpu", 0, f.fileno(), [], [], [], [], [], 1, 4096, 1, True, "f")
+    with (
+        open(tmp_path / "f", "rb") as f,
+        pytest.raises(ValueError, match="backend must be 'cuda' or 'sim', got 'tpu'"),
+    ):
+        _engine.device_read_regions(
+            backend="tpu",
+            device=0,
+            fd=f.fileno(),
+            ptrs=[],
+            nbytes=[],
+            file_offsets=[],
+            zero_offsets=[],
+            zero_nbytes=[],
+            num_threads=1,
+            staging_nbytes=4096,
+            staging_buffers=1,
+            checksum=True,
+            path="f",
+        )
 
 
 # --------------------------------------------------------------------------- settings

@@ -67,7 +67,7 @@ PYBIND11_MODULE(_engine, m) {
         }
         return to_array(crcs);
       },
-      py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"), py::arg("file_offsets"), py::arg("num_threads"),
+      py::kw_only(), py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"), py::arg("file_offsets"), py::arg("num_threads"),
       py::arg("task_nbytes"), py::arg("checksum"), py::arg("path"), py::arg("writeback") = false,
       "Write host memory regions (sorted by file offset) at their file offsets; returns the CRC32C of each region, "
       "computed from the bytes written. writeback=True starts the disk write of each task's bytes as soon as they "
@@ -87,7 +87,7 @@ PYBIND11_MODULE(_engine, m) {
         }
         return to_array(crcs);
       },
-      py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"), py::arg("file_offsets"), py::arg("num_threads"),
+      py::kw_only(), py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"), py::arg("file_offsets"), py::arg("num_threads"),
       py::arg("task_nbytes"), py::arg("checksum"), py::arg("check_gaps"), py::arg("gap_begin"), py::arg("gap_end"),
       py::arg("path"), py::arg("hugepages") = false, py::arg("zip_crc") = false,
       "Read file regions (in any order) into host memory; returns the CRC32C (or zip CRC-32) of each region, in the "
@@ -105,8 +105,8 @@ PYBIND11_MODULE(_engine, m) {
         }
         return to_array(crcs);
       },
-      py::arg("ptrs"), py::arg("nbytes"), py::arg("num_threads"), py::arg("task_nbytes"), py::arg("zip_crc") = false,
-      "CRC32C (or zip CRC-32) of each host memory region, in parallel.");
+      py::kw_only(), py::arg("ptrs"), py::arg("nbytes"), py::arg("num_threads"), py::arg("task_nbytes"),
+      py::arg("zip_crc") = false, "CRC32C (or zip CRC-32) of each host memory region, in parallel.");
 
   m.def("preallocate", &preallocate, py::arg("fd"), py::arg("nbytes"), py::arg("path"),
         py::call_guard<py::gil_scoped_release>(), "Reserves nbytes of disk for fd (a no-op where unsupported).");
@@ -129,10 +129,10 @@ PYBIND11_MODULE(_engine, m) {
         }
         return to_array(crcs);
       },
-      py::arg("backend"), py::arg("device"), py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"), py::arg("file_offsets"),
-      py::arg("zero_offsets"), py::arg("zero_nbytes"), py::arg("num_threads"), py::arg("staging_nbytes"),
-      py::arg("staging_buffers"), py::arg("checksum"), py::arg("path"), py::arg("gds_fd") = -1,
-      py::arg("zip_crc") = false,
+      py::kw_only(), py::arg("backend"), py::arg("device"), py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"),
+      py::arg("file_offsets"), py::arg("zero_offsets"), py::arg("zero_nbytes"), py::arg("num_threads"),
+      py::arg("staging_nbytes"), py::arg("staging_buffers"), py::arg("checksum"), py::arg("path"),
+      py::arg("gds_fd") = -1, py::arg("zip_crc") = false,
       "Read file regions (in any order) into device memory through pinned staging buffers (or cuFile when gds_fd >= "
       "0), checking that the zero ranges hold zeros; returns the CRC32C (zip's CRC-32 with zip_crc) of each region, "
       "in the order given.");
@@ -151,9 +151,9 @@ PYBIND11_MODULE(_engine, m) {
         }
         return to_array(crcs);
       },
-      py::arg("backend"), py::arg("device"), py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"), py::arg("file_offsets"),
-      py::arg("num_threads"), py::arg("staging_nbytes"), py::arg("staging_buffers"), py::arg("checksum"),
-      py::arg("path"), py::arg("gds_fd") = -1,
+      py::kw_only(), py::arg("backend"), py::arg("device"), py::arg("fd"), py::arg("ptrs"), py::arg("nbytes"),
+      py::arg("file_offsets"), py::arg("num_threads"), py::arg("staging_nbytes"), py::arg("staging_buffers"),
+      py::arg("checksum"), py::arg("path"), py::arg("gds_fd") = -1,
       "Write device memory regions (sorted by file offset) at their file offsets through pinned staging buffers (or "
       "cuFile when gds_fd >= 0); returns the CRC32C of each region, computed from the staged bytes.");
 

@@ -6,6 +6,7 @@ import numpy as np
 import numpy.typing as npt
 
 def write_regions(
+    *,
     fd: int,
     ptrs: npt.ArrayLike,
     nbytes: npt.ArrayLike,
@@ -17,6 +18,7 @@ def write_regions(
     writeback: bool = False,
 ) -> npt.NDArray[np.uint32]: ...
 def read_regions(
+    *,
     fd: int,
     ptrs: npt.ArrayLike,
     nbytes: npt.ArrayLike,
@@ -32,6 +34,7 @@ def read_regions(
     zip_crc: bool = False,
 ) -> npt.NDArray[np.uint32]: ...
 def checksum_regions(
+    *,
     ptrs: npt.ArrayLike,
     nbytes: npt.ArrayLike,
     num_threads: int,
@@ -53,6 +56,7 @@ def cuda_library() -> str: ...
 def cufile_load(path: str = "") -> bool: ...
 def cufile_error() -> str: ...
 def device_read_regions(
+    *,
     backend: str,
     device: int,
     fd: int,
@@ -70,6 +74,7 @@ def device_read_regions(
     zip_crc: bool = False,
 ) -> npt.NDArray[np.uint32]: ...
 def device_write_regions(
+    *,
     backend: str,
     device: int,
     fd: int,
