@@ -1,5 +1,6 @@
-// Plans regions into tasks (large regions split into chunks moved in place, runs of
-// small regions gathered into one vectored call) and runs them on the thread pool.
+// Plans regions into tasks (large regions split into chunks, runs of small regions
+// gathered into one call) and runs them on the thread pool; a checksummed write passes
+// each task's bytes through a buffer of its worker's (BounceWriter).
 #include "engine.hpp"
 
 #include <fcntl.h>
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <memory>
 
 #include "errors.hpp"
 #include "file.hpp"
@@ -25,6 +27,8 @@ constexpr uint64_t kGatherBelow = uint64_t{256} << 10;
 // Each gathered region takes two iovecs (data, padding).
 constexpr size_t kMaxGatherRegions = (IOV_MAX > 2048 ? 1024 : IOV_MAX / 2) - 1;
 constexpr size_t kPadding = 4096;  // the format's alignment; gaps are shorter
+// A write task's bounce buffer holds at most this much; a larger task is written in parts.
+constexpr uint64_t kMaxBounce = uint64_t{8} << 20;
 
 alignas(64) const unsigned char kZeros[kPadding] = {};
 
@@ -174,6 +178,56 @@ void advise_hugepages(uintptr_t ptr, uint64_t nbytes) noexcept {
 #endif
 }
 
+// The bytes of a write task pass through a buffer of the worker's own: checksummed as
+// they are copied in (one read of the caller's memory) and written from there, so that
+// each checksum is of exactly the bytes that reach the file even while the caller's
+// memory changes under the write (a tensor that another thread updates). Measured on a
+// 1 GiB write (1 MiB tasks, 2 threads): about 10% more CPU time than checksumming the
+// caller's memory and writing it; a copy followed by a separate checksum cost 20-25%.
+class BounceWriter {
+ public:
+  BounceWriter(unsigned char* buf, size_t capacity, int fd, uint64_t file_offset, const std::string& path)
+      : buf_(buf), capacity_(capacity), fd_(fd), at_(file_offset), path_(path) {}
+
+  void zeros(uint64_t nbytes) {
+    while (nbytes > 0) {
+      if (fill_ == capacity_) flush();
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(nbytes, capacity_ - fill_));
+      std::memset(buf_ + fill_, 0, n);
+      fill_ += n;
+      nbytes -= n;
+    }
+  }
+
+  // Appends [src, src + nbytes); returns the checksum of the bytes appended.
+  uint32_t copy(const unsigned char* src, uint64_t nbytes, bool zip_crc) {
+    uint32_t crc = 0;
+    while (nbytes > 0) {
+      if (fill_ == capacity_) flush();
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(nbytes, capacity_ - fill_));
+      crc = checksum_copy(zip_crc, buf_ + fill_, src, n, crc);
+      fill_ += n;
+      src += n;
+      nbytes -= n;
+    }
+    return crc;
+  }
+
+  void flush() {
+    if (fill_ > 0) pwrite_full(fd_, buf_, fill_, at_, path_);
+    at_ += fill_;
+    fill_ = 0;
+  }
+
+ private:
+  unsigned char* buf_;
+  size_t capacity_;
+  size_t fill_ = 0;
+  int fd_;
+  uint64_t at_;
+  const std::string& path_;
+};
+
 }  // namespace
 
 std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, const TransferOptions& options,
@@ -181,12 +235,41 @@ std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, 
   check_sorted(regions);
   const Plan plan = make_plan(regions, options.task_nbytes, /*check_gaps=*/false, 0, 0);
   std::vector<uint32_t> crcs(regions.size(), 0), chunk_crcs(plan.nchunks, 0);
-  default_pool().parallel_for(plan.tasks.size(), options.num_threads, [&](size_t, size_t k) {
+  // One bounce buffer per worker, allocated on its first task, as large as the largest
+  // task (at least the format's padding, at most kMaxBounce).
+  uint64_t largest = kPadding;
+  for (const Task& t : plan.tasks) largest = std::max(largest, t.kind == Task::kChunk ? t.nbytes : t.end - t.begin);
+  const size_t bounce_nbytes = static_cast<size_t>(std::min<uint64_t>(largest, kMaxBounce));
+  std::vector<std::unique_ptr<unsigned char[]>> bounce(options.checksum ? std::max<size_t>(1, options.num_threads) : 0);
+  default_pool().parallel_for(plan.tasks.size(), options.num_threads, [&](size_t worker, size_t k) {
     const Task& t = plan.tasks[k];
     if (t.kind == Task::kGap) return;  // holes in a fresh file read as zeros
+    if (options.checksum) {
+      if (!bounce[worker]) bounce[worker].reset(new unsigned char[bounce_nbytes]);
+      if (t.kind == Task::kChunk) {
+        const auto* src = reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset;
+        const uint64_t at = regions[t.first].file_offset + t.offset;
+        BounceWriter out(bounce[worker].get(), bounce_nbytes, fd, at, path);
+        chunk_crcs[t.slot] = out.copy(src, t.nbytes, options.zip_crc);
+        out.flush();
+        if (options.writeback) start_writeback(fd, at, t.nbytes);
+        return;
+      }
+      BounceWriter out(bounce[worker].get(), bounce_nbytes, fd, t.begin, path);
+      uint64_t cursor = t.begin;
+      for (size_t i = t.first; i < t.last; i++) {
+        const Region& r = regions[i];
+        out.zeros(r.file_offset - cursor);
+        crcs[i] = out.copy(reinterpret_cast<const unsigned char*>(r.ptr), r.nbytes, options.zip_crc);
+        cursor = r.file_offset + r.nbytes;
+      }
+      out.flush();
+      if (options.writeback) start_writeback(fd, t.begin, cursor - t.begin);
+      return;
+    }
+    // Without checksums nothing can disagree with the bytes written: straight from memory.
     if (t.kind == Task::kChunk) {
       const auto* src = reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset;
-      if (options.checksum) chunk_crcs[t.slot] = checksum(options.zip_crc, src, t.nbytes);
       pwrite_full(fd, src, t.nbytes, regions[t.first].file_offset + t.offset, path);
       if (options.writeback) start_writeback(fd, regions[t.first].file_offset + t.offset, t.nbytes);
       return;
@@ -198,7 +281,6 @@ std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, 
       const Region& r = regions[i];
       if (r.file_offset > cursor) iov.push_back({const_cast<unsigned char*>(kZeros), r.file_offset - cursor});
       if (r.nbytes) iov.push_back({reinterpret_cast<void*>(r.ptr), r.nbytes});
-      if (options.checksum) crcs[i] = checksum(options.zip_crc, reinterpret_cast<const void*>(r.ptr), r.nbytes);
       cursor = r.file_offset + r.nbytes;
     }
     pwritev_full(fd, iov, t.begin, path);

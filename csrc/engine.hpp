@@ -22,8 +22,12 @@ struct TransferOptions {
 
 // Writes every region; regions must be sorted by file_offset and must not overlap.
 // Bytes between regions are not written: the caller creates a fresh file, whose holes
-// read as zeros. Small regions are gathered into one pwritev per task. Returns the
-// CRC32C of each region (0s when !checksum). Call without the GIL.
+// read as zeros. Small regions are gathered into one write per task. Returns the CRC32C
+// of each region (0s when !checksum), of the bytes the file received: with checksums,
+// each task's bytes are checksummed as they are copied to a buffer of its worker's and
+// written from there, so memory that changes during the call (another thread updating
+// a tensor) gives a torn snapshot whose checksums hold, never a file that fails them.
+// Call without the GIL.
 std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, const TransferOptions& options,
                                     const std::string& path);
 

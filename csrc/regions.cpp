@@ -2,6 +2,7 @@
 #include "regions.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <stdexcept>
 
@@ -49,6 +50,12 @@ void require_zero(const unsigned char* p, size_t nbytes, uint64_t file_offset, c
 
 uint32_t checksum(bool zip_crc, const void* data, size_t nbytes, uint32_t crc) noexcept {
   return zip_crc ? crc32_zip(data, nbytes, crc) : crc32c(data, nbytes, crc);
+}
+
+uint32_t checksum_copy(bool zip_crc, void* dst, const void* src, size_t nbytes, uint32_t crc) noexcept {
+  if (!zip_crc) return crc32c_copy(dst, src, nbytes, crc);
+  std::memcpy(dst, src, nbytes);
+  return crc32_zip(dst, nbytes, crc);
 }
 
 uint32_t checksum_combine(bool zip_crc, uint32_t crc_a, uint32_t crc_b, size_t nbytes_b) noexcept {

@@ -48,6 +48,8 @@ void require_zero(const unsigned char* p, size_t nbytes, uint64_t file_offset, c
 // The checksum a transfer computes per region, continuing from `crc`: CRC32C (the native
 // format), or zip's CRC-32 with zip_crc (torch.save archives); and its combine step.
 uint32_t checksum(bool zip_crc, const void* data, size_t nbytes, uint32_t crc = 0) noexcept;
+// Copies nbytes from src to dst and returns the checksum of the bytes dst received.
+uint32_t checksum_copy(bool zip_crc, void* dst, const void* src, size_t nbytes, uint32_t crc = 0) noexcept;
 uint32_t checksum_combine(bool zip_crc, uint32_t crc_a, uint32_t crc_b, size_t nbytes_b) noexcept;
 
 }  // namespace tensorfile

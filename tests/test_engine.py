@@ -211,6 +211,43 @@ def test_write_then_read_regions(tmp_path, threads, task, writeback):
         os.close(fd)
 
 
+@pytest.mark.parametrize("task", [4096, 1 << 20])
+@pytest.mark.parametrize("misalign", [0, 1, 3, 7])
+def test_write_regions_checksum_what_they_copy_at_any_alignment(tmp_path, task, misalign):
+    # A checksummed write copies each task's bytes into its own buffer, checksumming as it
+    # copies (an unaligned head, three interleaved lanes of 8 KiB, a tail): every length
+    # and alignment must give the file the bytes and the caller their CRC32C.
+    rng = np.random.default_rng(misalign)
+    backing = rng.integers(0, 256, size=(3 << 20) + 64, dtype=np.uint8)
+    lengths = [1, 7, 8, 9, 4095, 24575, 24576, 24577, 3 * 24576 + 13, 300_001, 1 << 20]
+    ptrs, offsets, cursor, at = [], [], 5, misalign
+    for n in lengths:
+        ptrs.append(backing.ctypes.data + at)
+        offsets.append(cursor)
+        at += n + 1
+        cursor += n + int(rng.integers(0, 4096))
+    path = str(tmp_path / "raw.bin")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        crcs = _engine.write_regions(
+            fd=fd,
+            ptrs=np.array(ptrs, np.uint64),
+            nbytes=np.array(lengths, np.uint64),
+            file_offsets=np.array(offsets, np.uint64),
+            num_threads=2,
+            task_nbytes=task,
+            checksum=True,
+            path=path,
+        )
+    finally:
+        os.close(fd)
+    raw = np.fromfile(path, dtype=np.uint8)
+    for p, n, o, c in zip(ptrs, lengths, offsets, crcs.tolist()):
+        want = backing[p - backing.ctypes.data :][:n]
+        assert np.array_equal(raw[o : o + n], want), (n, o)
+        assert c == _engine.crc32c(want.tobytes()), n
+
+
 @pytest.mark.parametrize("gap", [4095, 4096, 6000])
 def test_write_regions_fills_any_gap_with_zeros(tmp_path, gap):
     # Two small regions gathered into one vectored write: the bytes between them must be
