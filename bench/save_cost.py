@@ -5,7 +5,9 @@ run in turn (e.g. before and after a change to the write path):
     python bench/save_cost.py big-durable  # the same, durable=True (fsync)
     python bench/save_cost.py small        # 20,000 small float32 tensors, durable=False
 
-Prints one JSON line: the case, every repetition's seconds and their median. Point
+Prints one JSON line: the case, every repetition's wall seconds and CPU seconds (all
+threads of the process, the kernel's work included) and their medians; on a shared
+machine the CPU seconds vary less than the wall seconds. Point
 PYTHONPATH at the tree whose engine you want, and alternate the two trees' runs (A B A
 B ...) so that the machine's drift hits both alike; compare the medians' ratio.
 """
@@ -47,14 +49,15 @@ def main() -> None:
     obj = payload(kind)
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         path = os.path.join(d, "ckpt.tf")
-        times = []
+        times, cpu = [], []
         for rep in range(args.reps + 1):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             tensorfile.save(obj, path, durable=durable)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             os.unlink(path)
             if rep:
                 times.append(dt)
+                cpu.append(dc)
     print(
         json.dumps(
             {
@@ -62,6 +65,8 @@ def main() -> None:
                 "engine": os.path.dirname(tensorfile.__file__),
                 "seconds": [round(t, 4) for t in times],
                 "median_s": round(statistics.median(times), 4),
+                "cpu_seconds": [round(t, 4) for t in cpu],
+                "cpu_median_s": round(statistics.median(cpu), 4),
             }
         )
     )
