@@ -11,6 +11,12 @@ namespace tensorfile {
 // Thread safe; uses SSE4.2 with three interleaved streams when available.
 uint32_t crc32c(const void* data, size_t nbytes, uint32_t crc = 0) noexcept;
 
+// Copies `nbytes` bytes from `src` to `dst` (not overlapping) and returns the CRC32C of
+// the bytes copied, continuing from `crc`: each byte is read from `src` once, so the
+// checksum is of exactly what `dst` received even if `src` changes meanwhile (another
+// thread writing it). One pass instead of a copy and a checksum. Thread safe.
+uint32_t crc32c_copy(void* dst, const void* src, size_t nbytes, uint32_t crc = 0) noexcept;
+
 // The portable table-driven implementation, exposed so tests can compare the two.
 uint32_t crc32c_software(const void* data, size_t nbytes, uint32_t crc = 0) noexcept;
 

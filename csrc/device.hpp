@@ -1,6 +1,6 @@
-// A small device interface (pinned host buffers, streams, events, async copies) with two
-// implementations: CUDA through the runtime shim, and a host-memory simulation that
-// behaves like a device (separate allocations, copies on another thread) for tests.
+// A small device interface (pinned host buffers, streams, events, async copies), the CUDA
+// device behind it (through the runtime shim), and the table that finds a device by its
+// backend's name, where other backends (a simulation, for tests) can be added.
 #pragma once
 
 #include <cstddef>
@@ -40,9 +40,9 @@ class Device {
 
   // Pinned host buffers, cached between calls because pinning costs far more than a
   // transfer of the same size; a request of a new size frees cached buffers of other
-  // sizes. Thread safe.
-  void* acquire_pinned(size_t nbytes);
-  void release_pinned(void* p, size_t nbytes) noexcept;
+  // sizes. Thread safe. Virtual so that a backend can account for its buffers.
+  virtual void* acquire_pinned(size_t nbytes);
+  virtual void release_pinned(void* p, size_t nbytes) noexcept;
   // Frees every cached buffer not in use; returns how many were freed.
   size_t trim_pinned() noexcept;
 
@@ -59,30 +59,14 @@ class Device {
 // the runtime is unavailable.
 Device& cuda_device(int index);
 
-// The simulated device (process-wide).
-Device& sim_device();
+// The device `index` of the backend named `backend`: "cuda", or one added with
+// register_backend. Throws std::invalid_argument for a name no backend has, and whatever
+// the backend throws (CudaError when the CUDA runtime is unavailable).
+Device& find_device(const std::string& backend, int index);
 
-// Test hooks for the simulation.
-struct SimCounters {
-  int64_t pinned_live = 0;    // pinned buffers allocated and not freed (cached included)
-  int64_t pinned_in_use = 0;  // pinned buffers handed out and not released
-  int64_t pinned_peak = 0;    // most pinned buffers in use at once since the last reset
-  int64_t streams_live = 0;
-  int64_t events_live = 0;
-  int64_t threads_live = 0;  // one per live stream
-  int64_t device_allocs_live = 0;
-  int64_t copies = 0;  // copies executed since the last reset
-};
-SimCounters sim_counters();
-void sim_reset_peak();
-// The countdown-th following copy (1 = the next) fails asynchronously, as a CUDA copy
-// fault would; 0 disarms. `delay_us` slows every copy down, to exercise back-pressure.
-void sim_configure(uint64_t copy_fault_countdown, uint64_t delay_us);
-// Simulated device memory: zero-filled, owned by the simulation.
-uintptr_t sim_alloc(size_t nbytes);
-void sim_free(uintptr_t ptr);
-// Direct access for tests; [ptr, ptr + nbytes) must lie inside one allocation.
-void sim_read(uintptr_t ptr, void* dst, size_t nbytes);
-void sim_write(uintptr_t ptr, const void* src, size_t nbytes);
+// Adds (or replaces) the backend `name`, whose device `index` `factory` returns.
+// Process-wide; thread safe.
+using DeviceFactory = Device& (*)(int index);
+void register_backend(const std::string& name, DeviceFactory factory);
 
 }  // namespace tensorfile

@@ -1,5 +1,6 @@
-// Plans regions into tasks (large regions split into chunks moved in place, runs of
-// small regions gathered into one vectored call) and runs them on the thread pool.
+// Plans regions into tasks (large regions split into chunks, runs of small regions
+// gathered into one call) and runs them on the thread pool; a checksummed write passes
+// each task's bytes through a buffer of its worker's (BounceWriter).
 #include "engine.hpp"
 
 #include <fcntl.h>
@@ -10,9 +11,8 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <memory>
 
-#include "crc32.hpp"
-#include "crc32c.hpp"
 #include "errors.hpp"
 #include "file.hpp"
 #include "thread_pool.hpp"
@@ -27,6 +27,8 @@ constexpr uint64_t kGatherBelow = uint64_t{256} << 10;
 // Each gathered region takes two iovecs (data, padding).
 constexpr size_t kMaxGatherRegions = (IOV_MAX > 2048 ? 1024 : IOV_MAX / 2) - 1;
 constexpr size_t kPadding = 4096;  // the format's alignment; gaps are shorter
+// A write task's bounce buffer holds at most this much; a larger task is written in parts.
+constexpr uint64_t kMaxBounce = uint64_t{8} << 20;
 
 alignas(64) const unsigned char kZeros[kPadding] = {};
 
@@ -45,15 +47,6 @@ struct Plan {
   std::vector<size_t> chunk_count;  // per region: number of chunks (0 if gathered)
   size_t nchunks = 0;
 };
-
-void check_sorted(const std::vector<Region>& regions) {
-  for (size_t i = 1; i < regions.size(); i++) {
-    const Region& a = regions[i - 1];
-    if (regions[i].file_offset < a.file_offset || regions[i].file_offset - a.file_offset < a.nbytes) {
-      throw std::invalid_argument("regions must be sorted by file_offset and must not overlap");
-    }
-  }
-}
 
 // gap_end == 0 means "no gap checking": gathered spans cover only the regions.
 Plan make_plan(const std::vector<Region>& regions, uint64_t task_nbytes, bool check_gaps, uint64_t gap_begin,
@@ -128,7 +121,7 @@ std::vector<uint32_t> fold_chunks(const std::vector<Region>& regions, const Plan
     uint32_t crc = chunk_crcs[plan.chunk_begin[i]];
     for (size_t c = 1; c < plan.chunk_count[i]; c++) {
       uint64_t len = std::min(task_nbytes, regions[i].nbytes - c * task_nbytes);
-      crc = checksum_combine(options, crc, chunk_crcs[plan.chunk_begin[i] + c], len);
+      crc = checksum_combine(options.zip_crc, crc, chunk_crcs[plan.chunk_begin[i] + c], len);
     }
     crcs[i] = crc;
   }
@@ -171,14 +164,69 @@ void start_writeback(int fd, uint64_t file_offset, uint64_t nbytes) noexcept {
 #endif
 }
 
-void require_zero(const unsigned char* p, size_t nbytes, uint64_t file_offset, const std::string& path) {
-  for (size_t k = 0; k < nbytes; k++) {
-    if (p[k] != 0) {
-      throw FormatError(path + ": padding byte at offset " + std::to_string(file_offset + k) +
-                        " is not zero (the file is damaged or was not written by tensorfile)");
+// Asks the kernel for transparent huge pages on the 2 MiB-aligned interior of
+// [ptr, ptr + nbytes) before it is first touched; a no-op where unsupported.
+void advise_hugepages(uintptr_t ptr, uint64_t nbytes) noexcept {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  uintptr_t begin = (ptr + kHuge - 1) & ~(kHuge - 1);
+  uintptr_t end = (ptr + nbytes) & ~(kHuge - 1);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)ptr;
+  (void)nbytes;
+#endif
+}
+
+// The bytes of a write task pass through a buffer of the worker's own: checksummed as
+// they are copied in (one read of the caller's memory) and written from there, so that
+// each checksum is of exactly the bytes that reach the file even while the caller's
+// memory changes under the write (a tensor that another thread updates). Measured on a
+// 1 GiB write (1 MiB tasks, 2 threads): about 10% more CPU time than checksumming the
+// caller's memory and writing it; a copy followed by a separate checksum cost 20-25%.
+class BounceWriter {
+ public:
+  BounceWriter(unsigned char* buf, size_t capacity, int fd, uint64_t file_offset, const std::string& path)
+      : buf_(buf), capacity_(capacity), fd_(fd), at_(file_offset), path_(path) {}
+
+  void zeros(uint64_t nbytes) {
+    while (nbytes > 0) {
+      if (fill_ == capacity_) flush();
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(nbytes, capacity_ - fill_));
+      std::memset(buf_ + fill_, 0, n);
+      fill_ += n;
+      nbytes -= n;
     }
   }
-}
+
+  // Appends [src, src + nbytes); returns the checksum of the bytes appended.
+  uint32_t copy(const unsigned char* src, uint64_t nbytes, bool zip_crc) {
+    uint32_t crc = 0;
+    while (nbytes > 0) {
+      if (fill_ == capacity_) flush();
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(nbytes, capacity_ - fill_));
+      crc = checksum_copy(zip_crc, buf_ + fill_, src, n, crc);
+      fill_ += n;
+      src += n;
+      nbytes -= n;
+    }
+    return crc;
+  }
+
+  void flush() {
+    if (fill_ > 0) pwrite_full(fd_, buf_, fill_, at_, path_);
+    at_ += fill_;
+    fill_ = 0;
+  }
+
+ private:
+  unsigned char* buf_;
+  size_t capacity_;
+  size_t fill_ = 0;
+  int fd_;
+  uint64_t at_;
+  const std::string& path_;
+};
 
 }  // namespace
 
@@ -187,12 +235,41 @@ std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, 
   check_sorted(regions);
   const Plan plan = make_plan(regions, options.task_nbytes, /*check_gaps=*/false, 0, 0);
   std::vector<uint32_t> crcs(regions.size(), 0), chunk_crcs(plan.nchunks, 0);
-  default_pool().parallel_for(plan.tasks.size(), options.num_threads, [&](size_t, size_t k) {
+  // One bounce buffer per worker, allocated on its first task, as large as the largest
+  // task (at least the format's padding, at most kMaxBounce).
+  uint64_t largest = kPadding;
+  for (const Task& t : plan.tasks) largest = std::max(largest, t.kind == Task::kChunk ? t.nbytes : t.end - t.begin);
+  const size_t bounce_nbytes = static_cast<size_t>(std::min<uint64_t>(largest, kMaxBounce));
+  std::vector<std::unique_ptr<unsigned char[]>> bounce(options.checksum ? std::max<size_t>(1, options.num_threads) : 0);
+  default_pool().parallel_for(plan.tasks.size(), options.num_threads, [&](size_t worker, size_t k) {
     const Task& t = plan.tasks[k];
     if (t.kind == Task::kGap) return;  // holes in a fresh file read as zeros
+    if (options.checksum) {
+      if (!bounce[worker]) bounce[worker].reset(new unsigned char[bounce_nbytes]);
+      if (t.kind == Task::kChunk) {
+        const auto* src = reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset;
+        const uint64_t at = regions[t.first].file_offset + t.offset;
+        BounceWriter out(bounce[worker].get(), bounce_nbytes, fd, at, path);
+        chunk_crcs[t.slot] = out.copy(src, t.nbytes, options.zip_crc);
+        out.flush();
+        if (options.writeback) start_writeback(fd, at, t.nbytes);
+        return;
+      }
+      BounceWriter out(bounce[worker].get(), bounce_nbytes, fd, t.begin, path);
+      uint64_t cursor = t.begin;
+      for (size_t i = t.first; i < t.last; i++) {
+        const Region& r = regions[i];
+        out.zeros(r.file_offset - cursor);
+        crcs[i] = out.copy(reinterpret_cast<const unsigned char*>(r.ptr), r.nbytes, options.zip_crc);
+        cursor = r.file_offset + r.nbytes;
+      }
+      out.flush();
+      if (options.writeback) start_writeback(fd, t.begin, cursor - t.begin);
+      return;
+    }
+    // Without checksums nothing can disagree with the bytes written: straight from memory.
     if (t.kind == Task::kChunk) {
       const auto* src = reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset;
-      if (options.checksum) chunk_crcs[t.slot] = checksum(options, src, t.nbytes);
       pwrite_full(fd, src, t.nbytes, regions[t.first].file_offset + t.offset, path);
       if (options.writeback) start_writeback(fd, regions[t.first].file_offset + t.offset, t.nbytes);
       return;
@@ -204,7 +281,6 @@ std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, 
       const Region& r = regions[i];
       if (r.file_offset > cursor) iov.push_back({const_cast<unsigned char*>(kZeros), r.file_offset - cursor});
       if (r.nbytes) iov.push_back({reinterpret_cast<void*>(r.ptr), r.nbytes});
-      if (options.checksum) crcs[i] = checksum(options, reinterpret_cast<const void*>(r.ptr), r.nbytes);
       cursor = r.file_offset + r.nbytes;
     }
     pwritev_full(fd, iov, t.begin, path);
@@ -213,8 +289,10 @@ std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, 
   return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options);
 }
 
-std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, const TransferOptions& options,
+std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& given, const TransferOptions& options,
                                    bool check_gaps, uint64_t gap_begin, uint64_t gap_end, const std::string& path) {
+  const FileOrder order(given);
+  const std::vector<Region>& regions = order.regions();
   check_sorted(regions);
   if (options.hugepages) {
     for (const Region& r : regions) advise_hugepages(r.ptr, r.nbytes);
@@ -236,7 +314,7 @@ std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, c
       auto* dst = reinterpret_cast<unsigned char*>(regions[t.first].ptr) + t.offset;
       prefault(dst, t.nbytes);
       pread_full(fd, dst, t.nbytes, regions[t.first].file_offset + t.offset, path);
-      if (options.checksum) chunk_crcs[t.slot] = checksum(options, dst, t.nbytes);
+      if (options.checksum) chunk_crcs[t.slot] = checksum(options.zip_crc, dst, t.nbytes);
       return;
     }
     // Gaps inside a gathered span land in `pad`, one slot per gap, and are checked after.
@@ -276,10 +354,10 @@ std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, c
     }
     if (options.checksum) {
       for (size_t i = t.first; i < t.last; i++)
-        crcs[i] = checksum(options, reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
+        crcs[i] = checksum(options.zip_crc, reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
     }
   });
-  return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options);
+  return order.restore(fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options));
 }
 
 std::vector<uint32_t> checksum_regions(const std::vector<Region>& input, const TransferOptions& options) {
@@ -296,33 +374,13 @@ std::vector<uint32_t> checksum_regions(const std::vector<Region>& input, const T
     const Task& t = plan.tasks[k];
     if (t.kind == Task::kChunk) {
       chunk_crcs[t.slot] =
-          checksum(options, reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset, t.nbytes);
+          checksum(options.zip_crc, reinterpret_cast<const unsigned char*>(regions[t.first].ptr) + t.offset, t.nbytes);
     } else if (t.kind == Task::kGather) {
       for (size_t i = t.first; i < t.last; i++)
-        crcs[i] = checksum(options, reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
+        crcs[i] = checksum(options.zip_crc, reinterpret_cast<const void*>(regions[i].ptr), regions[i].nbytes);
     }
   });
   return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options);
-}
-
-void advise_hugepages(uintptr_t ptr, uint64_t nbytes) noexcept {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  uintptr_t begin = (ptr + kHuge - 1) & ~(kHuge - 1);
-  uintptr_t end = (ptr + nbytes) & ~(kHuge - 1);
-  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)nbytes;
-#endif
-}
-
-uint32_t checksum(const TransferOptions& options, const void* data, size_t nbytes) noexcept {
-  return options.zip_crc ? crc32_zip(data, nbytes) : crc32c(data, nbytes);
-}
-
-uint32_t checksum_combine(const TransferOptions& options, uint32_t crc_a, uint32_t crc_b, size_t nbytes_b) noexcept {
-  return options.zip_crc ? crc32_zip_combine(crc_a, crc_b, nbytes_b) : crc32c_combine(crc_a, crc_b, nbytes_b);
 }
 
 }  // namespace tensorfile

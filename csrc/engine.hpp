@@ -7,13 +7,9 @@
 #include <string>
 #include <vector>
 
-namespace tensorfile {
+#include "regions.hpp"
 
-struct Region {
-  uintptr_t ptr;         // host memory (source on write, destination on read)
-  uint64_t nbytes;       // bytes to move
-  uint64_t file_offset;  // where they sit in the file
-};
+namespace tensorfile {
 
 struct TransferOptions {
   size_t num_threads = 1;                // workers, the calling thread included
@@ -26,26 +22,23 @@ struct TransferOptions {
 
 // Writes every region; regions must be sorted by file_offset and must not overlap.
 // Bytes between regions are not written: the caller creates a fresh file, whose holes
-// read as zeros. Small regions are gathered into one pwritev per task. Returns the
-// CRC32C of each region (0s when !checksum). Call without the GIL.
+// read as zeros. Small regions are gathered into one write per task. Returns the CRC32C
+// of each region (0s when !checksum), of the bytes the file received: with checksums,
+// each task's bytes are checksummed as they are copied to a buffer of its worker's and
+// written from there, so memory that changes during the call (another thread updating
+// a tensor) gives a torn snapshot whose checksums hold, never a file that fails them.
+// Call without the GIL.
 std::vector<uint32_t> write_regions(int fd, const std::vector<Region>& regions, const TransferOptions& options,
                                     const std::string& path);
 
-// Reads every region into its memory; regions sorted by file_offset, not overlapping.
-// With check_gaps, every byte of [gap_begin, gap_end) outside the regions must be zero
-// (the format's padding rule), else FormatError. Returns each region's CRC32C.
+// Reads every region into its memory; regions in any order, not overlapping (they are
+// read in file order). With check_gaps, every byte of [gap_begin, gap_end) outside the
+// regions must be zero (the format's padding rule), else FormatError. Returns each
+// region's checksum, in the order given. Call without the GIL.
 std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, const TransferOptions& options,
                                    bool check_gaps, uint64_t gap_begin, uint64_t gap_end, const std::string& path);
 
 // CRC32C of each memory region, computed in parallel chunks (file_offset is ignored).
 std::vector<uint32_t> checksum_regions(const std::vector<Region>& regions, const TransferOptions& options);
-
-// The checksum `options` asks for, of one buffer; and the combine step that goes with it.
-uint32_t checksum(const TransferOptions& options, const void* data, size_t nbytes) noexcept;
-uint32_t checksum_combine(const TransferOptions& options, uint32_t crc_a, uint32_t crc_b, size_t nbytes_b) noexcept;
-
-// Asks the kernel for transparent huge pages on the 2 MiB-aligned interior of
-// [ptr, ptr + nbytes) before it is first touched; a no-op where unsupported.
-void advise_hugepages(uintptr_t ptr, uint64_t nbytes) noexcept;
 
 }  // namespace tensorfile

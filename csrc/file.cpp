@@ -13,8 +13,7 @@
 namespace tensorfile {
 
 namespace {
-std::atomic<uint64_t> g_fault_countdown{0};
-std::atomic<int> g_fault_errno{0};
+std::atomic<WriteHook> g_write_hook{nullptr};
 
 [[noreturn]] void throw_io(int err, const std::string& verb, const std::string& path, uint64_t offset) {
   throw IoError(
@@ -23,10 +22,7 @@ std::atomic<int> g_fault_errno{0};
 }
 }  // namespace
 
-void inject_write_fault(uint64_t countdown, int error_number) {
-  g_fault_errno.store(error_number);
-  g_fault_countdown.store(countdown);
-}
+void set_write_hook(WriteHook hook) noexcept { g_write_hook.store(hook); }
 
 namespace {
 // Drops `done` bytes from the front of iov[first..]; returns the new first index.
@@ -65,8 +61,8 @@ void preadv_full(int fd, std::vector<iovec>& iov, uint64_t file_offset, const st
 }
 
 void pwritev_full(int fd, std::vector<iovec>& iov, uint64_t file_offset, const std::string& path) {
-  if (g_fault_countdown.load(std::memory_order_relaxed) != 0) {
-    if (g_fault_countdown.fetch_sub(1) == 1) throw_io(g_fault_errno.load(), "writing", path, file_offset);
+  if (WriteHook hook = g_write_hook.load(std::memory_order_relaxed)) {
+    if (int err = hook()) throw_io(err, "writing", path, file_offset);
   }
   size_t first = advance(iov, 0, 0);
   while (first < iov.size()) {

@@ -1,5 +1,5 @@
-// Positioned file I/O that retries short transfers and EINTR, throws IoError with the
-// path on failure, and carries the test-only fault-injection hook.
+// Positioned file I/O that retries short transfers and EINTR and throws IoError with the
+// path on failure, with a hook before every write where failures can be injected.
 #pragma once
 
 #include <cstddef>
@@ -19,9 +19,11 @@ void pwrite_full(int fd, const void* src, size_t nbytes, uint64_t file_offset, c
 // File systems without fallocate are accepted silently.
 void preallocate(int fd, uint64_t nbytes, const std::string& path);
 
-// Test hook: make the `countdown`-th following pwrite (1 = the next one) fail with
-// `error_number`; countdown 0 disarms. Process-wide; thread safe.
-void inject_write_fault(uint64_t countdown, int error_number);
+// Called before every write this file's functions make: returns 0 to let the write go
+// ahead, or an errno value to fail it as the system would have. Process-wide, nullptr
+// (the default) for none; thread safe. Fault injection (testing/) installs one.
+using WriteHook = int (*)() noexcept;
+void set_write_hook(WriteHook hook) noexcept;
 
 }  // namespace tensorfile
 

@@ -11,8 +11,6 @@
 #include <memory>
 #include <stdexcept>
 
-#include "crc32.hpp"
-#include "crc32c.hpp"
 #include "errors.hpp"
 #include "file.hpp"
 #include "shim/cufile.hpp"
@@ -89,19 +87,6 @@ Plan make_plan(const std::vector<Region>& regions, const std::vector<ZeroRange>&
   return plan;
 }
 
-void check_regions_sorted(const std::vector<Region>& regions) {
-  for (size_t i = 1; i < regions.size(); i++) {
-    const Region& a = regions[i - 1];
-    if (regions[i].file_offset < a.file_offset || regions[i].file_offset - a.file_offset < a.nbytes) {
-      throw std::invalid_argument("regions must be sorted by file_offset and must not overlap");
-    }
-  }
-}
-
-uint32_t checksum(const StagingOptions& o, const void* data, size_t nbytes) {
-  return o.zip_crc ? crc32_zip(data, nbytes) : crc32c(data, nbytes);
-}
-
 std::vector<uint32_t> fold(const std::vector<Region>& regions, const Plan& plan,
                            const std::vector<uint32_t>& piece_crcs, const StagingOptions& o) {
   std::vector<uint32_t> crcs(regions.size(), 0);
@@ -110,23 +95,11 @@ std::vector<uint32_t> fold(const std::vector<Region>& regions, const Plan& plan,
     const Piece& p = plan.pieces[i];
     if (p.region == kZeroPiece) continue;
     uint32_t crc = piece_crcs[i];
-    if (seen[p.region]) {
-      crc =
-          o.zip_crc ? crc32_zip_combine(crcs[p.region], crc, p.nbytes) : crc32c_combine(crcs[p.region], crc, p.nbytes);
-    }
+    if (seen[p.region]) crc = checksum_combine(o.zip_crc, crcs[p.region], crc, p.nbytes);
     crcs[p.region] = crc;
     seen[p.region] = 1;
   }
   return crcs;
-}
-
-void require_zero(const unsigned char* p, size_t nbytes, uint64_t file_offset, const std::string& path) {
-  for (size_t k = 0; k < nbytes; k++) {
-    if (p[k] != 0) {
-      throw FormatError(path + ": padding byte at offset " + std::to_string(file_offset + k) +
-                        " is not zero (the file is damaged or was not written by tensorfile)");
-    }
-  }
 }
 
 // One worker's stream, ring of pinned staging buffers and events. The destructor waits
@@ -222,11 +195,13 @@ void run_lanes(Device& device, const StagingOptions& o, size_t nbatches, Fn fn) 
 
 }  // namespace
 
-std::vector<uint32_t> read_to_device(Device& device, int fd, const std::vector<Region>& regions,
+std::vector<uint32_t> read_to_device(Device& device, int fd, const std::vector<Region>& given,
                                      const std::vector<ZeroRange>& zeros, const StagingOptions& options,
                                      const std::string& path) {
   check_options(options);
-  check_regions_sorted(regions);
+  const FileOrder order(given);
+  const std::vector<Region>& regions = order.regions();
+  check_sorted(regions);
   const Plan plan = make_plan(regions, zeros, options.staging_nbytes);
   std::vector<uint32_t> piece_crcs(plan.pieces.size(), 0);
   std::unique_ptr<cufile::FileHandle> gds;
@@ -253,7 +228,7 @@ std::vector<uint32_t> read_to_device(Device& device, int fd, const std::vector<R
             require_zero(src, p.nbytes, batch.file_begin + p.batch_offset, path);
             continue;
           }
-          if (options.checksum) piece_crcs[i] = checksum(options, src, p.nbytes);
+          if (options.checksum) piece_crcs[i] = checksum(options.zip_crc, src, p.nbytes);
           dev.copy_async(reinterpret_cast<void*>(regions[p.region].ptr + p.region_offset), src, p.nbytes,
                          CopyKind::kHostToDevice, lane.stream());
         }
@@ -282,17 +257,18 @@ std::vector<uint32_t> read_to_device(Device& device, int fd, const std::vector<R
       lane.reclaim(k);
       for (size_t i = batch.first; i < batch.last; i++) {
         const Piece& p = plan.pieces[i];
-        if (p.region != kZeroPiece) piece_crcs[i] = checksum(options, buf + p.batch_offset, p.nbytes);
+        if (p.region != kZeroPiece) piece_crcs[i] = checksum(options.zip_crc, buf + p.batch_offset, p.nbytes);
       }
     }
   });
-  return options.checksum ? fold(regions, plan, piece_crcs, options) : std::vector<uint32_t>(regions.size(), 0);
+  if (!options.checksum) return std::vector<uint32_t>(regions.size(), 0);
+  return order.restore(fold(regions, plan, piece_crcs, options));
 }
 
 std::vector<uint32_t> write_from_device(Device& device, int fd, const std::vector<Region>& regions,
                                         const StagingOptions& options, const std::string& path) {
   check_options(options);
-  check_regions_sorted(regions);
+  check_sorted(regions);
   const Plan plan = make_plan(regions, {}, options.staging_nbytes);
   std::vector<uint32_t> piece_crcs(plan.pieces.size(), 0);
   std::unique_ptr<cufile::FileHandle> gds;
@@ -338,7 +314,7 @@ std::vector<uint32_t> write_from_device(Device& device, int fd, const std::vecto
       const unsigned char* buf = lane.buf(k);
       for (size_t i = batch.first; i < batch.last; i++) {
         const Piece& p = plan.pieces[i];
-        if (options.checksum) piece_crcs[i] = checksum(options, buf + p.batch_offset, p.nbytes);
+        if (options.checksum) piece_crcs[i] = checksum(options.zip_crc, buf + p.batch_offset, p.nbytes);
         if (gds) {
           cufile::write_full(*gds, reinterpret_cast<const void*>(regions[p.region].ptr), p.nbytes,
                              batch.file_begin + p.batch_offset, p.region_offset, path);

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "device.hpp"
-#include "engine.hpp"
+#include "regions.hpp"
 
 namespace tensorfile {
 
@@ -21,15 +21,10 @@ struct StagingOptions {
   int gds_fd = -1;                           // an O_DIRECT descriptor of the same file: use cuFile
 };
 
-// A file range whose bytes must be zero (the format's padding), checked on load.
-struct ZeroRange {
-  uint64_t file_offset;
-  uint64_t nbytes;
-};
-
-// Reads every region (ptr = device memory of `device`) from `fd`. Regions sorted by
-// file_offset, not overlapping; zero ranges likewise, and disjoint from the regions.
-// Returns each region's CRC32C (0s when !checksum). The first failure wins: the other
+// Reads every region (ptr = device memory of `device`) from `fd`. Regions in any order,
+// not overlapping (they are read in file order); zero ranges sorted, not overlapping,
+// and disjoint from the regions. Returns each region's checksum in the order given (0s
+// when !checksum). The first failure wins: the other
 // workers stop, every queued copy is drained and every buffer, stream and event
 // released before it is rethrown. Blocks until all data has landed. Call without the
 // GIL; the caller must keep the destinations alive and unused until it returns.

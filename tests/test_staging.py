@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -275,6 +276,49 @@ def test_write_of_many_small_regions(tmp_path, dev, staging):
         assert raw[o : o + n] == b and c == _engine.crc32c(b)
 
 
+def test_write_checksums_the_staged_bytes_it_writes(tmp_path, dev, staging):
+    # Device memory that changes during a save (a kernel still updating the tensor) gives
+    # a torn file whose checksums hold: each CRC is of the staged bytes that were written,
+    # never of the device memory read a second time.
+    staging(65536, 2)
+    sizes = [4 << 20] + [3000] * 20
+    offs = layout(sizes)
+    ptrs = [dev.alloc(n) for n in sizes]
+    stop = threading.Event()
+    passes = []
+
+    def mutate():
+        while not stop.is_set():
+            fill = bytes([len(passes) % 251 + 1])
+            for p, n in zip(ptrs, sizes):
+                _engine._sim_write(p, fill * n)
+            passes.append(1)
+
+    _engine._sim_configure(0, 20)  # slow copies: the device memory changes between them
+    thread = threading.Thread(target=mutate)
+    thread.start()
+    try:
+        for _ in range(3):
+            fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                crcs = _io.write_regions_from_device(
+                    fd, str(tmp_path / "out"), ptrs, sizes, offs, 0, num_threads=2, backend="sim"
+                )
+            finally:
+                os.close(fd)
+            raw = (tmp_path / "out").read_bytes()
+            wrong = [
+                i
+                for i, (o, n, c) in enumerate(zip(offs, sizes, crcs.tolist()))
+                if _engine.crc32c(raw[o : o + n]) != c
+            ]
+            assert wrong == [], f"regions {wrong} were written with another checksum"
+    finally:
+        stop.set()
+        thread.join()
+    assert len(passes) > 3  # the memory did change during the writes
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -356,7 +400,19 @@ def test_staging_buffer_allocation_failure_leaks_nothing(tmp_path, dev):
     p = dev.alloc(100)
     with open(tmp_path / "f", "rb") as f, pytest.raises(MemoryError):
         _engine.device_read_regions(
-            "sim", 0, f.fileno(), [p], [100], [0], [], [], 2, 1 << 60, 2, True, "f"
+            backend="sim",
+            device=0,
+            fd=f.fileno(),
+            ptrs=[p],
+            nbytes=[100],
+            file_offsets=[0],
+            zero_offsets=[],
+            zero_nbytes=[],
+            num_threads=2,
+            staging_nbytes=1 << 60,
+            staging_buffers=2,
+            checksum=True,
+            path="f",
         )
 
 
@@ -371,8 +427,25 @@ def test_the_simulation_refuses_addresses_it_does_not_own(tmp_path, dev):
 
 def test_unknown_backend_is_refused(tmp_path):
     write_file(tmp_path / "f", 4096)
-    with open(tmp_path / "f", "rb") as f, pytest.raises(ValueError, match="backend"):
-        _engine.device_read_regions("tpu", 0, f.fileno(), [], [], [], [], [], 1, 4096, 1, True, "f")
+    with (
+        open(tmp_path / "f", "rb") as f,
+        pytest.raises(ValueError, match="backend must be 'cuda' or 'sim', got 'tpu'"),
+    ):
+        _engine.device_read_regions(
+            backend="tpu",
+            device=0,
+            fd=f.fileno(),
+            ptrs=[],
+            nbytes=[],
+            file_offsets=[],
+            zero_offsets=[],
+            zero_nbytes=[],
+            num_threads=1,
+            staging_nbytes=4096,
+            staging_buffers=1,
+            checksum=True,
+            path="f",
+        )
 
 
 # --------------------------------------------------------------------------- settings

@@ -1,4 +1,4 @@
-"""Type stub for the native engine (csrc/bindings.cpp)."""
+"""Type stub for the native engine (csrc/python/bindings.cpp)."""
 
 from typing import Any
 
@@ -6,6 +6,7 @@ import numpy as np
 import numpy.typing as npt
 
 def write_regions(
+    *,
     fd: int,
     ptrs: npt.ArrayLike,
     nbytes: npt.ArrayLike,
@@ -17,6 +18,7 @@ def write_regions(
     writeback: bool = False,
 ) -> npt.NDArray[np.uint32]: ...
 def read_regions(
+    *,
     fd: int,
     ptrs: npt.ArrayLike,
     nbytes: npt.ArrayLike,
@@ -32,6 +34,7 @@ def read_regions(
     zip_crc: bool = False,
 ) -> npt.NDArray[np.uint32]: ...
 def checksum_regions(
+    *,
     ptrs: npt.ArrayLike,
     nbytes: npt.ArrayLike,
     num_threads: int,
@@ -45,7 +48,6 @@ def crc32_zip(data: Any, crc: int = 0, software: bool = False) -> int: ...
 def crc32_zip_combine(crc_a: int, crc_b: int, nbytes_b: int) -> int: ...
 def crc32_zip_hardware() -> bool: ...
 def preallocate(fd: int, nbytes: int, path: str) -> None: ...
-def advise_hugepages(ptr: int, nbytes: int) -> None: ...
 def _inject_write_fault(countdown: int, error_number: int) -> None: ...
 def cuda_load(path: str = "") -> bool: ...
 def cuda_available() -> bool: ...
@@ -54,6 +56,7 @@ def cuda_library() -> str: ...
 def cufile_load(path: str = "") -> bool: ...
 def cufile_error() -> str: ...
 def device_read_regions(
+    *,
     backend: str,
     device: int,
     fd: int,
@@ -71,6 +74,7 @@ def device_read_regions(
     zip_crc: bool = False,
 ) -> npt.NDArray[np.uint32]: ...
 def device_write_regions(
+    *,
     backend: str,
     device: int,
     fd: int,

@@ -7,7 +7,7 @@
 
 #include <string>
 
-namespace tensorfile {
+namespace tensorfile::python {
 
 // Encodes lists, dicts with str keys, str, int, bool, None and finite floats. Throws
 // pybind11::type_error for any other object and pybind11::value_error for a non-finite
@@ -22,4 +22,4 @@ std::string encode_tree_json(pybind11::handle obj, int max_depth);
 pybind11::object tensor_dict_items(const pybind11::list& keys, const pybind11::list& values,
                                    pybind11::handle tensor_type, pybind11::handle param_type, Py_ssize_t first);
 
-}  // namespace tensorfile
+}  // namespace tensorfile::python

@@ -1,4 +1,5 @@
-#include "pytree.hpp"
+// The flattener's hot paths over Python objects (see pytree.hpp).
+#include "python/pytree.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -7,7 +8,7 @@
 
 namespace py = pybind11;
 
-namespace tensorfile {
+namespace tensorfile::python {
 namespace {
 
 class Writer {
@@ -142,4 +143,4 @@ std::string encode_tree_json(py::handle obj, int max_depth) {
   return std::move(w.out);
 }
 
-}  // namespace tensorfile
+}  // namespace tensorfile::python
