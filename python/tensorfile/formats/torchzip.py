@@ -104,19 +104,9 @@ _TENSOR = _TypeMarker("torch.Tensor")
 _PARAMETER = _TypeMarker("torch.nn.Parameter")
 
 
-class TypedRef(_Inert):
-    """What a persistent id resolves to: a storage seen with an element type."""
-
-    __slots__ = ("dtype", "numel", "ref")
-
-    def __init__(self, ref: StorageRef, dtype: str, numel: int) -> None:
-        self.ref = ref
-        self.dtype = dtype
-        self.numel = numel
-
-
 class StorageRef(_Inert):
-    """A storage named by a persistent id: ('storage', type, key, location, numel)."""
+    """A storage named by a persistent id: ('storage', type, key, location, numel), typed
+    and sized by the first id that names it (as torch.load has it)."""
 
     __slots__ = ("dtype", "index", "key", "location", "numel")
 
@@ -665,7 +655,7 @@ class _Unpickler:
             raise FormatError(f"storage {key!r} is referred to with two locations")
         # As torch.load: a storage is loaded once, typed as its first reference says,
         # and every later reference gets that same storage, whatever type it names.
-        return TypedRef(ref, ref.dtype, ref.numel)
+        return ref
 
     # the opcode loop ----------------------------------------------------------
     def load(self) -> Any:
@@ -968,9 +958,9 @@ class _Unpickler:
         dtype: str | None,
         metadata: Any,
     ) -> TensorRecord:
-        if type(storage) is not TypedRef:
+        if type(storage) is not StorageRef:
             raise FormatError("a tensor is rebuilt from something that is not a storage")
-        ref = storage.ref
+        ref = storage
         dtype = storage.dtype if dtype is None else dtype
         if dtype not in TORCH_ITEMSIZE:
             raise FormatError(f"tensor dtype {dtype} is not supported")
@@ -1225,7 +1215,7 @@ def substitute(root: Any, tensors: list[Any]) -> Any:
     def fix(node: Any, depth: int) -> Any:
         if isinstance(node, TensorRecord):
             return tensors[node.index]
-        if isinstance(node, TypedRef):
+        if isinstance(node, StorageRef):
             raise FormatError("bare storages (not tensors) are not supported")
         t = type(node)
         if not (isinstance(node, (dict, list)) or t is tuple or t in (set, frozenset)):
