@@ -78,3 +78,39 @@ for name, write in foreign.items():
     with open(os.path.join(out, f"seed-{name}-0"), "wb") as f:
         f.write(b"\0" + data)
     os.unlink(path)
+
+# Seeds of fuzz_pickle.py: raw data.pkl records (first byte odd), from torch.save and by
+# hand, each a shape the unpickler must bound (nesting, memo indices, frames, copies).
+import io  # noqa: E402
+import struct  # noqa: E402
+import zipfile  # noqa: E402
+
+
+def _pickle_of(obj, protocol=2):
+    buf = io.BytesIO()
+    torch.save(obj, buf, pickle_protocol=protocol)
+    with zipfile.ZipFile(buf) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+
+
+pickles = {
+    "torchsave-state-dict": _pickle_of({"w": base, "b": base[0], "p": torch.nn.Parameter(base[1])}),
+    "torchsave-plain": _pickle_of(
+        [{1: (2, "x")}, {3, 4}, bytearray(b"ab"), 1 + 2j, collections.OrderedDict(a=1)]
+    ),
+    "torchsave-protocol-5": _pickle_of({"t": base, "s": torch.Size([3])}, protocol=5),
+    "deep-key": b"\x80\x02}" + b")" + b"\x85" * 10_000 + b"Ns.",
+    "deep-lists": b"\x80\x02" + b"]" * 5_000 + b"a" * 4_999 + b".",
+    "memo-2-29": b"\x80\x02Nr" + struct.pack("<I", 2**29) + b".",
+    "memo-text-huge": b"\x80\x02Np99999999999999999999\n0g99999999999999999999\n.",
+    "frame-too-long": b"\x80\x04\x95" + struct.pack("<Q", 2**40) + b"N.",
+    "copies": b"\x80\x03B"
+    + struct.pack("<I", 4096)
+    + bytes(4096)
+    + b"q\x00c__builtin__\nbytearray\nq\x01]("
+    + b"h\x01h\x00\x85R" * 3000
+    + b"e.",
+}
+for name, pkl in pickles.items():
+    with open(os.path.join(out, f"pickle-{name}"), "wb") as f:
+        f.write(b"\1" + pkl)

@@ -1,5 +1,7 @@
 """Fuzzing in the test suite: the checked-in corpus (seeds and every past crash) replays
-as regression tests, and atheris explores for about a minute."""
+through every target as regression tests, and atheris explores for about a minute with
+each: fuzz_load.py (any bytes as a file) and fuzz_pickle.py (torch.save pickles built
+opcode by opcode: nesting, memo indices, frames)."""
 
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "fuzz" / "corpus"
 TARGET = ROOT / "fuzz" / "fuzz_load.py"
+PICKLE_TARGET = ROOT / "fuzz" / "fuzz_pickle.py"
 
 
-def _load_target():
+def _load_target(path=TARGET):
     pytest.importorskip("atheris")
-    spec = importlib.util.spec_from_file_location("fuzz_load", TARGET)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -33,14 +36,22 @@ def test_corpus_replays_cleanly(name):
     target.test_one_input((CORPUS / name).read_bytes())
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in CORPUS.iterdir()))
+def test_corpus_replays_cleanly_as_pickles(name):
+    """Each corpus input, read as fuzz_pickle.py reads it, loads or raises FormatError."""
+    target = _load_target(PICKLE_TARGET)
+    target.test_one_input((CORPUS / name).read_bytes())
+
+
 @pytest.mark.slow
-def test_fuzz_for_a_minute(tmp_path):
+@pytest.mark.parametrize("target", [TARGET, PICKLE_TARGET], ids=["load", "pickle"])
+def test_fuzz_for_a_minute(tmp_path, target):
     pytest.importorskip("atheris")
     seconds = int(os.environ.get("TENSORFILE_FUZZ_SECONDS", "60"))
     proc = subprocess.run(
         [
             sys.executable,
-            str(TARGET),
+            str(target),
             str(tmp_path),  # new inputs land here, never in the checked-in corpus
             str(CORPUS),
             f"-max_total_time={seconds}",

@@ -276,8 +276,17 @@ def stays_on_cpu(lay: Layout, map_location: Any) -> bool:
 
 
 def check_device(name: str, torch: Any, target: str) -> None:
-    """Raises torch.load's errors for a CUDA device that is missing here."""
+    """Raises torch.load's errors for a CUDA device that is missing here, and a clear one
+    for any other device type this process cannot use."""
     dev = torch.device(target)
+    if dev.type not in ("cpu", "cuda", "meta"):
+        backend = getattr(torch, dev.type, None) or getattr(torch.backends, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise RuntimeError(
+                f"{name}: a storage is meant for {target}, which is not available here; "
+                "pass map_location='cpu' (or a dict or callable) to load it elsewhere"
+            )
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(
@@ -304,7 +313,7 @@ def check_devices(name: str, lay: Layout, idx: Sequence[int], map_location: Any)
         target = mapped_location(where, map_location)
         if target.partition(":")[0] == "meta":
             to_meta.add(where)
-        if not target.startswith("cuda"):
+        if target.partition(":")[0] in ("cpu", "meta"):
             continue
         try:
             check_device(name, module(name), target)

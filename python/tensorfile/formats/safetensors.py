@@ -16,10 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from .. import _safejson
 from .._errors import FormatError
 from .._layout import Layout, TensorRow
 
 MAX_HEADER_NBYTES = 100 << 20  # the limit safetensors itself enforces
+MAX_JSON_DEPTH = 8  # a valid header nests 3 deep: {name: {"shape": [...]}}
+MAX_INDEX = 2**63 - 1  # shapes and offsets are int64 in torch and numpy
 _LEN = struct.Struct("<Q")
 
 # safetensors dtype name -> (torch dtype name, bytes per element)
@@ -86,16 +89,15 @@ def parse(
     raw = read(hlen, 8)
     if len(raw) != hlen:
         raise bad("the file ends inside its header (truncated)")
-    try:
-        text = raw.decode("utf-8")
-        header = json.loads(text, object_pairs_hook=_pairs)
-    except FormatError as e:
-        raise bad(str(e)) from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise bad(f"header is not valid UTF-8 JSON ({type(e).__name__}: {e})") from None
+    header = _safejson.loads(
+        raw,
+        name=f"{name}: invalid safetensors file: header",
+        max_depth=MAX_JSON_DEPTH,
+        object_pairs_hook=_pairs,
+    )
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    if not text.startswith("{"):
+    if not raw.startswith(b"{"):
         raise bad("header must start with '{'")
     metadata: dict[str, str] = {}
     entries: list[tuple[int, int, str, str, list[int]]] = []
@@ -111,8 +113,13 @@ def parse(
         if dt is None:
             raise bad(f"tensor {key!r:.80} has unsupported dtype {info['dtype']!r:.40}")
         shape = info["shape"]
-        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        if type(shape) is not list or not all(
+            type(d) is int and 0 <= d <= MAX_INDEX for d in shape
+        ):
             raise bad(f"tensor {key!r:.80} has an invalid shape")
+        # its strides are products of the sizes, zeros or not (torch multiplies them out too)
+        if math.prod(filter(None, shape)) > MAX_INDEX:
+            raise bad(f"tensor {key!r:.80} has shape {shape}, too large for int64 strides")
         offs = info["data_offsets"]
         if (
             type(offs) is not list
