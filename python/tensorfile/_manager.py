@@ -507,11 +507,12 @@ class CheckpointManager:
             key=lambda e: e.record.sequence,  # type: ignore[union-attr]
             reverse=True,
         )
-        if not ranked:
+        unreadable = [(e.step, e.problem or "") for e in entries if e.record is None]
+        if not ranked and not unreadable:
             raise FileNotFoundError(
                 errno.ENOENT, f"{self.directory}: no committed checkpoint to load"
             )
-        failures = []
+        skipped: list[tuple[int, str]] = []
         for e in ranked:
             assert e.record is not None
             problem = e.problem
@@ -523,27 +524,27 @@ class CheckpointManager:
                 except BaseException as err:
                     problem = _dcp_damage(err)
                     if problem is None:
+                        self._warn(skipped, None)
                         raise
                 else:
-                    for u in entries:
-                        if u.record is None and u.step > e.step:
-                            self._warn(u.step, u.problem, e.step)
+                    self._warn(skipped + [u for u in unreadable if u[0] > e.step], e.step)
                     return out
-            self._warn(e.step, problem, None)
-            failures.append(f"step {e.step}: {problem}")
+            skipped.append((e.step, problem))
+        skipped += unreadable
         raise FormatError(
-            f"{self.directory}: no checkpoint loads ({len(failures)} damaged or incomplete): "
-            + "; ".join(failures[:4])
+            f"{self.directory}: no checkpoint loads ({len(skipped)} damaged or incomplete): "
+            + "; ".join(f"step {step}: {problem}" for step, problem in skipped[:4])
         )
 
-    def _warn(self, step: int, problem: str | None, loaded: int | None) -> None:
-        then = f"; loaded step {loaded}" if loaded is not None else ""
-        warnings.warn(
-            f"tensorfile.CheckpointManager: skipping the checkpoint of step {step} in "
-            f"{self.directory}: {problem}{then}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    def _warn(self, skipped: list[tuple[int, str]], loaded: int | None) -> None:
+        then = f"; loaded step {loaded} instead" if loaded is not None else ""
+        for step, problem in skipped:
+            warnings.warn(
+                f"tensorfile.CheckpointManager: skipped the checkpoint of step {step} in "
+                f"{self.directory}: {problem}{then}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _load_one(self, rec: Record, map_location: Any, into: Any, verify: bool) -> Any:
         path = os.path.join(self.directory, rec.data)
