@@ -161,6 +161,9 @@ def _run_dcp(scenario: str, rank: int, world: int, root: str) -> None:
             else:
                 raise AssertionError("rank 1 could open a second manager on rank 0's directory")
         dist.barrier()
+        mgr.delete(5)  # rank 0 removes it; the other ranks return
+        dist.barrier()
+        assert mgr.steps() == [2, 4] and mgr.latest() == 4, mgr.steps()
         mgr.close()
     else:
         raise SystemExit(f"unknown scenario {scenario}")

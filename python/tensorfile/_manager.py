@@ -688,11 +688,14 @@ class CheckpointManager:
 
     def delete(self, step: int) -> None:
         """Removes the checkpoint of `step` (committed or not whole); FileNotFoundError if
-        it has no record. Waits for a pending save first."""
+        it has no record. Waits for a pending save first. With format "dcp" rank 0
+        removes it and the other ranks return at once."""
         if self.read_only:
             raise RuntimeError("tensorfile.CheckpointManager: read_only=True; cannot delete")
         step = _check_step(step)
         self._drain()
+        if self._dist is not None and self._dist.rank != 0:
+            return
         with self._mutex:
             entry = next((e for e in self._scan() if e.step == step), None)
             if entry is None:
