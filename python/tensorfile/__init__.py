@@ -9,11 +9,13 @@ from ._cuda import release_staging as release_staging_buffers
 from ._errors import ChecksumError, CudaError, FormatError
 from ._files import clean
 from ._io import read_regions_to_device, write_regions_from_device
+from ._manager import CheckpointManager
 from .api import TensorFile, load, load_model, open, save, save_safetensors
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointManager",
     "ChecksumError",
     "CudaError",
     "FormatError",

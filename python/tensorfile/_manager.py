@@ -1,0 +1,850 @@
+"""CheckpointManager: the checkpoints of a training run in one directory, each committed
+atomically by a small record written last, pruned by a retention rule after each commit,
+and resumed from the newest one that verifies. The layout is described in docs/manager.md."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import math
+import operator
+import os
+import re
+import secrets
+import shutil
+import socket
+import stat
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from . import _files
+from ._errors import FormatError
+from ._plan import check_metadata
+
+RECORD_FORMAT = "tensorfile-manager"
+RECORD_VERSION = 1
+LOCK_NAME = ".tensorfile-manager.lock"
+MAX_RECORD_NBYTES = 16 << 20
+FORMATS = ("tensorfile", "dcp")
+_SUFFIX = {"tensorfile": "tf", "dcp": "dcp"}
+
+# step-00000100.json (the commit record) and step-00000100.1a2b3c4d.tf (its data; .dcp for
+# a torch.distributed.checkpoint directory). Steps have at least 8 digits, no extra zeros.
+_RECORD_NAME = re.compile(r"step-([0-9]{8,})\.json\Z")
+_DATA_NAME = re.compile(r"step-([0-9]{8,})\.[0-9a-f]{8}\.(tf|dcp)\Z")
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def _canonical_step(digits: str) -> int | None:
+    step = int(digits)
+    return step if f"{step:08d}" == digits else None
+
+
+def record_name(step: int) -> str:
+    return f"step-{step:08d}.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One commit record: what a checkpoint is and where its data lies."""
+
+    step: int
+    sequence: int  # commit order within the directory: 1, 2, ...; the newest is the highest
+    data: str  # file (format "tensorfile") or directory ("dcp") name beside the record
+    kind: str
+    nbytes: int | None  # the data file's byte count; None for a directory
+    metrics: dict[str, Any]
+    metadata: dict[str, str]
+    saved_at: float
+
+    def to_json(self) -> bytes:
+        doc = {"format": RECORD_FORMAT, "format_version": RECORD_VERSION}
+        doc.update(dataclasses.asdict(self))
+        return (json.dumps(doc, allow_nan=True, indent=1) + "\n").encode()
+
+
+@dataclasses.dataclass
+class Entry:
+    """A step that has a record file: its parsed record (None if it cannot be read) and
+    why it is not a whole checkpoint (None if it is one)."""
+
+    step: int
+    record: Record | None
+    problem: str | None
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def retained(
+    checkpoints: Iterable[tuple[int, int, float | None]],
+    *,
+    keep_last: int | None,
+    keep_every: int | None,
+    keep_best: int | None,
+    mode: str,
+) -> set[int]:
+    """The steps the retention rule keeps, from (step, sequence, metric value or None)
+    triples of the committed checkpoints. A checkpoint is kept if it is among the
+    `keep_last` most recently committed, or its step is a multiple of `keep_every`, or it
+    is among the `keep_best` by its metric (lowest for mode "min", highest for "max"; ties
+    go to the more recent; a checkpoint without a numeric, non-NaN metric is never among
+    the best). With all three None everything is kept; the most recent is always kept."""
+    rows = list(checkpoints)
+    if not rows:
+        return set()
+    if keep_last is None and keep_every is None and keep_best is None:
+        return {step for step, _, _ in rows}
+    by_recency = sorted(rows, key=lambda r: r[1], reverse=True)
+    keep = {by_recency[0][0]}
+    if keep_last:
+        keep.update(step for step, _, _ in by_recency[:keep_last])
+    if keep_every:
+        keep.update(step for step, _, _ in rows if step % keep_every == 0)
+    if keep_best:
+        sign = 1.0 if mode == "min" else -1.0
+        ranked = sorted(
+            (r for r in rows if r[2] is not None and not math.isnan(r[2])),
+            key=lambda r: (sign * r[2], -r[1]),  # type: ignore[operator]
+        )
+        keep.update(step for step, _, _ in ranked[:keep_best])
+    return keep
+
+
+def _metric_value(metrics: dict[str, Any], metric: str | None) -> float | None:
+    value = metrics.get(metric) if metric is not None else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _plain_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """The metrics as JSON values: str keys; None, bool, int, float or str values, and
+    one-element tensors or numpy scalars turned into numbers with .item()."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict):
+        raise TypeError(
+            f"tensorfile.CheckpointManager.save: metrics must be a dict, got {type(metrics).__name__}"
+        )
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if type(key) is not str:
+            raise TypeError(f"tensorfile.CheckpointManager.save: metric name {key!r} is not a str")
+        if not isinstance(value, (type(None), bool, int, float, str)) and hasattr(value, "item"):
+            if getattr(value, "numel", lambda: 1)() != 1:
+                raise TypeError(
+                    f"tensorfile.CheckpointManager.save: metric {key!r} holds more than one value"
+                )
+            value = value.item()
+        if type(value) not in (type(None), bool, int, float, str):
+            raise TypeError(
+                f"tensorfile.CheckpointManager.save: metric {key!r} is a "
+                f"{type(value).__name__}; metrics are numbers, bools, str or None"
+            )
+        out[key] = value
+    return out
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool):
+        raise TypeError("tensorfile.CheckpointManager: step must be an int, got bool")
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(
+            f"tensorfile.CheckpointManager: step must be an int, got {type(step).__name__}"
+        ) from None
+    if step < 0:
+        raise ValueError(f"tensorfile.CheckpointManager: step must be >= 0, got {step}")
+    return step
+
+
+def _check_count(name: str, value: Any, least: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(
+            f"tensorfile.CheckpointManager: {name} must be None or an int >= {least}, got {value!r}"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------- records
+
+
+def parse_record(blob: bytes, where: str, step: int) -> Record:
+    """Checks a commit record completely; raises FormatError naming `where`."""
+    try:
+        doc = json.loads(blob)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{where}: not valid JSON ({e}); the commit record is damaged") from None
+    if not isinstance(doc, dict) or doc.get("format") != RECORD_FORMAT:
+        raise FormatError(f"{where}: not a tensorfile checkpoint manager record")
+    if doc.get("format_version") != RECORD_VERSION:
+        raise FormatError(
+            f"{where}: record format version {doc.get('format_version')!r}; this tensorfile "
+            f"reads version {RECORD_VERSION} (upgrade tensorfile to read it)"
+        )
+
+    def field(name: str, types: tuple[type, ...]) -> Any:
+        value = doc.get(name)
+        if type(value) not in types:
+            raise FormatError(f"{where}: field {name!r} is missing or has the wrong type")
+        return value
+
+    kind = field("kind", (str,))
+    data = field("data", (str,))
+    nbytes = field("nbytes", (int, type(None)))
+    metrics = field("metrics", (dict,))
+    metadata = field("metadata", (dict,))
+    m = _DATA_NAME.match(data)
+    if field("step", (int,)) != step:
+        raise FormatError(f"{where}: records step {doc['step']}, its name says {step}")
+    if kind not in FORMATS or m is None or _canonical_step(m[1]) != step or m[2] != _SUFFIX[kind]:
+        # Only names of this form are accepted, so a record can never point outside its
+        # directory.
+        raise FormatError(f"{where}: data name {data!r} is not a {kind!r} name for step {step}")
+    if (kind == "tensorfile") != (nbytes is not None) or (nbytes is not None and nbytes < 0):
+        raise FormatError(f"{where}: byte count {nbytes!r} does not fit a {kind!r} checkpoint")
+    sequence = field("sequence", (int,))
+    if sequence < 1:
+        raise FormatError(f"{where}: sequence {sequence} is not positive")
+    if not all(type(v) in (type(None), bool, int, float, str) for v in metrics.values()):
+        raise FormatError(f"{where}: metrics hold a value that is not a number, bool, str or null")
+    if not all(type(v) is str for v in metadata.values()):
+        raise FormatError(f"{where}: metadata values must be strings")
+    saved_at = field("saved_at", (float, int))
+    return Record(step, sequence, data, kind, nbytes, metrics, metadata, float(saved_at))
+
+
+def _remove_path(path: str) -> None:
+    """Removes a data file or a checkpoint directory (never what a symlink points to)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+class _Lock:
+    """The manager's exclusive flock on DIR/.tensorfile-manager.lock, held until close().
+    flock locks belong to the open file and go when the process dies, however it dies."""
+
+    def __init__(self, directory: str) -> None:
+        path = os.path.join(directory, LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise BlockingIOError(
+                errno.EWOULDBLOCK,
+                f"tensorfile.CheckpointManager: {directory} is in use by another manager "
+                f"({holder}, holding {LOCK_NAME}); close that manager or let its process "
+                "end first, or open this one with read_only=True to read checkpoints only",
+            ) from None
+        except OSError:
+            pass  # a file system without locks: nothing can be enforced there
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def release(self) -> None:
+        self._finalizer()
+
+
+# --------------------------------------------------------------------------- manager
+
+
+class CheckpointManager:
+    """The checkpoints of one training run, in `directory` (created if missing).
+
+    `save(step, obj)` writes a checkpoint and commits it atomically; after each commit the
+    retention rule (see `retained`) removes checkpoints it does not keep. `load()` returns
+    the newest checkpoint that verifies, skipping damaged or incomplete newer ones with a
+    warning. "Newest" means most recently committed: in a run whose steps only grow that is
+    the highest step; after a rewind (saving a step lower than the newest) it is the
+    rewound run's latest save, and the checkpoints of the abandoned steps age out by the
+    same rule.
+
+    One writing manager per directory: it holds an exclusive lock on the directory from
+    construction to close() (or the end of its process); a second one, in this process or
+    any other, raises BlockingIOError at once. `read_only=True` takes no lock and only
+    reads. Constructing a writing manager removes what killed saves left behind: data not
+    named by a commit record and temporary files of dead writers.
+
+    format="tensorfile" writes one tensorfile per step (tensorfile.load, open and verify
+    read `path(step)`). format="dcp" writes a torch.distributed.checkpoint directory per
+    step through tensorfile.dcp: every rank calls save and load together with its sharded
+    state dict; rank 0 holds the lock, commits and applies retention.
+
+    `incremental` is accepted for forward compatibility and has no effect yet: every save
+    writes all of its bytes. `durable=False` skips the fsyncs (commits stay atomic).
+    Not thread-safe: call it from one thread (block=False saves run in their own).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        keep_best: int | None = None,
+        metric: str | None = None,
+        mode: str = "min",
+        incremental: bool = True,
+        durable: bool = True,
+        format: str = "tensorfile",
+        read_only: bool = False,
+    ) -> None:
+        self.directory = os.path.abspath(os.fspath(directory))
+        if "://" in os.fspath(directory):
+            raise ValueError(
+                f"tensorfile.CheckpointManager: {directory} is a URL; only local directories "
+                "are supported"
+            )
+        self.keep_last = _check_count("keep_last", keep_last, 0)
+        self.keep_every = _check_count("keep_every", keep_every, 1)
+        self.keep_best = _check_count("keep_best", keep_best, 0)
+        if mode not in ("min", "max"):
+            raise ValueError(
+                f"tensorfile.CheckpointManager: mode must be 'min' or 'max', got {mode!r}"
+            )
+        if keep_best is not None and not isinstance(metric, str):
+            raise ValueError(
+                "tensorfile.CheckpointManager: keep_best needs metric= (a metric name)"
+            )
+        if format not in FORMATS:
+            raise ValueError(
+                f"tensorfile.CheckpointManager: format must be 'tensorfile' or 'dcp', got {format!r}"
+            )
+        for name, flag in (
+            ("incremental", incremental),
+            ("durable", durable),
+            ("read_only", read_only),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"tensorfile.CheckpointManager: {name} must be a bool")
+        self.metric = metric
+        self.mode = mode
+        self.incremental = incremental
+        self.durable = durable
+        self.format = format
+        self.read_only = read_only
+        self._pending: concurrent.futures.Future[None] | None = None
+        self._errors: list[BaseException] = []
+        self._mutex = threading.Lock()  # one commit, retention or delete at a time
+        self._lock: _Lock | None = None
+        self._dist = _Dist() if format == "dcp" else None
+        leader = self._dist is None or self._dist.rank == 0
+        if read_only:
+            if not os.path.isdir(self.directory):
+                raise FileNotFoundError(
+                    errno.ENOENT, f"tensorfile.CheckpointManager: no directory {self.directory}"
+                )
+        else:
+            os.makedirs(self.directory, exist_ok=True)
+            if leader:
+                self._lock = _Lock(self.directory)
+        try:
+            for e in self._scan():
+                if e.record is not None and e.record.kind != format:
+                    raise FormatError(
+                        f"{self.directory}: holds checkpoints of format {e.record.kind!r} "
+                        f"({record_name(e.step)}); open it with format={e.record.kind!r}"
+                    )
+            if self._lock is not None:
+                self._remove_leftovers()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ reading
+
+    def _scan(self) -> list[Entry]:
+        """Every step that has a record file, ascending."""
+        entries = []
+        for name in os.listdir(self.directory):
+            m = _RECORD_NAME.match(name)
+            step = _canonical_step(m[1]) if m else None
+            if step is None:
+                continue
+            where = os.path.join(self.directory, name)
+            try:
+                rec = self._read_record(where, step)
+            except FileNotFoundError:
+                continue  # removed by retention meanwhile
+            except FormatError as e:
+                entries.append(Entry(step, None, str(e)))
+                continue
+            entries.append(Entry(step, rec, self._data_problem(rec)))
+        return sorted(entries, key=lambda e: e.step)
+
+    def _read_record(self, where: str, step: int) -> Record:
+        try:
+            fd, st = _files.open_regular(where)
+        except IsADirectoryError:
+            raise FormatError(f"{where}: a directory, not a commit record") from None
+        try:
+            if st.st_size > MAX_RECORD_NBYTES:
+                raise FormatError(
+                    f"{where}: {st.st_size} bytes, over the {MAX_RECORD_NBYTES}-byte limit"
+                )
+            blob = os.pread(fd, st.st_size + 1, 0)
+        finally:
+            os.close(fd)
+        return parse_record(blob, where, step)
+
+    def _data_problem(self, rec: Record) -> str | None:
+        """Why the data of a committed record is not whole, or None. Cheap: stat only."""
+        path = os.path.join(self.directory, rec.data)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return f"its data {rec.data} is missing"
+        if rec.kind == "tensorfile":
+            if not stat.S_ISREG(st.st_mode):
+                return f"its data {rec.data} is not a regular file"
+            if st.st_size != rec.nbytes:
+                return f"its data {rec.data} holds {st.st_size} bytes, the commit recorded {rec.nbytes}"
+            return None
+        from .dcp import METADATA_NAME
+
+        if not stat.S_ISDIR(st.st_mode) or not os.path.isfile(os.path.join(path, METADATA_NAME)):
+            return f"its data {rec.data} is not a committed DCP directory"
+        return None
+
+    def _committed(self) -> dict[int, Record]:
+        return {e.step: e.record for e in self._scan() if e.problem is None and e.record}
+
+    def steps(self) -> list[int]:
+        """The committed steps whose data is present, ascending. Reads the directory."""
+        return sorted(self._committed())
+
+    def latest(self) -> int | None:
+        """The most recently committed step (the highest, unless the run rewound), or None."""
+        recs = self._committed().values()
+        return max(recs, key=lambda r: r.sequence).step if recs else None
+
+    def _record(self, step: int) -> Record:
+        step = _check_step(step)
+        for e in self._scan():
+            if e.step == step:
+                if e.problem is not None:
+                    raise FormatError(
+                        f"{self.directory}: checkpoint of step {step} is damaged or incomplete: "
+                        f"{e.problem}"
+                    )
+                assert e.record is not None
+                return e.record
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"{self.directory}: no committed checkpoint of step {step} (committed: {self.steps()})",
+        )
+
+    def path(self, step: int) -> str:
+        """The file of a checkpoint (its directory for format "dcp"), for tensorfile.load,
+        open, verify (tensorfile.dcp.StorageReader for "dcp")."""
+        return os.path.join(self.directory, self._record(step).data)
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        """The metrics saved with a checkpoint (numbers, bools, str, None)."""
+        return dict(self._record(step).metrics)
+
+    def metadata(self, step: int) -> dict[str, str]:
+        """The str -> str metadata saved with a checkpoint."""
+        return dict(self._record(step).metadata)
+
+    def load(
+        self,
+        step: int | None = None,
+        map_location: Any = None,
+        *,
+        into: Any = None,
+        verify: bool = True,
+    ) -> Any:
+        """Loads a checkpoint: the one of `step`, or with step=None the most recent one
+        that loads and verifies. A newer one that is damaged or incomplete is skipped with
+        a warning naming it and the reason. Waits for a pending block=False save first.
+
+        `map_location`, `into` and `verify` are those of tensorfile.load; a checkpoint
+        skipped after its bytes were read may have written into `into` before its damage
+        was found, and the one loaded next overwrites every tensor it holds. Raises
+        FileNotFoundError when nothing is committed (or `step` is not), and
+        FormatError/ChecksumError for a damaged `step` or when every checkpoint is damaged.
+        For format "dcp" every rank calls this together; `into` is the sharded state dict
+        to fill (it is returned), or None to read full tensors in one process."""
+        self._drain()
+        if self.format == "dcp" and map_location is not None:
+            raise ValueError(
+                "tensorfile.CheckpointManager.load: format 'dcp' loads onto the devices of "
+                "into's tensors; map_location is not supported"
+            )
+        if step is not None:
+            return self._load_one(self._record(step), map_location, into, verify)
+        entries = self._scan()
+        if self._dist is not None and into is not None:
+            entries = self._dist.from_leader(entries)
+        ranked = sorted(
+            (e for e in entries if e.record is not None),
+            key=lambda e: e.record.sequence,  # type: ignore[union-attr]
+            reverse=True,
+        )
+        unreadable = [(e.step, e.problem or "") for e in entries if e.record is None]
+        if not ranked and not unreadable:
+            raise FileNotFoundError(
+                errno.ENOENT, f"{self.directory}: no committed checkpoint to load"
+            )
+        skipped: list[tuple[int, str]] = []
+        for e in ranked:
+            assert e.record is not None
+            problem = e.problem
+            if problem is None:
+                try:
+                    out = self._load_one(e.record, map_location, into, verify)
+                except (FormatError, FileNotFoundError) as err:
+                    problem = str(err)
+                except BaseException as err:
+                    problem = _dcp_damage(err)
+                    if problem is None:
+                        self._warn(skipped, None)
+                        raise
+                else:
+                    self._warn(skipped + [u for u in unreadable if u[0] > e.step], e.step)
+                    return out
+            skipped.append((e.step, problem))
+        skipped += unreadable
+        raise FormatError(
+            f"{self.directory}: no checkpoint loads ({len(skipped)} damaged or incomplete): "
+            + "; ".join(f"step {step}: {problem}" for step, problem in skipped[:4])
+        )
+
+    def _warn(self, skipped: list[tuple[int, str]], loaded: int | None) -> None:
+        then = f"; loaded step {loaded} instead" if loaded is not None else ""
+        for step, problem in skipped:
+            warnings.warn(
+                f"tensorfile.CheckpointManager: skipped the checkpoint of step {step} in "
+                f"{self.directory}: {problem}{then}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _load_one(self, rec: Record, map_location: Any, into: Any, verify: bool) -> Any:
+        path = os.path.join(self.directory, rec.data)
+        if rec.kind == "tensorfile":
+            from .api import load
+
+            return load(path, map_location, into=into, verify=verify)
+        from . import dcp as tdcp
+
+        if into is None:
+            return tdcp.dcp_to_state_dict(path)
+        assert self._dist is not None
+        self._dist.dcp_load(into, tdcp.StorageReader(path, verify=verify))
+        return into
+
+    # ------------------------------------------------------------------ writing
+
+    def save(
+        self,
+        step: int,
+        obj: Any,
+        *,
+        metrics: dict[str, Any] | None = None,
+        metadata: dict[str, str] | None = None,
+        block: bool = True,
+    ) -> concurrent.futures.Future[None] | None:
+        """Saves `obj` as the checkpoint of `step` and commits it; an existing checkpoint
+        of that step is replaced atomically (the old one stays whole until the new one
+        commits). Then applies retention. `metrics` (str -> number, bool, str or None;
+        one-element tensors are turned into numbers) are kept in the commit record and
+        rank checkpoints for keep_best; `metadata` (str -> str) also goes in the file's
+        header. Returns None once committed.
+
+        block=False returns a Future at once, after copying every tensor into
+        async_save's reusable buffer pool, so the caller may change its tensors right
+        away. At most one save is in flight: a save waits for the previous one first, so
+        saves commit in call order and host memory stays that of one snapshot. The error
+        of a failed block=False save is raised by its future, then once by the next
+        save() or wait(). TypeError naming the key path for what cannot be saved is raised
+        here, at once. format "dcp" saves block (every rank calls save together)."""
+        if self.read_only:
+            raise RuntimeError("tensorfile.CheckpointManager: read_only=True; cannot save")
+        step = _check_step(step)
+        plain = _plain_metrics(metrics)
+        meta = check_metadata(metadata)
+        self._drain()
+        self._raise_error()
+        if self._dist is not None:
+            if not block:
+                raise ValueError(
+                    "tensorfile.CheckpointManager.save: format 'dcp' saves with block=True "
+                    "(its collectives must not run beside the training loop's)"
+                )
+            self._save_dcp(step, obj, plain, meta)
+            return None
+        name = f"step-{step:08d}.{secrets.token_hex(4)}.tf"
+        target = os.path.join(self.directory, name)
+        _files.phase("manager:data")
+        if block:
+            from .api import save
+
+            save(obj, target, durable=self.durable, metadata=meta or None)
+            self._commit(step, name, plain, meta)
+            return None
+        from ._async import async_save
+
+        written = async_save(obj, target, durable=self.durable, metadata=meta or None)
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        fut.set_running_or_notify_cancel()
+
+        def finish() -> None:
+            try:
+                written.result()
+                self._commit(step, name, plain, meta)
+            except BaseException as e:
+                self._errors.append(e)
+                fut.set_exception(e)
+            else:
+                fut.set_result(None)
+
+        threading.Thread(target=finish, name=f"tensorfile-manager:{step}", daemon=False).start()
+        self._pending = fut
+        return fut
+
+    def _commit(
+        self, step: int, name: str, metrics: dict[str, Any], metadata: dict[str, str]
+    ) -> None:
+        """Writes the commit record of data `name` (already in place), then removes the
+        data it replaces and applies retention."""
+        path = os.path.join(self.directory, name)
+        with self._mutex:
+            try:
+                entries = self._scan()
+                before = next((e.record for e in entries if e.step == step), None)
+                sequence = 1 + max((e.record.sequence for e in entries if e.record), default=0)
+                nbytes = os.lstat(path).st_size if self.format == "tensorfile" else None
+                rec = Record(
+                    step, sequence, name, self.format, nbytes, metrics, metadata, time.time()
+                )
+                blob = rec.to_json()
+                _files.phase("manager:record")
+                with _files.atomic_file(
+                    os.path.join(self.directory, record_name(step)), len(blob), self.durable
+                ) as fd:
+                    _files.pwrite_all(fd, blob, 0)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    _remove_path(path)
+                raise
+            _files.phase("manager:committed")
+            if before is not None and before.data != name:
+                _remove_path(os.path.join(self.directory, before.data))
+            self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        committed = self._committed()
+        keep = retained(
+            ((s, r.sequence, _metric_value(r.metrics, self.metric)) for s, r in committed.items()),
+            keep_last=self.keep_last,
+            keep_every=self.keep_every,
+            keep_best=self.keep_best,
+            mode=self.mode,
+        )
+        self._remove([r for s, r in committed.items() if s not in keep])
+
+    def _remove(self, records: list[Record]) -> None:
+        """Uncommits each checkpoint (its record goes first, made durable), then removes
+        its data, so that a crash in between leaves only unnamed data for clean-up."""
+        if not records:
+            return
+        _files.phase("manager:retention")
+        for rec in records:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.directory, record_name(rec.step)))
+            _files.phase("manager:uncommitted")
+        if self.durable:
+            _files.fsync_dir(self.directory)
+        for rec in records:
+            _remove_path(os.path.join(self.directory, rec.data))
+            _files.phase("manager:removed")
+
+    def delete(self, step: int) -> None:
+        """Removes the checkpoint of `step` (committed or not whole); FileNotFoundError if
+        it has no record. Waits for a pending save first. With format "dcp" rank 0
+        removes it and the other ranks return at once."""
+        if self.read_only:
+            raise RuntimeError("tensorfile.CheckpointManager: read_only=True; cannot delete")
+        step = _check_step(step)
+        self._drain()
+        if self._dist is not None and self._dist.rank != 0:
+            return
+        with self._mutex:
+            entry = next((e for e in self._scan() if e.step == step), None)
+            if entry is None:
+                raise FileNotFoundError(
+                    errno.ENOENT, f"{self.directory}: no checkpoint of step {step} to delete"
+                )
+            if entry.record is not None:
+                self._remove([entry.record])
+            else:
+                os.unlink(os.path.join(self.directory, record_name(step)))
+
+    def _remove_leftovers(self) -> None:
+        """Removes data no record names (saves killed before their commit, or replaced
+        and removed checkpoints killed mid-removal) and temporary files of dead writers.
+        Data of a step whose record cannot be read is left alone."""
+        entries = self._scan()
+        named = {e.record.data for e in entries if e.record is not None}
+        unreadable = {e.step for e in entries if e.record is None}
+        for name in os.listdir(self.directory):
+            m = _DATA_NAME.match(name)
+            step = _canonical_step(m[1]) if m else None
+            if step is None or name in named or step in unreadable:
+                continue
+            _remove_path(os.path.join(self.directory, name))
+        with contextlib.suppress(OSError):
+            _files.clean(self.directory)
+
+    def _save_dcp(self, step: int, obj: Any, metrics: dict[str, Any], meta: dict[str, str]) -> None:
+        from . import dcp as tdcp
+
+        assert self._dist is not None
+        dist = self._dist
+        name = dist.from_leader(f"step-{step:08d}.{secrets.token_hex(4)}.dcp")
+        path = os.path.join(self.directory, name)
+        _files.phase("manager:data")
+        try:
+            dist.dcp_save(obj, tdcp.StorageWriter(path, durable=self.durable))
+        except BaseException:
+            if dist.rank == 0:
+                with contextlib.suppress(OSError):
+                    _remove_path(path)
+            raise
+        error: BaseException | None = None
+        if dist.rank == 0:
+            try:
+                self._commit(step, name, metrics, meta)
+            except BaseException as e:
+                error = e
+        failed = dist.from_leader(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise RuntimeError(
+                f"tensorfile.CheckpointManager: rank 0 could not commit step {step}: {failed}"
+            )
+
+    # ------------------------------------------------------------------ lifetime
+
+    def _drain(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            concurrent.futures.wait([pending])
+
+    def _raise_error(self) -> None:
+        if self._errors:
+            first = self._errors[0]
+            self._errors.clear()
+            raise first
+
+    def wait(self) -> None:
+        """Waits for the pending block=False save; raises the first error of the saves
+        whose errors were not raised yet (then forgets them)."""
+        self._drain()
+        self._raise_error()
+
+    def close(self) -> None:
+        """Waits for the pending save, then releases the directory's lock. Raises like wait()."""
+        try:
+            self.wait()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.directory!r}, format={self.format!r})"
+
+
+def _dcp_damage(err: BaseException) -> str | None:
+    """For a DCP load's CheckpointException: the damage it reports, or None if some rank
+    failed for another reason (a state dict that does not fit, a lost peer)."""
+    failures = getattr(err, "failures", None)
+    if type(err).__name__ != "CheckpointException" or not isinstance(failures, dict):
+        return None
+    reasons = []
+    for rank, failure in sorted(failures.items()):
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        text = str(exc)
+        # DCP reports an unreadable commit record as "metadata is None; ... read failed: ...".
+        damaged = isinstance(exc, (FormatError, FileNotFoundError)) or (
+            isinstance(exc, AssertionError) and text.startswith("metadata is None")
+        )
+        if not damaged:
+            return None
+        reasons.append(f"rank {rank}: {text}")
+    return "; ".join(reasons) or None
+
+
+class _Dist:
+    """The torch.distributed facts format "dcp" needs: this rank, and the collectives
+    (through the default process group; none without one)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.active else 0
+
+    def from_leader(self, value: Any) -> Any:
+        """Rank 0's `value`, on every rank."""
+        if not self.active:
+            return value
+        box = [value]
+        self._dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        # Without a process group DCP warns that it saves in one process, which is the intent.
+        with warnings.catch_warnings():
+            if not self.active:
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            yield
+
+    def dcp_save(self, state: Any, writer: Any) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        with self._quiet():
+            dcp.save(state, storage_writer=writer, no_dist=not self.active)
+
+    def dcp_load(self, state: Any, reader: Any) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        with self._quiet():
+            dcp.load(state, storage_reader=reader, no_dist=not self.active)
