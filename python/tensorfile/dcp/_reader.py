@@ -9,6 +9,7 @@ import json
 import math
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -30,17 +31,21 @@ from torch.futures import Future
 
 from .. import _config, _io
 from .._errors import FormatError
-from .._reader import open_reader
 from ._common import (
     ADVISE_GAP,
     BATCH_STAGING_NBYTES,
     BLOCK_NBYTES,
     DATA_NAME,
+    MAX_JSON_DEPTH,
     MAX_METADATA_NBYTES,
+    METADATA_NAME,
     IncompleteCheckpointError,
     Location,
+    check_json_depth,
     is_local_path,
     metadata_name,
+    open_inside,
+    open_rank_reader,
 )
 from ._metadata import decode_metadata
 
@@ -121,7 +126,7 @@ class StorageReader(_storage.StorageReader):
             by_file.setdefault(loc.file, []).append((req, loc))
         threads = _config.num_threads(self.num_threads)
         for name in sorted(by_file):
-            _read_file(os.path.join(self.path, name), by_file[name], planner, self.verify, threads)
+            _read_file(self.path, name, by_file[name], planner, self.verify, threads)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
@@ -138,13 +143,22 @@ def read_metadata(
 ) -> tuple[Metadata, dict[str, int]]:
     """Reads and checks the commit record of the checkpoint in directory `path`; returns
     DCP's Metadata and {data file: byte count}. Raises IncompleteCheckpointError when no
-    save committed there or a listed file is missing or has the wrong size."""
+    save committed there or a listed file is missing or has the wrong size, FormatError
+    for a record that is malformed, hostile or names anything but regular files inside
+    the directory. Time and memory are linear in the record's size."""
     directory = os.fspath(path)
     name = metadata_name(rank)
     where = os.path.join(directory, name)
     try:
-        fd = os.open(where, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = open_inside(directory, name, where)
     except FileNotFoundError:
+        if rank is not None and os.path.lexists(os.path.join(directory, METADATA_NAME)):
+            # DCP asks for a per-rank record only after the global one failed to load:
+            # say so, rather than call the checkpoint uncommitted.
+            raise IncompleteCheckpointError(
+                f"{directory}: no per-rank commit record {name}; this checkpoint has the "
+                f"global record {METADATA_NAME} (see the error reading it)"
+            ) from None
         raise missing_metadata(directory, name) from None
     try:
         nbytes = os.fstat(fd).st_size
@@ -154,26 +168,44 @@ def read_metadata(
             blob = f.read()
     finally:
         os.close(fd)
+    check_json_depth(blob, MAX_JSON_DEPTH, where)
     try:
-        doc = json.loads(blob)
-    except (ValueError, UnicodeDecodeError) as e:
+        doc = json.loads(blob, object_pairs_hook=_unique_pairs)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise FormatError(f"{where}: not valid JSON ({e}); the metadata file is damaged") from None
     md, files = decode_metadata(doc, where)
     problems = []
     for fname, want in files.items():
         try:
-            got = os.stat(os.path.join(directory, fname)).st_size
+            st = os.lstat(os.path.join(directory, fname))
         except FileNotFoundError:
             problems.append(f"{fname} is missing")
             continue
-        if got != want:
-            problems.append(f"{fname} holds {got} bytes, the commit recorded {want}")
+        if not stat.S_ISREG(st.st_mode):
+            what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            raise FormatError(
+                f"{where}: rank file {fname} is {what}; a checkpoint's files must be inside "
+                "its directory"
+            )
+        if st.st_size != want:
+            problems.append(f"{fname} holds {st.st_size} bytes, the commit recorded {want}")
     if problems:
         raise IncompleteCheckpointError(
-            f"{directory}: checkpoint incomplete or damaged: {'; '.join(problems[:4])}"
+            f"{directory}: checkpoint damaged: {'; '.join(problems[:4])}"
             + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else "")
         )
     return md, files
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate key {k!r}")
+            seen.add(k)
+    return out
 
 
 def missing_metadata(directory: str, name: str) -> Exception:
@@ -223,13 +255,15 @@ class _Batch:
 
 
 def _read_file(
-    path: str,
+    directory: str,
+    name: str,
     reqs: list[tuple[ReadItem, Location]],
     planner: LoadPlanner,
     verify: bool,
     threads: int,
 ) -> None:
-    reader = _open_native(path, verify)
+    path = os.path.join(directory, name)
+    reader = open_native(directory, name, verify)
     try:
         lay = reader.layout
         keys = reader.key_index()
@@ -265,12 +299,15 @@ def _read_file(
         reader.close()
 
 
-def _open_native(path: str, verify: bool) -> Any:
-    """Opens a rank file with tensorfile's own reader (header validated, checksummed)."""
-    reader = open_reader(path, verify)
-    if reader.format != "tensorfile" or reader.src.fd is None:
+def open_native(directory: str, name: str, verify: bool) -> Any:
+    """Opens rank file `name` of `directory` with tensorfile's own reader (header
+    validated, checksummed), refusing links and anything outside the directory."""
+    reader = open_rank_reader(directory, name, verify)
+    if reader.format != "tensorfile":
         reader.close()
-        raise FormatError(f"{path}: not a tensorfile; the checkpoint's rank files must be")
+        raise FormatError(
+            f"{os.path.join(directory, name)}: not a tensorfile; the checkpoint's rank files must be"
+        )
     return reader
 
 
