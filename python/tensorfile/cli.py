@@ -196,13 +196,66 @@ def describe_file(path: str) -> dict[str, Any]:
         }
 
 
+def _is_checkpoint_dir(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+def _inspect_checkpoint(directory: str, as_json: bool) -> None:
+    from . import dcp
+
+    info = dcp.describe_checkpoint(directory)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    total = sum(f["nbytes"] for f in info["files"])
+    click.echo(
+        f"{directory}: DCP checkpoint written by {info['writer']} (commit record "
+        f"{info['commit_record']}, DCP metadata {info['dcp_version']}), "
+        f"{len(info['files'])} data file(s), {total:,} bytes"
+    )
+    rows = [
+        (
+            t["key"],
+            t["dtype"],
+            "x".join(map(str, t["shape"])) or "()",
+            f"{t['nbytes']:,}",
+            str(len(t["chunks"])),
+        )
+        for t in info["tensors"]
+    ]
+    head = ("key", "dtype", "shape", "bytes", "chunks")
+    widths = [max([len(h), *(len(r[c]) for r in rows)]) for c, h in enumerate(head)]
+    for r in [head, *rows]:
+        click.echo(
+            "  ".join(
+                v.ljust(w) if c in (0, 1) else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))
+            )
+        )
+    nbytes = sum(t["nbytes"] for t in info["tensors"])
+    chunks = sum(len(t["chunks"]) for t in info["tensors"])
+    click.echo(
+        f"{len(info['tensors'])} tensor(s) in {chunks} chunk(s), {nbytes:,} bytes of tensor data; "
+        f"{len(info['values'])} other value(s){': ' if info['values'] else ''}"
+        + ", ".join(info["values"][:8])
+        + (", ..." if len(info["values"]) > 8 else "")
+    )
+    click.echo(f"planner data: {info['planner_data']}")
+    click.echo("data files:")
+    for f in info["files"]:
+        click.echo(f"  {f['name']}  {f['nbytes']:,} bytes, {f['items']} item(s)")
+
+
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def inspect(file: str, as_json: bool) -> None:
     """Show a file's format, its tensors (key, dtype, shape, bytes, offset, device), totals and metadata.
 
-    Reads only the header."""
+    Reads only the header. FILE may be a torch.distributed.checkpoint directory: its
+    commit record, data files and each tensor's global shape and chunks are shown."""
+    if _is_checkpoint_dir(file):
+        _inspect_checkpoint(file, as_json)
+        return
     info = describe_file(file)
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -240,17 +293,30 @@ def inspect(file: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path())
 @_quiet_option
 def verify(files: tuple[str, ...]) -> None:
     """Check files completely (structure, padding, every checksum) in bounded memory; exit 0
-    only if all are sound. Works on tensorfile, torch.save and safetensors files."""
+    only if all are sound. Works on tensorfile, torch.save and safetensors files, and on
+    torch.distributed.checkpoint directories (the commit record, every data file, and
+    that the record's chunks and checksums match the data)."""
     from . import _convert
     from ._errors import FormatError
 
     bad = 0
     for path in files:
         try:
+            if _is_checkpoint_dir(path):
+                from . import dcp
+
+                with _progress(0, os.path.basename(path)) as update:
+                    info = dcp.verify_checkpoint(path, update)
+                click.echo(
+                    f"ok   {path} ({info['format']}, {info['tensors']} tensors in "
+                    f"{info['chunks']} chunks, {info['values']} other value(s), "
+                    f"{info['nbytes']:,} bytes checked)"
+                )
+                continue
             total = os.path.getsize(path)
             with _progress(total, os.path.basename(path)) as update:
                 info = _convert.verify(path, update)

@@ -14,6 +14,7 @@ in docs/dcp.md.
 
 from ._common import METADATA_NAME, IncompleteCheckpointError
 from ._convert import dcp_to_state_dict, state_dict_to_dcp
+from ._export import convert_checkpoint, describe_checkpoint, verify_checkpoint
 from ._reader import StorageReader, read_metadata
 from ._writer import StorageWriter
 
@@ -22,7 +23,10 @@ __all__ = [
     "IncompleteCheckpointError",
     "StorageReader",
     "StorageWriter",
+    "convert_checkpoint",
     "dcp_to_state_dict",
+    "describe_checkpoint",
     "read_metadata",
     "state_dict_to_dcp",
+    "verify_checkpoint",
 ]

@@ -224,7 +224,7 @@ class Checkpoint:
         name: str, key: str, row: Any, dtype: torch.dtype, sizes: tuple[int, ...]
     ) -> None:
         want = str(dtype).removeprefix("torch.")
-        contiguous = _contiguous_strides(list(sizes))
+        contiguous = contiguous_strides(list(sizes))
         if (
             row.kind != "torch"
             or row.dtype != want
@@ -290,7 +290,7 @@ class Checkpoint:
                 self._cursor[piece] = (b, got)
             return
         if piece.block_crcs:
-            self._read_blocks(piece, a, b, dst)
+            self.read_blocks(piece, a, b, dst)
             return
         region = self._whole.get(piece)
         if region is None:
@@ -303,7 +303,9 @@ class Checkpoint:
         start = piece.data_offset - piece.region_offset
         dst[:] = region[start + a : start + b]
 
-    def _read_blocks(self, piece: Piece, a: int, b: int, dst: np.ndarray) -> None:
+    def read_blocks(self, piece: Piece, a: int, b: int, dst: np.ndarray) -> None:
+        """Reads bytes [a, b) of a chunk with per-block checksums, checking every block
+        the range touches (those at its edges are read whole into a small buffer)."""
         first, last = a // BLOCK_NBYTES, -(-b // BLOCK_NBYTES)
         lo = first * BLOCK_NBYTES
         hi = min(last * BLOCK_NBYTES, piece.nbytes)
@@ -335,6 +337,23 @@ class Checkpoint:
         )
         if span is not dst:
             dst[:] = span[a - lo : b - lo]
+
+    def verify_region(self, piece: Piece, progress: Callable[[int], None]) -> int:
+        """Reads the whole checksummed region holding a chunk, in steps, and checks it;
+        returns its byte count."""
+        if piece.crc < 0:
+            return 0
+        if len(self._stage) < SLAB_NBYTES:
+            self._stage = np.empty(SLAB_NBYTES, dtype=np.uint8)
+        combine = _engine.crc32_zip_combine if piece.crc_kind == "crc32" else _engine.crc32c_combine
+        crc = 0
+        for a in range(0, piece.region_nbytes, SLAB_NBYTES):
+            n = min(SLAB_NBYTES, piece.region_nbytes - a)
+            got = self._pread(piece, piece.region_offset + a, self._stage[:n], True)
+            crc = got if a == 0 else combine(crc, got, n)
+            progress(n)
+        self._check(piece, crc, piece.crc)
+        return piece.region_nbytes
 
     # ------------------------------------------------------------------ BYTE_IO values
 
@@ -477,7 +496,7 @@ class Checkpoint:
             finish(out_base + r0 * row, view)
 
 
-def _contiguous_strides(shape: list[int]) -> list[int]:
+def contiguous_strides(shape: list[int]) -> list[int]:
     out = [1] * len(shape)
     for d in range(len(shape) - 2, -1, -1):
         out[d] = out[d + 1] * max(shape[d + 1], 1)
