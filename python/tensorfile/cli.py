@@ -143,19 +143,35 @@ def bench(args: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("directory", metavar="DIR", type=click.Path())
 def clean(directory: str) -> None:
-    """Remove temporary files that saves killed part way left in DIR."""
-    from . import _files
+    """Remove temporary files that saves killed part way left in DIR, and in a
+    torch.distributed.checkpoint directory the rank files of saves that died before they
+    committed (never those a commit record names or a running save holds)."""
+    from . import _files, dcp
+    from ._errors import FormatError
 
     if not os.path.exists(directory):
         raise click.ClickException(f"{directory}: no such directory")
     if not os.path.isdir(directory):
         raise click.ClickException(f"{directory}: not a directory")
     removed = _files.clean(directory)
-    for path in removed:
+    problem = None
+    try:
+        dead = dcp.clean(directory)
+    except FormatError as e:
+        dead, problem = [], str(e)
+    for path in removed + dead:
         click.echo(f"removed {path}")
     click.echo(
         f"{len(removed)} stale temporary file{'s' if len(removed) != 1 else ''} removed from {directory}"
     )
+    rank_files = [p for p in dead if p.endswith(".tf")]
+    if rank_files:
+        click.echo(
+            f"{len(rank_files)} uncommitted rank file{'s' if len(rank_files) != 1 else ''} "
+            f"of dead checkpoint saves removed from {directory}"
+        )
+    if problem is not None:
+        raise click.ClickException(f"{problem}; no rank files were removed")
 
 
 def describe_file(path: str) -> dict[str, Any]:
