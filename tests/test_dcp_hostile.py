@@ -127,6 +127,7 @@ _EDITS = {
         "matches no chunk",
     ),
     "a rank file named outside": (lambda d: d["files"][0].__setitem__(0, "../x.tf"), "files"),
+    "a quantized dtype": (lambda d: d["properties"][0].__setitem__(0, "qint8"), "dtype 'qint8'"),
 }
 
 
@@ -358,3 +359,18 @@ def test_stock_pickle_cannot_set_attributes_of_classes(tmp_path: Path) -> None:
     from torch.distributed.checkpoint.metadata import Metadata
 
     assert not hasattr(Metadata, "marker")
+
+
+def test_stock_storage_meta_of_the_wrong_type_is_refused(tmp_path: Path) -> None:
+    """A fuzzer finding: storage_meta was used as a StorageMeta without a check."""
+    d, md = _stock(tmp_path)
+    md.storage_meta = {"checkpoint_id": 1}
+    p = _write_stock(d, md)
+    _refused_everywhere(d, p, "storage_meta")
+
+
+def test_stock_data_file_that_is_missing_is_an_incomplete_checkpoint(tmp_path: Path) -> None:
+    d, _md = _stock(tmp_path)
+    (d / "__0_0.distcp").unlink()
+    with pytest.raises(tdcp.IncompleteCheckpointError, match=r"__0_0\.distcp, which .* is missing"):
+        tdcp.dcp_to_state_dict(d)

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from .._dtypes import TORCH_ITEMSIZE
 from .._errors import FormatError
 from ..formats.native import MAX_NDIM
 from ._common import (
@@ -301,7 +302,8 @@ def _decode(doc: dict[str, Any], where: str) -> tuple[Metadata, dict[str, int]]:
         if type(row) is not list or len(row) != 4:
             raise ValueError("properties row")
         dtype_name, rg, mf, pin = row
-        dtype = getattr(torch, dtype_name, None) if type(dtype_name) is str else None
+        known = type(dtype_name) is str and dtype_name in TORCH_ITEMSIZE
+        dtype = getattr(torch, dtype_name, None) if known else None
         if not isinstance(dtype, torch.dtype) or type(rg) is not bool or type(pin) is not bool:
             raise ValueError(
                 f"dtype {dtype_name!r}" if not isinstance(dtype, torch.dtype) else "properties row"

@@ -20,12 +20,14 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from .._dtypes import TORCH_ITEMSIZE
 from .._errors import FormatError
 from ..formats.native import MAX_NDIM
 from ._common import (
     MAX_DEPTH,
     MAX_METADATA_NBYTES,
     STOCK_METADATA_NAME,
+    IncompleteCheckpointError,
     check_tiling,
     open_inside,
 )
@@ -312,6 +314,7 @@ def _check(md: Metadata, directory: str, where: str) -> dict[str, int]:
         if (
             type(p) is not TensorProperties
             or not isinstance(p.dtype, torch.dtype)
+            or str(p.dtype).removeprefix("torch.") not in TORCH_ITEMSIZE
             or p.layout is not torch.strided
             or type(p.requires_grad) is not bool
             or type(p.pin_memory) is not bool
@@ -370,7 +373,12 @@ def _check(md: Metadata, directory: str, where: str) -> dict[str, int]:
         by_file.setdefault(info.relative_path, []).append((info.offset, info.length, index.fqn))
     sizes: dict[str, int] = {}
     for name, ranges in by_file.items():
-        fd = open_inside(directory, name, where)
+        try:
+            fd = open_inside(directory, name, where)
+        except FileNotFoundError:
+            raise IncompleteCheckpointError(
+                f"{directory}: checkpoint damaged: {name}, which {where} names, is missing"
+            ) from None
         try:
             sizes[name] = os.fstat(fd).st_size
         finally:
@@ -396,4 +404,13 @@ def _check(md: Metadata, directory: str, where: str) -> dict[str, int]:
             )
     if md.version is not None and type(md.version) is not str:
         raise ValueError("version")
+    meta = md.storage_meta
+    if meta is not None and (
+        type(meta) is not StorageMeta
+        or not (meta.checkpoint_id is None or isinstance(meta.checkpoint_id, (str, os.PathLike)))
+        or not all(x is None or type(x) is str for x in (meta.save_id, meta.load_id))
+        or type(meta.modules) is not list
+        or not all(type(m) is str for m in meta.modules)
+    ):
+        raise ValueError("storage_meta")
     return sizes
