@@ -24,12 +24,13 @@ from ._common import METADATA_NAME, IncompleteCheckpointError
 if TYPE_CHECKING:
     from ._convert import dcp_to_state_dict, state_dict_to_dcp
     from ._export import convert_checkpoint, describe_checkpoint, verify_checkpoint
-    from ._reader import StorageReader, read_metadata
+    from ._reader import StorageReader
+    from ._record import read_metadata
     from ._writer import StorageWriter
 
 _LAZY = {
     "StorageReader": "._reader",
-    "read_metadata": "._reader",
+    "read_metadata": "._record",
     "StorageWriter": "._writer",
     "dcp_to_state_dict": "._convert",
     "state_dict_to_dcp": "._convert",

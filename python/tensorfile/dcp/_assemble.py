@@ -27,9 +27,10 @@ from ._common import (
     METADATA_NAME,
     STOCK_METADATA_NAME,
     Location,
+    contiguous_strides,
     open_inside,
 )
-from ._reader import missing_metadata, open_native, read_metadata
+from ._record import missing_metadata, open_native, read_metadata
 
 SLAB_NBYTES = 32 << 20  # the assembled bytes of one step, and the staging beside them
 _REMEDY = "re-save the checkpoint, or read it with verify=False"
@@ -194,9 +195,10 @@ class Checkpoint:
         self, fqn: str, info: Any, dtype: torch.dtype, sizes: tuple[int, ...]
     ) -> Piece:
         from .._reader import open_reader
+        from ._stock import ItemWindow
 
         name = f"{os.path.join(self.directory, info.relative_path)}[{info.offset}:+{info.length}]"
-        window = _Window(self._fd(info.relative_path), info.offset, info.length, name)
+        window = ItemWindow(self._fd(info.relative_path), info.offset, info.length, name)
         with open_reader(cast(Any, window), self.verify) as reader:
             lay = reader.layout
             if reader.format != "torch.save" or len(lay.tensors) != 1:
@@ -494,41 +496,3 @@ class Checkpoint:
                 at = (slice(a0 - r0, a1 - r0), *(slice(o, o + c) for o, c in zip(off[1:], sz[1:])))
                 grid[at] = stage.reshape((a1 - a0, *sz[1:], isz))
             finish(out_base + r0 * row, view)
-
-
-def contiguous_strides(shape: list[int]) -> list[int]:
-    out = [1] * len(shape)
-    for d in range(len(shape) - 2, -1, -1):
-        out[d] = out[d + 1] * max(shape[d + 1], 1)
-    return out
-
-
-class _Window(io.RawIOBase):
-    """Bytes [offset, offset + nbytes) of an open file as a seekable stream (one item of
-    a FileSystemWriter data file), read with pread."""
-
-    def __init__(self, fd: int, offset: int, nbytes: int, name: str) -> None:
-        super().__init__()
-        self._fd, self._offset, self._nbytes, self.name = fd, offset, nbytes, name
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._nbytes}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buf: Any) -> int:
-        view = memoryview(buf).cast("B")
-        n = max(0, min(len(view), self._nbytes - self._pos))
-        got = os.preadv(self._fd, [view[:n]], self._offset + self._pos) if n else 0
-        self._pos += got
-        return got

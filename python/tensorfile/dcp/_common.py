@@ -88,6 +88,14 @@ def item_key(index: MetadataIndex) -> str:
     return f"{index.fqn}@{','.join(map(str, index.offset))}"
 
 
+def contiguous_strides(shape: list[int]) -> list[int]:
+    """Row-major strides, in elements, of a tensor of `shape`."""
+    out = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        out[d] = out[d + 1] * max(shape[d + 1], 1)
+    return out
+
+
 # --------------------------------------------------------------------------- files inside
 
 

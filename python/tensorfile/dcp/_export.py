@@ -18,8 +18,14 @@ from .._errors import FormatError
 from .._layout import TensorRow
 from .._tree import Flattener, no_gc
 from ..formats import native, safetensors
-from ._assemble import SLAB_NBYTES, Checkpoint, Sink, contiguous_strides
-from ._common import BLOCK_NBYTES, METADATA_NAME, STOCK_METADATA_NAME, open_inside
+from ._assemble import SLAB_NBYTES, Checkpoint, Sink
+from ._common import (
+    BLOCK_NBYTES,
+    METADATA_NAME,
+    STOCK_METADATA_NAME,
+    contiguous_strides,
+    open_inside,
+)
 from ._convert import nest
 
 Progress = Callable[[int], None]

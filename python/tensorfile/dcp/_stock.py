@@ -414,3 +414,34 @@ def _check(md: Metadata, directory: str, where: str) -> dict[str, int]:
     ):
         raise ValueError("storage_meta")
     return sizes
+
+
+class ItemWindow(io.RawIOBase):
+    """Bytes [offset, offset + nbytes) of an open file as a seekable stream (one item of
+    a FileSystemWriter data file), read with pread."""
+
+    def __init__(self, fd: int, offset: int, nbytes: int, name: str) -> None:
+        super().__init__()
+        self._fd, self._offset, self._nbytes, self.name = fd, offset, nbytes, name
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._nbytes}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
+        n = max(0, min(len(view), self._nbytes - self._pos))
+        got = os.preadv(self._fd, [view[:n]], self._offset + self._pos) if n else 0
+        self._pos += got
+        return got
