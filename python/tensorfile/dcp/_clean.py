@@ -61,7 +61,12 @@ def hold(directory: str, rank_file: str) -> None:
         tmp = f"{final}.{secrets.token_hex(4)}.new"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                # No locks on this file system: the marker stays, unlocked, and clean
+                # cannot tell whether its save lives, so it never removes its files.
+                pass
             os.replace(tmp, final)
         except BaseException:
             os.close(fd)
