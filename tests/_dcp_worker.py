@@ -98,6 +98,25 @@ def crash_overwrite(path: str, version: int) -> None:
     tdcp.state_dict_to_dcp(full_state(version), path)
 
 
+def stop_before_commit(path: str, version: int, how: str) -> None:
+    """Single process: saves `version` into `path` and stops once its rank file is
+    written, before the commit: `die` (SIGKILL), or `wait` (prints "ready", then blocks
+    until stdin closes and exits without committing)."""
+    import tensorfile.dcp as tdcp
+    from tensorfile.dcp import _writer
+
+    def stop(*args: Any, **kwargs: Any) -> None:
+        if how == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        print("ready", flush=True)
+        sys.stdin.read()
+        os._exit(0)
+
+    _writer.StorageWriter.finish = stop  # type: ignore[method-assign]
+    warnings.simplefilter("ignore")
+    tdcp.state_dict_to_dcp(full_state(version), path)
+
+
 def run(scenario: str, rank: int, world: int, root: str) -> None:
     try:
         _run(scenario, rank, world, root)

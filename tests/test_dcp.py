@@ -151,6 +151,17 @@ def test_rank_killed_mid_save(ctx: Any, saved: Path) -> None:
         dcp.load({"step": 0}, storage_reader=tdcp.StorageReader(saved / "C"), no_dist=True)
     # The previous checkpoint, in its own directory, is untouched.
     _assert_full(tdcp.dcp_to_state_dict(saved / "A"), 1)
+    # Both writers are gone: `tensorfile clean` removes what the dead save wrote (rank
+    # 0's whole file, rank 1's temporary file), and leaves A alone.
+    left = [n for n in os.listdir(saved / "C") if n.endswith((".tf", ".tftmp"))]
+    assert any(n.endswith(".tf") for n in left), left
+    from click.testing import CliRunner
+    from tensorfile.cli import main as cli
+
+    r = CliRunner().invoke(cli, ["clean", str(saved / "C")])
+    assert r.exit_code == 0, r.output
+    assert not [n for n in os.listdir(saved / "C") if n.endswith((".tf", ".tftmp", ".lock"))]
+    _assert_full(tdcp.dcp_to_state_dict(saved / "A"), 1)
 
 
 # --------------------------------------------------------------------------- single process

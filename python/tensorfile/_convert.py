@@ -637,8 +637,12 @@ def convert(
     if os.path.isdir(src):
         from . import dcp
 
-        state = dcp.dcp_to_state_dict(src)
-        return _convert_in_memory(state, dst, to, skip_non_tensors)
+        if to == "dcp":  # directory to directory: through memory
+            dcp.state_dict_to_dcp(dcp.dcp_to_state_dict(src), dst)
+            return {"from": "dcp", "to": to, "skipped": []}
+        return dcp.convert_checkpoint(
+            src, dst, to, progress, skip_non_tensors=skip_non_tensors, num_threads=num_threads
+        )
     if to == "dcp":
         return _convert_in_memory(api.load(src, map_location="cpu"), dst, to, skip_non_tensors)
     with no_gc(), open_reader(src, True) as reader:
@@ -660,22 +664,13 @@ def convert(
 
 
 def _convert_in_memory(state: Any, dst: str, to: str, skip_non_tensors: bool) -> dict[str, Any]:
-    if to == "tensorfile":
-        api.save(state, dst)
-        return {"from": "dcp", "to": to, "skipped": []}
-    flat, plain = _flatten_tensors(state)
-    if to == "dcp":
-        from . import dcp
+    """A file to a DCP directory, through memory (DCP's planner takes a whole state dict)."""
+    if to != "dcp":
+        raise ValueError(f"unknown target format {to!r}")
+    from . import dcp
 
-        dcp.state_dict_to_dcp(state, dst)
-        return {"from": "file", "to": to, "skipped": []}
-    if plain and not skip_non_tensors:
-        raise ValueError(
-            f"safetensors holds only tensors; these values are not ({', '.join(plain[:5])}); "
-            "pass --skip-non-tensors to leave them out"
-        )
-    api.save_safetensors(flat, dst, copy_shared=True)
-    return {"from": "dcp", "to": to, "skipped": plain}
+    dcp.state_dict_to_dcp(state, dst)
+    return {"from": "file", "to": to, "skipped": []}
 
 
 def _flatten_tensors(obj: Any) -> tuple[dict[str, Any], list[str]]:

@@ -143,19 +143,35 @@ def bench(args: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("directory", metavar="DIR", type=click.Path())
 def clean(directory: str) -> None:
-    """Remove temporary files that saves killed part way left in DIR."""
-    from . import _files
+    """Remove temporary files that saves killed part way left in DIR, and in a
+    torch.distributed.checkpoint directory the rank files of saves that died before they
+    committed (never those a commit record names or a running save holds)."""
+    from . import _files, dcp
+    from ._errors import FormatError
 
     if not os.path.exists(directory):
         raise click.ClickException(f"{directory}: no such directory")
     if not os.path.isdir(directory):
         raise click.ClickException(f"{directory}: not a directory")
     removed = _files.clean(directory)
-    for path in removed:
+    problem = None
+    try:
+        dead = dcp.clean(directory)
+    except FormatError as e:
+        dead, problem = [], str(e)
+    for path in removed + dead:
         click.echo(f"removed {path}")
     click.echo(
         f"{len(removed)} stale temporary file{'s' if len(removed) != 1 else ''} removed from {directory}"
     )
+    rank_files = [p for p in dead if p.endswith(".tf")]
+    if rank_files:
+        click.echo(
+            f"{len(rank_files)} uncommitted rank file{'s' if len(rank_files) != 1 else ''} "
+            f"of dead checkpoint saves removed from {directory}"
+        )
+    if problem is not None:
+        raise click.ClickException(f"{problem}; no rank files were removed")
 
 
 def describe_file(path: str) -> dict[str, Any]:
@@ -204,15 +220,66 @@ def _format_label(info: dict[str, Any]) -> str:
     if fmt == "torch.save":
         return f"torch.save zip, archive version {version}"
     return f"{fmt} {version}"
+def _is_checkpoint_dir(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+def _inspect_checkpoint(directory: str, as_json: bool) -> None:
+    from . import dcp
+
+    info = dcp.describe_checkpoint(directory)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    total = sum(f["nbytes"] for f in info["files"])
+    click.echo(
+        f"{directory}: DCP checkpoint written by {info['writer']} (commit record "
+        f"{info['commit_record']}, DCP metadata {info['dcp_version']}), "
+        f"{len(info['files'])} data file(s), {total:,} bytes"
+    )
+    rows = [
+        (
+            t["key"],
+            t["dtype"],
+            "x".join(map(str, t["shape"])) or "()",
+            f"{t['nbytes']:,}",
+            str(len(t["chunks"])),
+        )
+        for t in info["tensors"]
+    ]
+    head = ("key", "dtype", "shape", "bytes", "chunks")
+    widths = [max([len(h), *(len(r[c]) for r in rows)]) for c, h in enumerate(head)]
+    for r in [head, *rows]:
+        click.echo(
+            "  ".join(
+                v.ljust(w) if c in (0, 1) else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))
+            )
+        )
+    nbytes = sum(t["nbytes"] for t in info["tensors"])
+    chunks = sum(len(t["chunks"]) for t in info["tensors"])
+    click.echo(
+        f"{len(info['tensors'])} tensor(s) in {chunks} chunk(s), {nbytes:,} bytes of tensor data; "
+        f"{len(info['values'])} other value(s){': ' if info['values'] else ''}"
+        + ", ".join(info["values"][:8])
+        + (", ..." if len(info["values"]) > 8 else "")
+    )
+    click.echo(f"planner data: {info['planner_data']}")
+    click.echo("data files:")
+    for f in info["files"]:
+        click.echo(f"  {f['name']}  {f['nbytes']:,} bytes, {f['items']} item(s)")
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def inspect(file: str, as_json: bool) -> None:
     """Show a file's format, its tensors (key, dtype, shape, bytes, offset, device), totals and metadata.
 
-    Reads only the header."""
+    Reads only the header. FILE may be a torch.distributed.checkpoint directory: its
+    commit record, data files and each tensor's global shape and chunks are shown."""
+    if _is_checkpoint_dir(file):
+        _inspect_checkpoint(file, as_json)
+        return
     info = describe_file(file)
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -249,17 +316,30 @@ def inspect(file: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path())
 @_quiet_option
 def verify(files: tuple[str, ...]) -> None:
     """Check files completely (structure, padding, every checksum) in bounded memory; exit 0
-    only if all are sound. Works on tensorfile, torch.save and safetensors files."""
+    only if all are sound. Works on tensorfile, torch.save and safetensors files, and on
+    torch.distributed.checkpoint directories (the commit record, every data file, and
+    that the record's chunks and checksums match the data)."""
     from . import _convert
     from ._errors import FormatError
 
     bad = 0
     for path in files:
         try:
+            if _is_checkpoint_dir(path):
+                from . import dcp
+
+                with _progress(0, os.path.basename(path)) as update:
+                    info = dcp.verify_checkpoint(path, update)
+                click.echo(
+                    f"ok   {path} ({info['format']}, {info['tensors']} tensors in "
+                    f"{info['chunks']} chunks, {info['values']} other value(s), "
+                    f"{info['nbytes']:,} bytes checked)"
+                )
+                continue
             total = os.path.getsize(path)
             with _progress(total, os.path.basename(path)) as update:
                 info = _convert.verify(path, update)

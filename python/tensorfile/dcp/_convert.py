@@ -3,188 +3,63 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import pickle
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import storage as _storage
 from torch.distributed.checkpoint.metadata import (
     Metadata,
-    StorageMeta,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import (
-    LoadPlan,
-    LoadPlanner,
-    ReadItem,
-)
-from torch.futures import Future
 
 from .._errors import FormatError
-from ._common import METADATA_NAME
-from ._reader import StorageReader, missing_metadata
+from ._assemble import Checkpoint, MemorySink
 from ._writer import StorageWriter
 
 
-class _StockMetadataUnpickler(pickle.Unpickler):
-    """Unpickles the `.metadata` of torch's FileSystemWriter allowing only the classes
-    that file holds: DCP's metadata dataclasses, torch sizes, dtypes and layouts, paths.
-    Anything else (a callable that would run code) is refused."""
-
-    _ALLOWED = {
-        ("torch.distributed.checkpoint.metadata", n)
-        for n in (
-            "Metadata",
-            "TensorStorageMetadata",
-            "BytesStorageMetadata",
-            "ChunkStorageMetadata",
-            "TensorProperties",
-            "MetadataIndex",
-            "StorageMeta",
-            "_MEM_FORMAT_ENCODING",
-        )
-    } | {
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-        ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"),
-        ("torch.distributed.checkpoint.planner", "LoadItemType"),
-        ("torch.distributed.checkpoint.planner", "WriteItemType"),
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),  # maps a layout's name to torch.strided etc.
-        ("pathlib", "PosixPath"),
-        ("pathlib", "WindowsPath"),
-        ("pathlib", "Path"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(
-            getattr(torch, name, None), (torch.dtype, torch.layout)
-        ):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(
-            f"refusing {module}.{name}: not part of DCP checkpoint metadata"
-        )
-
-
-def _stock_reader(directory: str) -> _storage.StorageReader:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    class _SafeFileSystemReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-            where = os.path.join(directory, ".metadata")
-            with open(where, "rb") as f:
-                try:
-                    md = _StockMetadataUnpickler(f).load()
-                except (
-                    pickle.UnpicklingError,
-                    EOFError,
-                    AttributeError,
-                    TypeError,
-                    ValueError,
-                ) as e:
-                    raise FormatError(f"{where}: not valid DCP metadata ({e})") from None
-            if not isinstance(md, Metadata):
-                raise FormatError(f"{where}: holds a {type(md).__name__}, not DCP Metadata")
-            if getattr(md, "storage_meta", None) is None:
-                md.storage_meta = StorageMeta()
-            return md
-
-    return _SafeFileSystemReader(directory)
-
-
-def _open_any(path: str) -> _storage.StorageReader:
-    if os.path.exists(os.path.join(path, METADATA_NAME)):
-        return StorageReader(path)
-    if os.path.exists(os.path.join(path, ".metadata")):
-        return _stock_reader(path)
-    raise missing_metadata(path, METADATA_NAME)
-
-
-def dcp_to_state_dict(path: str | os.PathLike[str], *, nested: bool = True) -> dict[str, Any]:
+def dcp_to_state_dict(
+    path: str | os.PathLike[str], *, nested: bool = True, verify: bool = True
+) -> dict[str, Any]:
     """Reads a whole DCP checkpoint directory, written by this plugin or by torch's
     FileSystemWriter, into a state dict of full (unsharded) CPU tensors. Single process,
     no process group needed. With `nested=True` the dict is rebuilt in the shape the
     saver flattened (from the planner's mappings, when recorded); otherwise keys are
     the flat DCP names ("model.layer.weight").
 
-    Memory: the full tensors plus, for this plugin, a bounded staging area; the stock
-    format is read one item at a time. Non-tensor values are unpickled with
-    torch.load(weights_only=True), and the stock metadata with an allow-list unpickler,
-    so no code in the checkpoint runs.
+    Memory: the full tensors plus bounded staging (Checkpoint.assemble). Every tensor is
+    checked against its checksums (unless verify=False). Non-tensor values are read by
+    tensorfile's restricted torch.save reader and the stock metadata by an allow-list
+    unpickler, so no code in the checkpoint runs. Nothing outside the directory is opened.
     """
-    from torch.distributed.checkpoint import load
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
-    directory = os.fspath(path)
-    reader = _open_any(directory)
-    md = reader.read_metadata()
-    flat: dict[str, Any] = {}
-    for fqn, sm in md.state_dict_metadata.items():
-        if isinstance(sm, TensorStorageMetadata):
-            flat[fqn] = torch.empty(sm.size, dtype=sm.properties.dtype)
-        else:
-            flat[fqn] = None
-
-    class _SafeBytesPlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-            self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
-
-    with _single_process():
-        load(
-            flat,
-            storage_reader=_PreReadReader(reader, md),
-            planner=_SafeBytesPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
-            no_dist=True,
-        )
-    mappings = md.planner_data
-    if not nested or not isinstance(mappings, dict) or not mappings:
+    with Checkpoint(os.fspath(path), verify=verify) as ck:
+        flat: dict[str, Any] = {}
+        for fqn, sm in ck.md.state_dict_metadata.items():
+            if isinstance(sm, TensorStorageMetadata):
+                t = torch.empty(sm.size, dtype=sm.properties.dtype)
+                ck.assemble(fqn, MemorySink(byte_view(t)))
+                flat[fqn] = t
+            else:
+                flat[fqn] = ck.value(fqn)
+        mappings = ck.mappings()
+    if not nested or mappings is None:
         return flat
+    return nest(flat, mappings)
+
+
+def byte_view(t: torch.Tensor) -> Any:
+    """The bytes of contiguous CPU tensor `t` as a writable uint8 numpy array."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def nest(flat: dict[str, Any], mappings: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+    """The nested state dict that DCP flattened into `flat`, rebuilt from the planner's
+    {fqn: key path} mappings (checked when the metadata was read)."""
     out: dict[str, Any] = {}
     for fqn, value in flat.items():
         _set_path(out, mappings.get(fqn, (fqn,)), value)
     return out
-
-
-class _PreReadReader(_storage.StorageReader):
-    """Hands DCP a reader whose metadata was already read (once, checked)."""
-
-    def __init__(self, inner: _storage.StorageReader, md: Metadata) -> None:
-        self._inner = inner
-        self._md = md
-
-    def reset(self, checkpoint_id: Any = None, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        return self._md
-
-    def set_up_storage_reader(
-        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
-    ) -> None:
-        self._inner.set_up_storage_reader(metadata, is_coordinator)
-
-    def prepare_local_plan(self, plan: LoadPlan, *args: Any, **kwargs: Any) -> LoadPlan:
-        return self._inner.prepare_local_plan(plan)
-
-    def prepare_global_plan(
-        self, plans: list[LoadPlan], *args: Any, **kwargs: Any
-    ) -> list[LoadPlan]:
-        return self._inner.prepare_global_plan(plans)
-
-    def read_data(
-        self, plan: LoadPlan, planner: LoadPlanner, *args: Any, **kwargs: Any
-    ) -> Future[None]:
-        return self._inner.read_data(plan, planner)
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Any, *args: Any, **kwargs: Any) -> bool:
-        return False
 
 
 def _set_path(root: dict[Any, Any], path: Any, value: Any) -> None:

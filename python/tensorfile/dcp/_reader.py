@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import io
-import json
 import math
 import os
 import secrets
@@ -30,19 +29,15 @@ from torch.futures import Future
 
 from .. import _config, _io
 from .._errors import FormatError
-from .._reader import open_reader
 from ._common import (
     ADVISE_GAP,
     BATCH_STAGING_NBYTES,
     BLOCK_NBYTES,
-    DATA_NAME,
-    MAX_METADATA_NBYTES,
-    IncompleteCheckpointError,
     Location,
+    contiguous_strides,
     is_local_path,
-    metadata_name,
 )
-from ._metadata import decode_metadata
+from ._record import open_native, read_metadata
 
 
 class StorageReader(_storage.StorageReader):
@@ -121,7 +116,7 @@ class StorageReader(_storage.StorageReader):
             by_file.setdefault(loc.file, []).append((req, loc))
         threads = _config.num_threads(self.num_threads)
         for name in sorted(by_file):
-            _read_file(os.path.join(self.path, name), by_file[name], planner, self.verify, threads)
+            _read_file(self.path, name, by_file[name], planner, self.verify, threads)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
@@ -131,72 +126,6 @@ class StorageReader(_storage.StorageReader):
         cls, checkpoint_id: str | os.PathLike[str], *args: Any, **kwargs: Any
     ) -> bool:
         return is_local_path(checkpoint_id)
-
-
-def read_metadata(
-    path: str | os.PathLike[str], rank: int | None = None
-) -> tuple[Metadata, dict[str, int]]:
-    """Reads and checks the commit record of the checkpoint in directory `path`; returns
-    DCP's Metadata and {data file: byte count}. Raises IncompleteCheckpointError when no
-    save committed there or a listed file is missing or has the wrong size."""
-    directory = os.fspath(path)
-    name = metadata_name(rank)
-    where = os.path.join(directory, name)
-    try:
-        fd = os.open(where, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise missing_metadata(directory, name) from None
-    try:
-        nbytes = os.fstat(fd).st_size
-        if nbytes > MAX_METADATA_NBYTES:
-            raise FormatError(f"{where}: {nbytes} bytes, over the {MAX_METADATA_NBYTES}-byte limit")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            blob = f.read()
-    finally:
-        os.close(fd)
-    try:
-        doc = json.loads(blob)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{where}: not valid JSON ({e}); the metadata file is damaged") from None
-    md, files = decode_metadata(doc, where)
-    problems = []
-    for fname, want in files.items():
-        try:
-            got = os.stat(os.path.join(directory, fname)).st_size
-        except FileNotFoundError:
-            problems.append(f"{fname} is missing")
-            continue
-        if got != want:
-            problems.append(f"{fname} holds {got} bytes, the commit recorded {want}")
-    if problems:
-        raise IncompleteCheckpointError(
-            f"{directory}: checkpoint incomplete or damaged: {'; '.join(problems[:4])}"
-            + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else "")
-        )
-    return md, files
-
-
-def missing_metadata(directory: str, name: str) -> Exception:
-    if not os.path.isdir(directory):
-        return FileNotFoundError(
-            2, f"tensorfile.dcp: no checkpoint directory {directory}", directory
-        )
-    names = os.listdir(directory)
-    data = [n for n in names if DATA_NAME.match(n)]
-    tmps = [n for n in names if n.endswith(".tftmp") or n.endswith(".tmp")]
-    if ".metadata" in names and not data:
-        return FormatError(
-            f"{directory}: this checkpoint was written by torch's FileSystemWriter; read it with "
-            "FileSystemReader or tensorfile.dcp.dcp_to_state_dict"
-        )
-    if data or tmps:
-        return IncompleteCheckpointError(
-            f"{directory}: checkpoint incomplete: its save did not commit ({name} is missing; "
-            f"{len(data)} rank file(s) and {len(tmps)} temporary file(s) are present)"
-        )
-    return IncompleteCheckpointError(
-        f"{directory}: no checkpoint here ({name} is missing and no save has written data)"
-    )
 
 
 @dataclass
@@ -223,13 +152,15 @@ class _Batch:
 
 
 def _read_file(
-    path: str,
+    directory: str,
+    name: str,
     reqs: list[tuple[ReadItem, Location]],
     planner: LoadPlanner,
     verify: bool,
     threads: int,
 ) -> None:
-    reader = _open_native(path, verify)
+    path = os.path.join(directory, name)
+    reader = open_native(directory, name, verify)
     try:
         lay = reader.layout
         keys = reader.key_index()
@@ -246,7 +177,7 @@ def _read_file(
                 raise FormatError(f"{path}: {loc.key!r} is not a torch tensor")
             isz = dtype.itemsize
             numel = math.prod(shape)
-            if list(strides) != _contiguous_strides(shape) or numel * isz != loc.nbytes:
+            if list(strides) != contiguous_strides(shape) or numel * isz != loc.nbytes:
                 raise FormatError(
                     f"{path}: {loc.key!r} has shape {list(shape)} and strides {list(strides)}, "
                     f"not the contiguous {loc.nbytes} bytes the metadata records"
@@ -263,22 +194,6 @@ def _read_file(
         _flush(batch, reader, path, verify, threads)
     finally:
         reader.close()
-
-
-def _open_native(path: str, verify: bool) -> Any:
-    """Opens a rank file with tensorfile's own reader (header validated, checksummed)."""
-    reader = open_reader(path, verify)
-    if reader.format != "tensorfile" or reader.src.fd is None:
-        reader.close()
-        raise FormatError(f"{path}: not a tensorfile; the checkpoint's rank files must be")
-    return reader
-
-
-def _contiguous_strides(shape: list[int]) -> list[int]:
-    out = [1] * len(shape)
-    for d in range(len(shape) - 2, -1, -1):
-        out[d] = out[d + 1] * max(shape[d + 1], 1)
-    return out
 
 
 def _plan_tensor(

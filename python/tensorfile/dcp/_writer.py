@@ -27,9 +27,9 @@ from torch.futures import Future
 from .. import _config, _io
 from .._files import atomic_file, clean, pwrite_all
 from ..api import save as _save
+from ._clean import hold, release, remove_dead
 from ._common import (
     BLOCK_NBYTES,
-    DATA_NAME,
     DCP_VERSION,
     IncompleteCheckpointError,
     Location,
@@ -160,12 +160,18 @@ class StorageWriter(_storage.StorageWriter):
             tensors[key] = t
         block_crcs = _block_checksums(tensors, self.num_threads)
         if tensors:  # a rank the planner gave nothing to write leaves no file
-            _save(
-                tensors,
-                os.path.join(self.path, sp.file),
-                durable=self.durable,
-                num_threads=self.num_threads,
-            )
+            # Held until the commit: `tensorfile clean` leaves the file of a live save alone.
+            hold(self.path, sp.file)
+            try:
+                _save(
+                    tensors,
+                    os.path.join(self.path, sp.file),
+                    durable=self.durable,
+                    num_threads=self.num_threads,
+                )
+            except BaseException:
+                release(self.path, [sp.file], remove=False)
+                raise
         for item in plan.items:
             key = item_key(item.index)
             t = tensors[key]
@@ -207,6 +213,7 @@ class StorageWriter(_storage.StorageWriter):
         doc = encode_metadata(metadata, sizes)
         rank = None if self.use_collectives else self.rank
         _commit(self.path, metadata_name(rank), doc, self.durable)
+        release(self.path, files, remove=True)
         _remove_replaced(self.path, set(files), rank)
 
     @classmethod
@@ -256,19 +263,12 @@ def _commit(directory: str, name: str, doc: dict[str, Any], durable: bool) -> No
 
 def _remove_replaced(directory: str, keep: set[str], rank: int | None) -> None:
     """After a commit: removes rank files of earlier or failed saves in this directory
-    (with per-rank commits, only this rank's) and temporaries of dead writers."""
+    (with per-rank commits, only this rank's) that no live save holds, their markers, and
+    temporaries of dead writers."""
     try:
-        names = os.listdir(directory)
+        remove_dead(directory, keep, rank)
     except OSError:
-        return
-    for name in names:
-        m = DATA_NAME.match(name)
-        if m is None or name in keep or (rank is not None and int(m.group(1)) != rank):
-            continue
-        try:
-            os.unlink(os.path.join(directory, name))
-        except OSError:
-            pass
+        pass
     try:
         clean(directory)
     except OSError:
