@@ -200,12 +200,6 @@ def advise_willneed(fd: int, ranges: Sequence[tuple[int, int]], gap: int) -> Non
 # --------------------------------------------------------------------------- CUDA transfers
 
 
-def _order(file_offsets: np.ndarray) -> np.ndarray | None:
-    if len(file_offsets) < 2 or bool(np.all(file_offsets[1:] >= file_offsets[:-1])):
-        return None
-    return np.argsort(file_offsets, kind="stable")
-
-
 def read_regions_to_device(
     fd: int,
     path: str,
@@ -232,9 +226,6 @@ def read_regions_to_device(
     device's pending work is synchronised first. Regions must not overlap. Releases the
     GIL. This is the entry point for every loader that fills CUDA memory from a file."""
     p, n, o = _u64(ptrs), _u64(nbytes), _u64(file_offsets)
-    order = _order(o)
-    if order is not None:
-        p, n, o = p[order], n[order], o[order]
     z = sorted((int(a), int(b)) for a, b in zero_ranges if int(b) > 0)
     threads = _config.num_threads(num_threads)
     if backend == "cuda":
@@ -259,12 +250,8 @@ def read_regions_to_device(
             zip_crc=zip_crc,
         )
 
-    crcs = _cuda.transfer(False, path, gds_path if backend == "cuda" else None, call)
-    if order is not None:
-        out = np.empty_like(crcs)
-        out[order] = crcs
-        crcs = out
-    return crcs
+    # the engine reads in file order and returns each region's CRC in the order given
+    return _cuda.transfer(False, path, gds_path if backend == "cuda" else None, call)
 
 
 def write_regions_from_device(
