@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._errors import FormatError
+from .._safejson import check_depth
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import MetadataIndex
@@ -184,28 +185,12 @@ def open_rank_reader(directory: str, name: str, verify: bool, where: str | None 
 
 # --------------------------------------------------------------------------- JSON depth
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
-_BRACKET_STEP = np.zeros(256, dtype=np.int8)
-_BRACKET_STEP[list(b"[{")] = 1
-_BRACKET_STEP[list(b"]}")] = -1
 
 
 def check_json_depth(blob: bytes, limit: int, where: str) -> None:
     """Refuses JSON text whose arrays and objects nest deeper than `limit`, before any
-    parser sees it (a deep document overflows the C stack of a parser once the caller has
-    raised the recursion limit). Strings are skipped first; time and memory are linear."""
-    if blob.count(b"[") + blob.count(b"{") <= limit:
-        return
-    brackets = _JSON_STRING.sub(b"", blob).translate(None, _NOT_BRACKET)
-    steps = _BRACKET_STEP[np.frombuffer(brackets, dtype=np.uint8)]
-    level = 0
-    for k in range(0, len(steps), 1 << 24):
-        depth = np.cumsum(steps[k : k + (1 << 24)], dtype=np.int64) + level
-        if len(depth):
-            if int(depth.max()) > limit:
-                raise FormatError(f"{where}: JSON nested more than {limit} deep")
-            level = int(depth[-1])
+    parser sees it (the one depth rule, tensorfile._safejson)."""
+    check_depth(blob, name=where, max_depth=limit)
 
 
 # --------------------------------------------------------------------------- chunks

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _engine
+from .. import _engine, _safejson
 from .._dtypes import ITEMSIZE, TORCH_GRAD_DTYPES
 from .._errors import ChecksumError, FormatError
 from .._layout import FLAG_REQUIRES_GRAD, Layout, LazyRows, TensorRow
@@ -373,6 +373,7 @@ def decode_fast(raw: bytes | bytearray | memoryview, pre: Preamble) -> Layout | 
 def parse_header_reference(raw: bytes | bytearray | memoryview, pre: Preamble, name: str) -> Layout:
     """The complete validator in Python, checksum aside: the normative reading of
     docs/format.md, which words every error; `decode_fast` must agree with it."""
+    _safejson.check_depth(raw, name=f"{name}: invalid header", max_depth=_MAX_JSON_DEPTH)
     try:
         text = bytes(raw).decode("utf-8")
         doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
