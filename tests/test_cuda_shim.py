@@ -226,13 +226,22 @@ def test_gpudirect_registration_can_be_turned_off(fake_cudart, fake_cufile, data
     assert out["cufile_registrations"] == 0 and out["cufile_direct"] == 0
 
 
-def test_the_cufile_log_stays_out_of_the_working_directory(fake_cudart, fake_cufile, data_file, tmp_path):
+def test_the_cufile_log_stays_out_of_the_working_directory(
+    fake_cudart, fake_cufile, data_file, tmp_path
+):
     # The engine leaves CUFILE_LOGFILE_PATH to the Python side (see test_cuda_finding.py);
     # the stand-in writes where the real library does, so this shows the model works.
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     log = tmp_path / "elsewhere.log"
-    out = child(fake_cudart, data_file, "read", cufile=fake_cufile, cwd=str(cwd), CUFILE_LOGFILE_PATH=str(log))
+    out = child(
+        fake_cudart,
+        data_file,
+        "read",
+        cufile=fake_cufile,
+        cwd=str(cwd),
+        CUFILE_LOGFILE_PATH=str(log),
+    )
     assert out["cufile"] is True, out
     assert os.listdir(cwd) == [] and log.exists()
 
@@ -249,7 +258,9 @@ def test_a_failed_cufile_read_names_the_error_and_the_file(fake_cudart, fake_cuf
     assert (out["call"], out["name"]) == ("cuFileRead", "CU_FILE_IO_NOT_SUPPORTED")
     assert data_file in out["msg"]
     assert out["cufile_live"] == 0 and out["live"] == 0
-    assert out["cufile_registrations"] == 1 and out["cufile_registered"] == 0  # deregistered on the error path
+    assert (
+        out["cufile_registrations"] == 1 and out["cufile_registered"] == 0
+    )  # deregistered on the error path
 
 
 def test_a_refused_file_is_a_register_error(fake_cudart, fake_cufile, data_file):
@@ -272,7 +283,9 @@ def test_an_unloadable_runtime_is_reported_and_not_kept(tmp_path, fake_cudart):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
-    assert lines == ["RESULT False", f"RESULT True {fake_cudart} True ''"], proc.stdout + proc.stderr
+    assert lines == ["RESULT False", f"RESULT True {fake_cudart} True ''"], (
+        proc.stdout + proc.stderr
+    )
 
 
 def test_without_any_runtime_a_transfer_is_a_cuda_error(tmp_path):
