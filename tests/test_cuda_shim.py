@@ -136,7 +136,7 @@ def child(
     thread first."""
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, lib, path, mode, str(device), cufile, str(current)],
-        cwd=cwd,
+        cwd=cwd or os.path.dirname(path),  # where the stand-in cuFile may leave its log
         capture_output=True,
         text=True,
         timeout=120,

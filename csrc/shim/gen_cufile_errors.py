@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 import sys
 
-ENTRY = re.compile(r"CUFILE_OP\(\s*(?:CUFILEOP_BASE_ERR\s*\+\s*)?(\d+)\s*,\s*(CU_FILE_[A-Z0-9_]+)\s*,")
+ENTRY = re.compile(
+    r"CUFILE_OP\(\s*(?:CUFILEOP_BASE_ERR\s*\+\s*)?(\d+)\s*,\s*(CU_FILE_[A-Z0-9_]+)\s*,"
+)
 BASE = re.compile(r"#define\s+CUFILEOP_BASE_ERR\s+(\d+)")
 
 
