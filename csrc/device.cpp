@@ -70,7 +70,10 @@ class CudaDevice final : public Device {
     return previous;
   }
   void restore(int previous) noexcept override {
-    if (previous != index_) cuda::api().SetDevice(previous);
+    // cudaSetDevice creates the device's primary context (hundreds of MiB) if it has
+    // none; a thread whose current device is the default 0 may never have used it.
+    if (previous == index_ || cuda::primary_context_active(previous) == 0) return;
+    cuda::api().SetDevice(previous);
   }
 
   void* create_stream() override {
@@ -82,7 +85,10 @@ class CudaDevice final : public Device {
 
   void* create_event() override {
     cuda::Event e = nullptr;
-    cuda::check(cuda::api().EventCreateWithFlags(&e, cuda::kEventDisableTiming), "cudaEventCreateWithFlags");
+    // Blocking sync: up to one waiting worker per thread would otherwise spin at full
+    // CPU, taking cores from the reads, checksums and writes.
+    cuda::check(cuda::api().EventCreateWithFlags(&e, cuda::kEventBlockingSync | cuda::kEventDisableTiming),
+                "cudaEventCreateWithFlags");
     return e;
   }
   void destroy_event(void* event) noexcept override { cuda::api().EventDestroy(event); }
@@ -101,8 +107,18 @@ class CudaDevice final : public Device {
     return true;
   }
   void wait(void* event) override { cuda::check(cuda::api().EventSynchronize(event), "cudaEventSynchronize"); }
+  // Through a blocking-sync event: cudaStreamSynchronize spins under the default
+  // scheduling policy.
   void synchronize(void* stream) override {
-    cuda::check(cuda::api().StreamSynchronize(stream), "cudaStreamSynchronize");
+    void* e = create_event();
+    try {
+      record(e, stream);
+      wait(e);
+    } catch (...) {
+      destroy_event(e);
+      throw;
+    }
+    destroy_event(e);
   }
 
  protected:

@@ -23,11 +23,14 @@ class Device {
   // Makes this device current on the calling thread (CUDA's current device is per
   // thread) and returns the device that was current, for restore().
   virtual int bind() = 0;
-  // Makes `previous` current again, so a caller's thread (Python's, torch's current
-  // device) is left as it was.
+  // Makes `previous` current again on a caller's thread (Python's, torch's current
+  // device), unless that would create a context on a device this process has not used:
+  // then the thread stays on this device, as torch's own device guard leaves it.
+  // Worker threads never call it, so they create no context beyond this device's.
   virtual void restore(int previous) noexcept = 0;
   virtual void* create_stream() = 0;
   virtual void destroy_stream(void* stream) noexcept = 0;
+  // An event whose wait() blocks the thread without spinning.
   virtual void* create_event() = 0;
   virtual void destroy_event(void* event) noexcept = 0;
   // Queues a copy on `stream`; the host side must be pinned memory from acquire_pinned.
@@ -36,7 +39,7 @@ class Device {
   virtual void record(void* event, void* stream) = 0;
   virtual bool query(void* event) = 0;         // true once everything before the record ran
   virtual void wait(void* event) = 0;          // blocks until then; throws the stream's error
-  virtual void synchronize(void* stream) = 0;  // blocks until the stream is idle
+  virtual void synchronize(void* stream) = 0;  // blocks, without spinning, until the stream is idle
 
   // Pinned host buffers, cached between calls because pinning costs far more than a
   // transfer of the same size; a request of a new size frees cached buffers of other

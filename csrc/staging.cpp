@@ -5,11 +5,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <limits>
 #include <memory>
 #include <stdexcept>
+#include <thread>
 
 #include "errors.hpp"
 #include "file.hpp"
@@ -25,6 +27,22 @@ constexpr size_t kZeroPiece = std::numeric_limits<size_t>::max();
 // starting a new batch: one larger read beats two small ones. The format's padding is
 // always shorter.
 constexpr uint64_t kBridge = uint64_t{64} << 10;
+
+// GPUDirect destinations and sources at least this large are registered with cuFile for
+// the transfer. Unregistered, cuFile moves the bytes through its own pinned bounce
+// buffers (1 MiB each by default), one extra device copy per buffer; registering maps
+// the buffer for the nvidia-fs driver, a fixed cost per call that exceeds the copy it
+// saves below about one bounce buffer. TENSORFILE_GDS_REGISTER=0 turns it off (to
+// measure the difference).
+constexpr uint64_t kRegisterMin = uint64_t{1} << 20;
+
+void register_buffers(cufile::BufferRegistrations& out, const std::vector<Region>& regions) {
+  const char* setting = std::getenv("TENSORFILE_GDS_REGISTER");
+  if (setting && std::strcmp(setting, "0") == 0) return;
+  for (const Region& r : regions) {
+    if (r.nbytes >= kRegisterMin) out.add(reinterpret_cast<const void*>(r.ptr), r.nbytes);
+  }
+}
 
 struct Piece {
   size_t region;  // index into regions, or kZeroPiece for bytes that must be zero
@@ -110,9 +128,12 @@ class Lane {
   Lane(const Lane&) = delete;
   Lane& operator=(const Lane&) = delete;
 
-  void open(size_t count) {
+  // `caller`: this is the thread that called in, whose current device is put back
+  // afterwards; a pool thread stays on the device (setting it back would create a
+  // context on a device that thread never used).
+  void open(size_t count, bool caller) {
     previous_ = device_.bind();
-    bound_ = true;
+    bound_ = caller;
     bufs_.reserve(count);
     events_.reserve(count);
     stream_ = device_.create_stream();
@@ -180,10 +201,12 @@ template <typename Fn>
 void run_lanes(Device& device, const StagingOptions& o, size_t nbatches, Fn fn) {
   std::atomic<bool> stop{false};
   size_t workers = worker_count(o, nbatches);
+  const std::thread::id caller = std::this_thread::get_id();
   default_pool().parallel_for(workers, workers, [&](size_t, size_t) {
     Lane lane(device, o.staging_nbytes);
     try {
-      lane.open(std::min(o.staging_buffers, nbatches));  // a small transfer pins little
+      // A small transfer pins little.
+      lane.open(std::min(o.staging_buffers, nbatches), std::this_thread::get_id() == caller);
       fn(lane, stop);
       device.synchronize(lane.stream());
     } catch (...) {
@@ -205,7 +228,11 @@ std::vector<uint32_t> read_to_device(Device& device, int fd, const std::vector<R
   const Plan plan = make_plan(regions, zeros, options.staging_nbytes);
   std::vector<uint32_t> piece_crcs(plan.pieces.size(), 0);
   std::unique_ptr<cufile::FileHandle> gds;
-  if (options.gds_fd >= 0) gds = std::make_unique<cufile::FileHandle>(options.gds_fd, path);
+  cufile::BufferRegistrations registered;  // outlives every lane: deregistered after the last transfer
+  if (options.gds_fd >= 0) {
+    gds = std::make_unique<cufile::FileHandle>(options.gds_fd, path);
+    register_buffers(registered, regions);
+  }
   std::atomic<size_t> next{0};
   const size_t n = plan.batches.size();
 
@@ -272,7 +299,11 @@ std::vector<uint32_t> write_from_device(Device& device, int fd, const std::vecto
   const Plan plan = make_plan(regions, {}, options.staging_nbytes);
   std::vector<uint32_t> piece_crcs(plan.pieces.size(), 0);
   std::unique_ptr<cufile::FileHandle> gds;
-  if (options.gds_fd >= 0) gds = std::make_unique<cufile::FileHandle>(options.gds_fd, path);
+  cufile::BufferRegistrations registered;  // outlives every lane: deregistered after the last transfer
+  if (options.gds_fd >= 0) {
+    gds = std::make_unique<cufile::FileHandle>(options.gds_fd, path);
+    register_buffers(registered, regions);
+  }
   std::atomic<size_t> next{0};
   const size_t n = plan.batches.size();
 

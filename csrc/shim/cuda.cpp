@@ -3,6 +3,7 @@
 
 #include <dlfcn.h>
 
+#include <atomic>
 #include <fstream>
 #include <mutex>
 
@@ -16,12 +17,14 @@ namespace {
 const char* const kSonames[] = {"libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"};
 
 struct State {
-  std::once_flag once;
-  bool loaded = false;
+  std::mutex mutex;
+  std::atomic<bool> loaded{false};
   int device_count = 0;
   Api api{};
   std::string error;
   std::string path;
+  int (*device_get)(int*, int) = nullptr;                  // cuDeviceGet
+  int (*primary_state)(int, unsigned*, int*) = nullptr;  // cuDevicePrimaryCtxGetState
 };
 
 State& state() {
@@ -89,7 +92,6 @@ void do_load(State& s, const std::string& path) {
             bind(h, "cudaHostAlloc", a.HostAlloc, s.error) && bind(h, "cudaFreeHost", a.FreeHost, s.error) &&
             bind(h, "cudaStreamCreateWithFlags", a.StreamCreateWithFlags, s.error) &&
             bind(h, "cudaStreamDestroy", a.StreamDestroy, s.error) &&
-            bind(h, "cudaStreamSynchronize", a.StreamSynchronize, s.error) &&
             bind(h, "cudaMemcpyAsync", a.MemcpyAsync, s.error) &&
             bind(h, "cudaEventCreateWithFlags", a.EventCreateWithFlags, s.error) &&
             bind(h, "cudaEventRecord", a.EventRecord, s.error) && bind(h, "cudaEventQuery", a.EventQuery, s.error) &&
@@ -98,6 +100,24 @@ void do_load(State& s, const std::string& path) {
             bind(h, "cudaGetErrorName", a.GetErrorName, s.error) &&
             bind(h, "cudaGetErrorString", a.GetErrorString, s.error);
   if (!ok) return;  // the handle stays open: harmless, and dlclose of a runtime is not
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(a.GetDeviceCount), &info) && info.dli_fname && *info.dli_fname) {
+    s.path = info.dli_fname;
+  }
+  s.error.clear();
+  // The driver's primary-context query, optional: the stand-in runtime in the tests
+  // defines it, a real process finds it in the libcuda that libcudart loaded.
+  void* drv = nullptr;
+  if (dlsym(h, "cuDevicePrimaryCtxGetState")) {
+    drv = h;
+  } else {
+    a.GetDeviceCount(&s.device_count);  // makes libcudart load libcuda, where there is one
+    drv = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+  }
+  if (drv) {
+    s.device_get = reinterpret_cast<int (*)(int*, int)>(dlsym(drv, "cuDeviceGet"));
+    s.primary_state = reinterpret_cast<int (*)(int, unsigned*, int*)>(dlsym(drv, "cuDevicePrimaryCtxGetState"));
+  }
   s.loaded = true;
   int count = 0;
   int code = a.GetDeviceCount(&count);
@@ -114,28 +134,43 @@ void do_load(State& s, const std::string& path) {
 
 bool load(const std::string& path) noexcept {
   State& s = state();
+  if (s.loaded.load()) return true;
   try {
-    std::call_once(s.once, [&] { do_load(s, path); });
+    std::lock_guard<std::mutex> lock(s.mutex);
+    if (!s.loaded.load()) {
+      s.api = Api{};
+      s.path.clear();
+      do_load(s, path);
+    }
   } catch (...) {
     return false;
   }
-  return s.loaded;
+  return s.loaded.load();
+}
+
+int primary_context_active(int device) noexcept {
+  State& s = state();
+  if (!load() || !s.device_get || !s.primary_state) return -1;
+  int dev = 0;
+  unsigned flags = 0;
+  int active = 0;
+  if (s.device_get(&dev, device) != 0 || s.primary_state(dev, &flags, &active) != 0) return -1;
+  return active ? 1 : 0;
 }
 
 bool available() noexcept { return load() && state().device_count > 0; }
 
 std::string load_error() {
-  load();
-  return state().error;
+  State& s = state();
+  if (load()) return s.error;  // fixed once loaded
+  std::lock_guard<std::mutex> lock(s.mutex);
+  return s.error;
 }
 
-std::string library_path() {
-  load();
-  return state().loaded ? state().path : "";
-}
+std::string library_path() { return load() ? state().path : ""; }
 
 const Api& api() {
-  if (!load()) throw CudaError("dlopen", "cudaErrorLibraryNotFound", "CUDA runtime unavailable: " + state().error);
+  if (!load()) throw CudaError("dlopen", "cudaErrorLibraryNotFound", "CUDA runtime unavailable: " + load_error());
   return state().api;
 }
 

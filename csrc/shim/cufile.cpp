@@ -33,25 +33,14 @@ bool bind(void* h, const char* name, F& slot, std::string& error) {
   return slot != nullptr;
 }
 
-// cufile.h's CUfileOpError names for the codes a user is likely to meet.
+// cufile.h's CUfileOpError names, from the header itself (cufile_errors.inc).
 std::string op_error_name(int err) {
   switch (err) {
-    case 5001:
-      return "CU_FILE_DRIVER_NOT_INITIALIZED";
-    case 5007:
-      return "CU_FILE_PLATFORM_NOT_SUPPORTED";
-    case 5008:
-      return "CU_FILE_IO_NOT_SUPPORTED";
-    case 5009:
-      return "CU_FILE_DEVICE_NOT_SUPPORTED";
-    case 5011:
-      return "CU_FILE_CUDA_DRIVER_ERROR";
-    case 5016:
-      return "CU_FILE_INVALID_MAPPING_SIZE";
-    case 5026:
-      return "CU_FILE_INVALID_FILE_OPEN_FLAG";
-    case 5030:
-      return "CU_FILE_INVALID_FILE_TYPE";
+#define TF_CUFILE_ERROR(code, name) \
+  case code:                        \
+    return #name;
+#include "shim/cufile_errors.inc"
+#undef TF_CUFILE_ERROR
     default:
       return "CU_FILE_ERROR_" + std::to_string(err);
   }
@@ -140,6 +129,18 @@ FileHandle::FileHandle(int fd, const std::string& path) {
 
 FileHandle::~FileHandle() {
   if (handle_) api().HandleDeregister(handle_);
+}
+
+BufferRegistrations::~BufferRegistrations() {
+  for (const void* p : registered_) api().BufDeregister(p);
+}
+
+bool BufferRegistrations::add(const void* base, size_t nbytes) {
+  registered_.reserve(registered_.size() + 1);  // so that a registered buffer is always recorded
+  Error e = api().BufRegister(base, nbytes, 0);
+  if (e.err != 0) return false;
+  registered_.push_back(base);
+  return true;
 }
 
 void read_full(const FileHandle& fh, void* dev_base, size_t nbytes, uint64_t file_offset, uint64_t dev_offset,

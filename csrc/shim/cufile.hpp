@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace tensorfile::cufile {
 
@@ -60,6 +61,25 @@ class FileHandle {
 
  private:
   Handle handle_ = nullptr;
+};
+
+// Device buffers registered with cuFileBufRegister for the lifetime of the object, so
+// that cuFile moves their bytes directly rather than through its own bounce buffers;
+// every one is deregistered by the destructor, on every exit path.
+class BufferRegistrations {
+ public:
+  BufferRegistrations() = default;
+  ~BufferRegistrations();
+  BufferRegistrations(const BufferRegistrations&) = delete;
+  BufferRegistrations& operator=(const BufferRegistrations&) = delete;
+  // Registers [base, base + nbytes); false (and nothing to undo) when cuFile refuses,
+  // e.g. out of BAR space: the buffer then still works, unregistered. Throws
+  // std::bad_alloc only.
+  bool add(const void* base, size_t nbytes);
+  size_t size() const noexcept { return registered_.size(); }
+
+ private:
+  std::vector<const void*> registered_;
 };
 
 // Reads/writes exactly nbytes between the file and device memory at dev_base +

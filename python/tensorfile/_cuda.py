@@ -3,9 +3,11 @@ CUDA memory through the engine's pinned staging pipeline or GPUDirect Storage.""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from typing import Any
 
@@ -38,8 +40,33 @@ def _mapped_library(prefix: str) -> str:
     return ""
 
 
+# Where the nvidia-* wheels put libcudart: CUDA 13's single directory, then CUDA 12's
+# per-component one.
+_CUDART_WHEEL_FILES = (
+    "nvidia/cu13/lib/libcudart.so.13",
+    "nvidia/cuda_runtime/lib/libcudart.so.13",
+    "nvidia/cuda_runtime/lib/libcudart.so.12",
+    "nvidia/cu12/lib/libcudart.so.12",
+)
+
+
+def _runtime_candidates() -> list[str]:
+    """libcudart files to try, best first: the one mapped into this process already
+    (torch's), those of the nvidia-* wheels on sys.path, then "" (the engine's own search:
+    already loaded by soname, then the system loader)."""
+    found = [_mapped_library("libcudart.so")]
+    for root in sys.path:
+        for sub in _CUDART_WHEEL_FILES:
+            path = os.path.join(root or ".", sub)
+            if os.path.isfile(path):
+                found.append(path)
+    return [p for p in dict.fromkeys(found) if p] + [""]
+
+
 def _load_runtime() -> bool:
-    return bool(_engine.cuda_load(_mapped_library("libcudart.so")))
+    """Opens libcudart (once one has opened, this is free). A failure is not kept: a
+    later call, e.g. after `import torch` has loaded a runtime, looks again."""
+    return any(_engine.cuda_load(path) for path in _runtime_candidates())
 
 
 def cuda_available() -> bool:
@@ -70,10 +97,41 @@ def _cufile_candidates() -> list[str]:
     return found
 
 
+def _cufile_log_settings() -> None:
+    """libcufile writes cufile.log into the working directory on every driver open unless
+    told otherwise (CUFILE_LOGFILE_PATH, or the "logging" section of the cufile.json that
+    CUFILE_ENV_PATH_JSON names): point it into a per-user directory under the system's
+    temporary directory, unless the user has chosen either."""
+    if "CUFILE_LOGFILE_PATH" in os.environ or "CUFILE_ENV_PATH_JSON" in os.environ:
+        return
+    where = os.path.join(tempfile.gettempdir(), f"tensorfile-{os.getuid()}")
+    try:
+        os.makedirs(where, mode=0o700, exist_ok=True)
+    except OSError:
+        return
+    os.environ["CUFILE_LOGFILE_PATH"] = os.path.join(where, "cufile.log")
+
+
+def _cuda_driver_present() -> bool:
+    """Whether the CUDA driver library (libcuda.so.1) can be loaded. cuFile 1.20's
+    cuFileDriverOpen spins forever without one (older versions return an error)."""
+    try:
+        ctypes.CDLL("libcuda.so.1", mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LOCAL)
+        return True
+    except OSError:
+        pass
+    try:
+        ctypes.CDLL("libcuda.so.1", mode=os.RTLD_LOCAL)
+        return True
+    except OSError:
+        return False
+
+
 def _load_cufile() -> bool:
     global _cufile_state
     if _cufile_state is None:
         _load_runtime()  # cuFile needs the CUDA driver initialised by the runtime
+        _cufile_log_settings()  # read by libcufile when it opens its driver
         _cufile_state = bool(_engine.cufile_load(_cufile_candidates()[0]))
     return _cufile_state
 
@@ -92,6 +150,9 @@ def _gds_open(path: str, write: bool, mode: str, name: str = "") -> int:
         # Without the nvidia-fs driver cuFile runs in compatibility mode: POSIX reads
         # through its own bounce buffers, slower than our overlapped staging.
         why = "the nvidia-fs driver is not loaded (cuFile would only emulate GPUDirect)"
+    elif _cufile_state is None and not _cuda_driver_present():
+        # Never opened without a driver: cuFileDriverOpen would not return.
+        why = "the CUDA driver (libcuda.so.1) is not present"
     elif not _load_cufile():
         why = f"cuFile is unavailable: {_engine.cufile_error()}"
     else:
@@ -157,5 +218,11 @@ def device_index(torch: Any, device: Any) -> int:
 
 
 def saved_index(device: str) -> int:
-    """The index of a recorded storage device such as "cuda:1" (a plain "cuda": 0)."""
-    return int(device.split(":", 1)[1]) if ":" in device else 0
+    """The CUDA device index of a device string such as "cuda:1"; a plain "cuda" is
+    torch's current device, as torch itself reads it (not 0: a process using only
+    cuda:1 must not touch 0)."""
+    if ":" in device:
+        return int(device.split(":", 1)[1])
+    import torch
+
+    return int(torch.cuda.current_device())

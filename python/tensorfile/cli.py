@@ -220,6 +220,8 @@ def _format_label(info: dict[str, Any]) -> str:
     if fmt == "torch.save":
         return f"torch.save zip, archive version {version}"
     return f"{fmt} {version}"
+
+
 def _is_checkpoint_dir(path: str) -> bool:
     return os.path.isdir(path)
 

@@ -81,6 +81,7 @@ class Bench:
 
         def run() -> dict[str, Any]:
             times: list[float] = []
+            cpu: list[float] = []
             first = None
             if warmup:
                 if before:
@@ -93,11 +94,15 @@ class Bench:
                     break  # keep within the budget: fewer repeats, noted in the report
                 if before:
                     before()
-                t0 = time.perf_counter()
+                c0, t0 = _cpu_seconds(), time.perf_counter()
                 _drop(fn())
                 times.append(time.perf_counter() - t0)
+                cpu.append(_cpu_seconds() - c0)
             med = statistics.median(times)
             out = {"seconds": med, "gbps": nbytes / med / GB, "runs": times}
+            # CPU time of the whole process (every thread) per GB moved: the cost of a
+            # transfer that wall time hides, e.g. threads spinning on the device.
+            out["cpu_s_per_gb"] = statistics.median(cpu) / (nbytes / GB)
             if first is not None:
                 out["first_run_seconds"] = first
             self.report[section][name] = out
@@ -105,6 +110,42 @@ class Bench:
             return out
 
         return self.phase(name, run)
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+FIRST_LOAD = r"""
+import json, os, subprocess, sys
+import tensorfile
+out = tensorfile.load(sys.argv[1], map_location="cuda")  # the first CUDA work of this process
+q = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory",
+                    "--format=csv,noheader,nounits"], capture_output=True, text=True)
+mine = [ln.split(", ") for ln in q.stdout.splitlines() if ln.split(", ")[0] == str(os.getpid())]
+print("RESULT " + json.dumps({"devices_with_memory": len(mine),
+                              "process_mib": sum(int(m[2]) for m in mine),
+                              "tensors_mib": sum(t.numel() * t.element_size() for t in out.values()) / 2**20}))
+"""
+
+
+def first_load_memory(b: Bench, path: str) -> dict[str, Any]:
+    """GPU memory a fresh process holds after one tensorfile.load to CUDA with no torch
+    CUDA work before it: the tensors plus one primary context, on one device only."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", FIRST_LOAD, path], capture_output=True, text=True, timeout=120
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"child failed: {proc.stdout[-500:]} {proc.stderr[-1500:]}")
+    rep = json.loads(lines[-1][len("RESULT ") :])
+    rep["overhead_mib"] = rep["process_mib"] - rep["tensors_mib"]
+    b.report["memory_after_first_load"] = rep
+    b.log(f"memory after one load: {rep}")
+    return rep
 
 
 def _drop(obj: Any) -> None:
@@ -230,6 +271,11 @@ def gpu_part(b: Bench, torch: Any, tensorfile: Any, shapes: list[Any], nbytes: i
     b.timed("tensorfile_save_staging", lambda: tensorfile.save(sd, tf_path), nbytes, warmup=True)
     os.environ["TENSORFILE_GDS"] = "on"
     b.timed("tensorfile_save_gds", lambda: tensorfile.save(sd, tf_path + ".gds"), nbytes)
+    os.environ["TENSORFILE_GDS_REGISTER"] = "0"  # cuFile's own bounce buffers instead
+    b.timed(
+        "tensorfile_save_gds_unregistered", lambda: tensorfile.save(sd, tf_path + ".gds"), nbytes
+    )
+    del os.environ["TENSORFILE_GDS_REGISTER"]
     if os.path.exists(tf_path + ".gds"):
         os.unlink(tf_path + ".gds")
     os.environ["TENSORFILE_GDS"] = "off"
@@ -266,7 +312,11 @@ def gpu_part(b: Bench, torch: Any, tensorfile: Any, shapes: list[Any], nbytes: i
     b.timed("tensorfile_load_staging", load_tf, nbytes, before=hot(tf_path), warmup=True)
     os.environ["TENSORFILE_GDS"] = "on"
     b.timed("tensorfile_load_gds", load_tf, nbytes, before=hot(tf_path), warmup=True)
+    os.environ["TENSORFILE_GDS_REGISTER"] = "0"
+    b.timed("tensorfile_load_gds_unregistered", load_tf, nbytes, before=hot(tf_path))
+    del os.environ["TENSORFILE_GDS_REGISTER"]
     os.environ["TENSORFILE_GDS"] = "off"
+    b.phase("memory_after_first_load", lambda: first_load_memory(b, tf_path), need_s=30)
     b.timed("tensorfile_load_staging_cold", load_tf, nbytes, before=lambda: evict(tf_path))
 
     def load_pt() -> Any:

@@ -186,7 +186,6 @@ def open_rank_reader(directory: str, name: str, verify: bool, where: str | None 
 # --------------------------------------------------------------------------- JSON depth
 
 
-
 def check_json_depth(blob: bytes, limit: int, where: str) -> None:
     """Refuses JSON text whose arrays and objects nest deeper than `limit`, before any
     parser sees it (the one depth rule, tensorfile._safejson)."""
