@@ -647,3 +647,31 @@ def test_malformed_pickles_are_format_errors(tmp_path, body, match):
     with pytest.raises(FormatError, match=match) as e:
         tensorfile.load(path)
     assert "m.pt" in str(e.value)
+
+
+def test_every_byte_of_the_zip_directory_is_checked(tmp_path):
+    """Each byte of the central directory and the local headers, changed: the file
+    loads as before or raises FormatError naming it (the checks run on all entries at
+    once, and the entry-by-entry reader words the first problem)."""
+    path = tmp_path / "z.pt"
+    torch.save({"a": torch.arange(3.0), "b": torch.ones(2, dtype=torch.int64)}, path)
+    good = path.read_bytes()
+    want = tensorfile.load(path)
+    with zipfile.ZipFile(path) as z:
+        heads = [i.header_offset for i in z.infolist()]
+        cd = z.start_dir
+    places = [*range(cd, len(good))] + [h + k for h in heads for k in range(30)]
+    outcomes = collections.Counter()
+    for at in places:
+        bad = bytearray(good)
+        bad[at] ^= 0x41
+        path.write_bytes(bytes(bad))
+        try:
+            got = tensorfile.load(path)
+        except FormatError as e:
+            assert "z.pt" in str(e)
+            outcomes["refused"] += 1
+            continue
+        assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+        outcomes["same"] += 1
+    assert outcomes["refused"] > len(places) // 2

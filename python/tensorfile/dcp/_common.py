@@ -203,6 +203,8 @@ def check_tiling(
     are allowed anywhere inside. The check works on the grid that the chunks' edges cut
     the tensor into, so a regular sharding costs one cell per chunk."""
     ndim = len(size)
+    if len(chunks) == 1 and chunks[0][1] == size and not any(chunks[0][0]):
+        return  # one chunk, the whole tensor: the usual unsharded case
     for off, sz in chunks:
         if len(off) != ndim or len(sz) != ndim or any(o + c > n for o, c, n in zip(off, sz, size)):
             raise ValueError(f"chunk {list(off)}+{list(sz)} outside {list(size)}")
@@ -215,6 +217,20 @@ def check_tiling(
         return
     if not full:
         raise ValueError(f"no chunk holds any of its {math.prod(size)} elements")
+    if all(sz[1:] == size[1:] and not any(off[1:]) for off, sz in full):
+        # Whole rows (a sharding of dimension 0): they must follow one another.
+        at = 0
+        for off, sz in sorted(full):
+            if off[0] != at:
+                raise ValueError(
+                    "its chunks overlap"
+                    if off[0] < at
+                    else f"its rows {at}..{off[0]} are uncovered"
+                )
+            at += sz[0]
+        if at != size[0]:
+            raise ValueError(f"its rows {at}..{size[0]} are uncovered")
+        return
     edges = []
     for d in range(ndim):
         cuts = {0, size[d]}

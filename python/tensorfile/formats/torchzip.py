@@ -36,6 +36,7 @@ _EOCD = struct.Struct("<IHHHHIIH")  # signature .. comment length (22 bytes)
 _EOCD64_LOCATOR = struct.Struct("<IIQI")  # 20 bytes
 _EOCD64 = struct.Struct("<IQHHIIQQQQ")  # 56 bytes
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")  # 46 bytes
+_CENTRAL_LENGTHS = struct.Struct("<HHH")  # name, extra and comment lengths, at byte 28
 _LOCAL = struct.Struct("<IHHHHHIIIHH")  # 30 bytes
 
 # Legacy typed storage classes named in torch.save pickles -> element dtype.
@@ -67,7 +68,7 @@ def looks_like(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04")
 
 
-@dataclass
+@dataclass(slots=True)
 class ZipRecord:
     name: str
     data_offset: int
@@ -198,6 +199,84 @@ def _read_each(read: Any, offsets: list[int], sizes: list[int]) -> bytes:
     return b"".join(read(n, o) for o, n in zip(offsets, sizes))
 
 
+def _entry_starts(cd: bytes, count: int) -> np.ndarray | None:
+    """Where each of `count` central directory entries starts (each is 46 bytes and the
+    name, extra field and comment whose lengths it gives), or None if they do not tile
+    the directory exactly."""
+    starts = []
+    pos = 0
+    lengths = _CENTRAL_LENGTHS.unpack_from
+    size = len(cd)
+    for _ in range(count):
+        if pos + 46 > size:
+            return None
+        starts.append(pos)
+        nlen, elen, clen = lengths(cd, pos + 28)
+        pos += 46 + nlen + elen + clen
+    return np.array(starts, dtype=np.int64) if pos == size else None
+
+
+def _rows(buf: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+    """The `width` bytes at each start, one row each."""
+    return buf[starts[:, None] + np.arange(width, dtype=np.int64)]
+
+
+def _field(rows: np.ndarray, at: int, dtype: str) -> np.ndarray:
+    """The little-endian integer field at byte `at` of every row."""
+    width = np.dtype(dtype).itemsize
+    return np.ascontiguousarray(rows[:, at : at + width]).view(dtype)[:, 0]
+
+
+def _central_entries(
+    cd: bytes, count: int, cd_offset: int, name: str, bad: Any
+) -> tuple[list[str], list[int], list[int], list[int]]:
+    """The central directory read entry by entry (zip64 fields included), raising the
+    first problem in entry order: names, sizes, CRC-32s, local header offsets."""
+    names: list[str] = []
+    sizes: list[int] = []
+    crcs: list[int] = []
+    locals_at: list[int] = []
+    pos = 0
+    for _ in range(count):
+        if pos + 46 > len(cd):
+            raise bad("the central directory is shorter than its entry count")
+        (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, elen, clen, _, _, _, loc) = (
+            _CENTRAL.unpack_from(cd, pos)
+        )
+        if sig != 0x02014B50:
+            raise bad(f"bad central directory entry at offset {cd_offset + pos}")
+        end = pos + 46 + nlen + elen + clen
+        if end > len(cd):
+            raise bad("a central directory entry runs past the directory")
+        try:
+            rname = cd[pos + 46 : pos + 46 + nlen].decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad("a record name is not UTF-8") from None
+        want = [f for f, v in (("u", usize), ("c", csize), ("o", loc)) if v == 0xFFFFFFFF]
+        if want:
+            big = _zip64_extra(cd[pos + 46 + nlen : pos + 46 + nlen + elen], want, name)
+            usize, csize, loc = big.get("u", usize), big.get("c", csize), big.get("o", loc)
+        if flags & 1:
+            raise bad(f"record {rname!r} is encrypted")
+        # torch.save stores every record as is (method 0); a compressed one would have to
+        # be inflated before its size could be trusted, and storages could not be read in
+        # place, so they are refused, as documented
+        if method != 0:
+            what = "compressed (deflate)" if method == 8 else f"compressed (method {method})"
+            raise bad(
+                f"record {rname!r} is {what}; torch.save never compresses, and tensorfile "
+                "reads only stored records (load it with torch.load and save it again)"
+            )
+        if csize != usize:
+            raise bad(f"stored record {rname!r} has different compressed and plain sizes")
+        names.append(rname)
+        sizes.append(usize)
+        crcs.append(crc)
+        locals_at.append(loc)
+        pos = end
+    return names, sizes, crcs, locals_at
+
+
 def read_directory(
     read: Any, file_nbytes: int, name: str, read_many: Any = None
 ) -> list[ZipRecord]:
@@ -239,77 +318,84 @@ def read_directory(
     cd = read(cd_nbytes, cd_offset)
     if len(cd) != cd_nbytes:
         raise bad("truncated central directory")
-    out: list[ZipRecord] = []
-    pos = 0
-    locals_at: list[int] = []
-    for _ in range(n_total):
-        if pos + 46 > len(cd):
-            raise bad("the central directory is shorter than its entry count")
-        (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, elen, clen, _, _, _, loc) = (
-            _CENTRAL.unpack_from(cd, pos)
-        )
-        if sig != 0x02014B50:
-            raise bad(f"bad central directory entry at offset {cd_offset + pos}")
-        end = pos + 46 + nlen + elen + clen
-        if end > len(cd):
-            raise bad("a central directory entry runs past the directory")
-        try:
-            rname = cd[pos + 46 : pos + 46 + nlen].decode("utf-8")
-        except UnicodeDecodeError:
-            raise bad("a record name is not UTF-8") from None
-        want = [f for f, v in (("u", usize), ("c", csize), ("o", loc)) if v == 0xFFFFFFFF]
-        if want:
-            big = _zip64_extra(cd[pos + 46 + nlen : pos + 46 + nlen + elen], want, name)
-            usize, csize, loc = big.get("u", usize), big.get("c", csize), big.get("o", loc)
-        if flags & 1:
-            raise bad(f"record {rname!r} is encrypted")
-        # torch.save stores every record as is (method 0); a compressed one would have to
-        # be inflated before its size could be trusted, and storages could not be read in
-        # place, so they are refused, as documented
-        if method != 0:
-            what = "compressed (deflate)" if method == 8 else f"compressed (method {method})"
-            raise bad(
-                f"record {rname!r} is {what}; torch.save never compresses, and tensorfile "
-                "reads only stored records (load it with torch.load and save it again)"
-            )
-        if csize != usize:
-            raise bad(f"stored record {rname!r} has different compressed and plain sizes")
-        out.append(ZipRecord(rname, 0, usize, crc))
-        locals_at.append(loc)
-        pos = end
-    if pos != len(cd):
+    # Every entry's fields at once; an entry that is wrong or unusual (zip64 fields)
+    # sends the whole directory through the reader that words the first problem.
+    starts = _entry_starts(cd, n_total)
+    if starts is None:
+        _central_entries(cd, n_total, cd_offset, name, bad)
         raise bad("trailing bytes in the central directory")
+    rows = _rows(np.frombuffer(cd, dtype=np.uint8), starts, 46)
+    sig, flags, method = _field(rows, 0, "<u4"), _field(rows, 8, "<u2"), _field(rows, 10, "<u2")
+    crc, csize, usize = _field(rows, 16, "<u4"), _field(rows, 20, "<u4"), _field(rows, 24, "<u4")
+    nlen, loc = _field(rows, 28, "<u2").astype(np.int64), _field(rows, 42, "<u4").astype(np.int64)
+    unusual = (
+        (sig != 0x02014B50)
+        | (flags & 1 != 0)
+        | (method != 0)
+        | (csize != usize)
+        | (usize == 0xFFFFFFFF)
+        | (csize == 0xFFFFFFFF)
+        | (loc == 0xFFFFFFFF)
+    )
+    name_at = starts + 46
+    raw_names = [cd[a:b] for a, b in zip(name_at.tolist(), (name_at + nlen).tolist())]
+    try:
+        names = [b.decode("utf-8") for b in raw_names]
+    except UnicodeDecodeError:
+        unusual[:] = True
+    if unusual.any():
+        names, sizes_u, crcs, loc_list = _central_entries(cd, n_total, cd_offset, name, bad)
+        raw_names = [n.encode("utf-8") for n in names]
+        nlen = np.array([len(b) for b in raw_names], dtype=np.int64)
+        usize = np.array(sizes_u, dtype=np.uint64)
+        crc = np.array(crcs, dtype=np.uint64)
+        loc = np.array(loc_list, dtype=np.int64)
     # Local headers: their name and extra lengths give where each record's data starts.
     # Each is read with the name it should carry, all in one batch of sorted ranges.
-    order = sorted(range(len(out)), key=locals_at.__getitem__)
-    names = [r.name.encode("utf-8") for r in out]
-    sizes = [30 + len(names[i]) for i in order]
-    offsets = [locals_at[i] for i in order]
-    for k in range(len(order) - 1):
-        if offsets[k] + sizes[k] > offsets[k + 1]:
-            raise bad(f"records {out[order[k]].name!r} and {out[order[k + 1]].name!r} overlap")
-    if order and offsets[-1] + sizes[-1] > file_nbytes:
-        raise bad(f"record {out[order[-1]].name!r} points past the end of the file")
-    heads = (read_many or (lambda o, n: _read_each(read, o, n)))(offsets, sizes)
-    if len(heads) != sum(sizes):
+    order = np.argsort(loc, kind="stable")
+    sizes = 30 + nlen[order]
+    offsets = loc[order]
+    ends = offsets + sizes
+    if len(order) > 1 and (ends[:-1] > offsets[1:]).any():
+        k = int(np.flatnonzero(ends[:-1] > offsets[1:])[0])
+        raise bad(f"records {names[order[k]]!r} and {names[order[k + 1]]!r} overlap")
+    if len(order) and ends[-1] > file_nbytes:
+        raise bad(f"record {names[order[-1]]!r} points past the end of the file")
+    offset_list, size_list = offsets.tolist(), sizes.tolist()
+    heads = (read_many or (lambda o, n: _read_each(read, o, n)))(offset_list, size_list)
+    if len(heads) != int(sizes.sum()):
         raise bad("a local header points past the end of the file")
-    at = 0
-    for i, size in zip(order, sizes):
-        rec = out[i]
-        sig, _, _, _, _, _, _, _, _, nlen, elen = _LOCAL.unpack_from(heads, at)
-        if sig != 0x04034B50:
-            raise bad(f"record {rec.name!r} has no local header at offset {locals_at[i]}")
-        if nlen != len(names[i]) or heads[at + 30 : at + size] != names[i]:
-            raise bad(f"record {rec.name!r}: local and central names differ")
-        rec.data_offset = locals_at[i] + size + elen
-        at += size
-    spans = sorted((r.data_offset, r.data_offset + r.nbytes, r.name) for r in out)
-    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise bad(f"records {n0!r} and {n1!r} overlap")
-    if spans and spans[-1][1] > cd_offset:
-        raise bad(f"record {spans[-1][2]!r} runs into the central directory")
-    return out
+    hb = np.frombuffer(heads, dtype=np.uint8)
+    head_at = np.cumsum(sizes) - sizes
+    heads_rows = _rows(hb, head_at, 30)
+    lsig, lnlen = _field(heads_rows, 0, "<u4"), _field(heads_rows, 26, "<u2")
+    lelen = _field(heads_rows, 28, "<u2").astype(np.int64)
+    want = b"".join([raw_names[i] for i in order.tolist()])
+    got_at = np.repeat(head_at + 30 - (np.cumsum(nlen[order]) - nlen[order]), nlen[order])
+    got_at += np.arange(len(want), dtype=np.int64)
+    same = hb[got_at] == np.frombuffer(want, dtype=np.uint8)
+    if (lsig != 0x04034B50).any() or (lnlen != nlen[order]).any() or not same.all():
+        for k, i in enumerate(order.tolist()):
+            if lsig[k] != 0x04034B50:
+                raise bad(f"record {names[i]!r} has no local header at offset {offsets[k]}")
+            at = int(head_at[k]) + 30
+            if lnlen[k] != nlen[i] or heads[at : at + nlen[i]] != raw_names[i]:
+                raise bad(f"record {names[i]!r}: local and central names differ")
+    data_at = np.empty(len(order), dtype=np.int64)
+    data_at[order] = ends + lelen
+    nbytes = usize.astype(np.int64)
+    by_place = np.lexsort((data_at + nbytes, data_at))
+    begins, finishes = data_at[by_place], (data_at + nbytes)[by_place]
+    if len(by_place) > 1 and (begins[1:] < finishes[:-1]).any():
+        k = int(np.flatnonzero(begins[1:] < finishes[:-1])[0])
+        n0, n1 = names[by_place[k]], names[by_place[k + 1]]
+        raise bad(f"records {n0!r} and {n1!r} overlap")
+    if len(by_place) and finishes[-1] > cd_offset:
+        raise bad(f"record {names[by_place[-1]]!r} runs into the central directory")
+    return [
+        ZipRecord(n, d, u, c)
+        for n, d, u, c in zip(names, data_at.tolist(), nbytes.tolist(), crc.tolist())
+    ]
 
 
 # --------------------------------------------------------------------------- pickle
