@@ -362,7 +362,7 @@ def test_diff_holds_one_tensor_pair_at_a_time(
 ) -> None:
     import weakref
 
-    from tensorfile import _convert
+    from tensorfile import _diff as diff_module
 
     sd = {f"t{i}": torch.full((256,), float(i)) for i in range(8)}
     pa, pb = tmp_path / "a.tf", tmp_path / "b.safetensors"
@@ -370,7 +370,7 @@ def test_diff_holds_one_tensor_pair_at_a_time(
     tensorfile.save_safetensors(sd, pb)
     alive: list[Any] = []
     most = 0
-    real = _convert._Side.tensor
+    real = diff_module._Side.tensor
 
     def tensor(self: Any, i: int) -> Any:
         nonlocal most
@@ -379,8 +379,8 @@ def test_diff_holds_one_tensor_pair_at_a_time(
         alive.append(weakref.ref(out))
         return out
 
-    monkeypatch.setattr(_convert._Side, "tensor", tensor)
-    report = _convert.diff(str(pa), str(pb))
+    monkeypatch.setattr(diff_module._Side, "tensor", tensor)
+    report = diff_module.diff(str(pa), str(pb))
     assert report["identical"] and len(alive) == 16
     assert most <= 1  # at each read, at most the pair's other tensor is still alive
 
@@ -388,14 +388,14 @@ def test_diff_holds_one_tensor_pair_at_a_time(
 def test_diff_of_a_pickle_sharing_containers_is_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tensorfile import _convert
+    from tensorfile import _diff as diff_module
 
     node: Any = [torch.zeros(1)]
     for _ in range(40):  # 2**40 key paths through one small pickle
         node = [node, node]
     path = tmp_path / "shared.pt"
     torch.save({"x": node}, path)
-    monkeypatch.setattr(_convert, "MAX_DIFF_VALUES", 10_000)
+    monkeypatch.setattr(diff_module, "MAX_DIFF_VALUES", 10_000)
     code, out = _diff(str(path), str(path))
     assert code == 1 and "more than 10,000 values" in out and "--tensors-only" in out, out
     assert "Traceback" not in out

@@ -432,11 +432,11 @@ def diff(a: str, b: str, as_json: bool, show_all: bool, tensors_only: bool) -> N
     values such as step and lr, types, container kinds) and each common tensor's dtype,
     shape and max absolute difference, one tensor pair in memory at a time. Exit 0 when
     identical, 1 if not."""
-    from . import _convert
+    from . import _diff
 
     try:
         with _progress(0, "diff", unit="tensor") as update:
-            report = _convert.diff(a, b, update, tensors_only=tensors_only)
+            report = _diff.diff(a, b, update, tensors_only=tensors_only)
     except (ValueError, ImportError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
