@@ -6,14 +6,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import errno
 import fcntl
-import json
-import math
-import operator
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -22,208 +17,30 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from . import _files
 from ._errors import FormatError
 from ._plan import check_metadata
-
-RECORD_FORMAT = "tensorfile-manager"
-RECORD_VERSION = 1
-LOCK_NAME = ".tensorfile-manager.lock"
-MAX_RECORD_NBYTES = 16 << 20
-FORMATS = ("tensorfile", "dcp")
-_SUFFIX = {"tensorfile": "tf", "dcp": "dcp"}
-
-# step-00000100.json (the commit record) and step-00000100.1a2b3c4d.tf (its data; .dcp for
-# a torch.distributed.checkpoint directory). Steps have at least 8 digits, no extra zeros.
-_RECORD_NAME = re.compile(r"step-([0-9]{8,})\.json\Z")
-_DATA_NAME = re.compile(r"step-([0-9]{8,})\.[0-9a-f]{8}\.(tf|dcp)\Z")
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
-
-def _canonical_step(digits: str) -> int | None:
-    step = int(digits)
-    return step if f"{step:08d}" == digits else None
-
-
-def record_name(step: int) -> str:
-    return f"step-{step:08d}.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class Record:
-    """One commit record: what a checkpoint is and where its data lies."""
-
-    step: int
-    sequence: int  # commit order within the directory: 1, 2, ...; the newest is the highest
-    data: str  # file (format "tensorfile") or directory ("dcp") name beside the record
-    kind: str
-    nbytes: int | None  # the data file's byte count; None for a directory
-    metrics: dict[str, Any]
-    metadata: dict[str, str]
-    saved_at: float
-
-    def to_json(self) -> bytes:
-        doc = {"format": RECORD_FORMAT, "format_version": RECORD_VERSION}
-        doc.update(dataclasses.asdict(self))
-        return (json.dumps(doc, allow_nan=True, indent=1) + "\n").encode()
-
-
-@dataclasses.dataclass
-class Entry:
-    """A step that has a record file: its parsed record (None if it cannot be read) and
-    why it is not a whole checkpoint (None if it is one)."""
-
-    step: int
-    record: Record | None
-    problem: str | None
-
-
-# --------------------------------------------------------------------------- retention
-
-
-def retained(
-    checkpoints: Iterable[tuple[int, int, float | None]],
-    *,
-    keep_last: int | None,
-    keep_every: int | None,
-    keep_best: int | None,
-    mode: str,
-) -> set[int]:
-    """The steps the retention rule keeps, from (step, sequence, metric value or None)
-    triples of the committed checkpoints. A checkpoint is kept if it is among the
-    `keep_last` most recently committed, or its step is a multiple of `keep_every`, or it
-    is among the `keep_best` by its metric (lowest for mode "min", highest for "max"; ties
-    go to the more recent; a checkpoint without a numeric, non-NaN metric is never among
-    the best). With all three None everything is kept; the most recent is always kept."""
-    rows = list(checkpoints)
-    if not rows:
-        return set()
-    if keep_last is None and keep_every is None and keep_best is None:
-        return {step for step, _, _ in rows}
-    by_recency = sorted(rows, key=lambda r: r[1], reverse=True)
-    keep = {by_recency[0][0]}
-    if keep_last:
-        keep.update(step for step, _, _ in by_recency[:keep_last])
-    if keep_every:
-        keep.update(step for step, _, _ in rows if step % keep_every == 0)
-    if keep_best:
-        sign = 1.0 if mode == "min" else -1.0
-        ranked = sorted(
-            (r for r in rows if r[2] is not None and not math.isnan(r[2])),
-            key=lambda r: (sign * r[2], -r[1]),  # type: ignore[operator]
-        )
-        keep.update(step for step, _, _ in ranked[:keep_best])
-    return keep
-
-
-def _metric_value(metrics: dict[str, Any], metric: str | None) -> float | None:
-    value = metrics.get(metric) if metric is not None else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
-def _plain_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
-    """The metrics as JSON values: str keys; None, bool, int, float or str values, and
-    one-element tensors or numpy scalars turned into numbers with .item()."""
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, dict):
-        raise TypeError(
-            f"tensorfile.CheckpointManager.save: metrics must be a dict, got {type(metrics).__name__}"
-        )
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if type(key) is not str:
-            raise TypeError(f"tensorfile.CheckpointManager.save: metric name {key!r} is not a str")
-        if not isinstance(value, (type(None), bool, int, float, str)) and hasattr(value, "item"):
-            if getattr(value, "numel", lambda: 1)() != 1:
-                raise TypeError(
-                    f"tensorfile.CheckpointManager.save: metric {key!r} holds more than one value"
-                )
-            value = value.item()
-        if type(value) not in (type(None), bool, int, float, str):
-            raise TypeError(
-                f"tensorfile.CheckpointManager.save: metric {key!r} is a "
-                f"{type(value).__name__}; metrics are numbers, bools, str or None"
-            )
-        out[key] = value
-    return out
-
-
-def _check_step(step: Any) -> int:
-    if isinstance(step, bool):
-        raise TypeError("tensorfile.CheckpointManager: step must be an int, got bool")
-    try:
-        step = operator.index(step)
-    except TypeError:
-        raise TypeError(
-            f"tensorfile.CheckpointManager: step must be an int, got {type(step).__name__}"
-        ) from None
-    if step < 0:
-        raise ValueError(f"tensorfile.CheckpointManager: step must be >= 0, got {step}")
-    return step
-
-
-def _check_count(name: str, value: Any, least: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(
-            f"tensorfile.CheckpointManager: {name} must be None or an int >= {least}, got {value!r}"
-        )
-    return value
-
-
-# --------------------------------------------------------------------------- records
-
-
-def parse_record(blob: bytes, where: str, step: int) -> Record:
-    """Checks a commit record completely; raises FormatError naming `where`."""
-    try:
-        doc = json.loads(blob)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{where}: not valid JSON ({e}); the commit record is damaged") from None
-    if not isinstance(doc, dict) or doc.get("format") != RECORD_FORMAT:
-        raise FormatError(f"{where}: not a tensorfile checkpoint manager record")
-    if doc.get("format_version") != RECORD_VERSION:
-        raise FormatError(
-            f"{where}: record format version {doc.get('format_version')!r}; this tensorfile "
-            f"reads version {RECORD_VERSION} (upgrade tensorfile to read it)"
-        )
-
-    def field(name: str, types: tuple[type, ...]) -> Any:
-        value = doc.get(name)
-        if type(value) not in types:
-            raise FormatError(f"{where}: field {name!r} is missing or has the wrong type")
-        return value
-
-    kind = field("kind", (str,))
-    data = field("data", (str,))
-    nbytes = field("nbytes", (int, type(None)))
-    metrics = field("metrics", (dict,))
-    metadata = field("metadata", (dict,))
-    m = _DATA_NAME.match(data)
-    if field("step", (int,)) != step:
-        raise FormatError(f"{where}: records step {doc['step']}, its name says {step}")
-    if kind not in FORMATS or m is None or _canonical_step(m[1]) != step or m[2] != _SUFFIX[kind]:
-        # Only names of this form are accepted, so a record can never point outside its
-        # directory.
-        raise FormatError(f"{where}: data name {data!r} is not a {kind!r} name for step {step}")
-    if (kind == "tensorfile") != (nbytes is not None) or (nbytes is not None and nbytes < 0):
-        raise FormatError(f"{where}: byte count {nbytes!r} does not fit a {kind!r} checkpoint")
-    sequence = field("sequence", (int,))
-    if sequence < 1:
-        raise FormatError(f"{where}: sequence {sequence} is not positive")
-    if not all(type(v) in (type(None), bool, int, float, str) for v in metrics.values()):
-        raise FormatError(f"{where}: metrics hold a value that is not a number, bool, str or null")
-    if not all(type(v) is str for v in metadata.values()):
-        raise FormatError(f"{where}: metadata values must be strings")
-    saved_at = field("saved_at", (float, int))
-    return Record(step, sequence, data, kind, nbytes, metrics, metadata, float(saved_at))
+from ._runs import (
+    DATA_NAME,
+    FORMATS,
+    LOCK_NAME,
+    MAX_RECORD_NBYTES,
+    O_CLOEXEC,
+    RECORD_NAME,
+    Entry,
+    Record,
+    canonical_step,
+    check_count,
+    check_step,
+    metric_value,
+    parse_record,
+    plain_metrics,
+    record_name,
+    retained,
+)
 
 
 def _remove_path(path: str) -> None:
@@ -244,7 +61,7 @@ class _Lock:
 
     def __init__(self, directory: str) -> None:
         path = os.path.join(directory, LOCK_NAME)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -320,9 +137,9 @@ class CheckpointManager:
                 f"tensorfile.CheckpointManager: {directory} is a URL; only local directories "
                 "are supported"
             )
-        self.keep_last = _check_count("keep_last", keep_last, 0)
-        self.keep_every = _check_count("keep_every", keep_every, 1)
-        self.keep_best = _check_count("keep_best", keep_best, 0)
+        self.keep_last = check_count("keep_last", keep_last, 0)
+        self.keep_every = check_count("keep_every", keep_every, 1)
+        self.keep_best = check_count("keep_best", keep_best, 0)
         if mode not in ("min", "max"):
             raise ValueError(
                 f"tensorfile.CheckpointManager: mode must be 'min' or 'max', got {mode!r}"
@@ -382,8 +199,8 @@ class CheckpointManager:
         """Every step that has a record file, ascending."""
         entries = []
         for name in os.listdir(self.directory):
-            m = _RECORD_NAME.match(name)
-            step = _canonical_step(m[1]) if m else None
+            m = RECORD_NAME.match(name)
+            step = canonical_step(m[1]) if m else None
             if step is None:
                 continue
             where = os.path.join(self.directory, name)
@@ -444,7 +261,7 @@ class CheckpointManager:
         return max(recs, key=lambda r: r.sequence).step if recs else None
 
     def _record(self, step: int) -> Record:
-        step = _check_step(step)
+        step = check_step(step)
         for e in self._scan():
             if e.step == step:
                 if e.problem is not None:
@@ -587,8 +404,8 @@ class CheckpointManager:
         here, at once. format "dcp" saves block (every rank calls save together)."""
         if self.read_only:
             raise RuntimeError("tensorfile.CheckpointManager: read_only=True; cannot save")
-        step = _check_step(step)
-        plain = _plain_metrics(metrics)
+        step = check_step(step)
+        plain = plain_metrics(metrics)
         meta = check_metadata(metadata)
         self._drain()
         self._raise_error()
@@ -662,7 +479,7 @@ class CheckpointManager:
     def _apply_retention(self) -> None:
         committed = self._committed()
         keep = retained(
-            ((s, r.sequence, _metric_value(r.metrics, self.metric)) for s, r in committed.items()),
+            ((s, r.sequence, metric_value(r.metrics, self.metric)) for s, r in committed.items()),
             keep_last=self.keep_last,
             keep_every=self.keep_every,
             keep_best=self.keep_best,
@@ -692,7 +509,7 @@ class CheckpointManager:
         removes it and the other ranks return at once."""
         if self.read_only:
             raise RuntimeError("tensorfile.CheckpointManager: read_only=True; cannot delete")
-        step = _check_step(step)
+        step = check_step(step)
         self._drain()
         if self._dist is not None and self._dist.rank != 0:
             return
@@ -715,8 +532,8 @@ class CheckpointManager:
         named = {e.record.data for e in entries if e.record is not None}
         unreadable = {e.step for e in entries if e.record is None}
         for name in os.listdir(self.directory):
-            m = _DATA_NAME.match(name)
-            step = _canonical_step(m[1]) if m else None
+            m = DATA_NAME.match(name)
+            step = canonical_step(m[1]) if m else None
             if step is None or name in named or step in unreadable:
                 continue
             _remove_path(os.path.join(self.directory, name))
