@@ -140,7 +140,7 @@ def child(
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **env},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env},
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
