@@ -170,6 +170,7 @@ def test_gpu_check_runs_its_smoke_and_benchmark_phases(tmp_path: Path) -> None:
         ("tests-gpu", "skipped"),
         ("tests-staging", "skipped"),
         ("bench", "0"),
+        ("summary", "skipped"),
     ]
     log = (out / "gpu_check.log").read_text()
     assert log == proc.stdout  # everything it printed is in the log it leaves
