@@ -21,9 +21,7 @@ import shutil
 import stat
 from typing import Any
 
-from . import _config
-from .api import load as _load
-from .api import save as _save
+from . import _config, api
 
 _BASES: list[type] = []
 try:  # pytorch-lightning's Trainer checks plugins against lightning_fabric's class
@@ -89,7 +87,7 @@ class CheckpointIO(*_BASES):  # type: ignore[misc]
         name = _local(path, "save_checkpoint")
         parent = os.path.dirname(os.path.abspath(name))
         os.makedirs(parent, exist_ok=True)
-        _save(checkpoint, name, durable=self.durable, num_threads=self.num_threads)
+        api.save(checkpoint, name, durable=self.durable, num_threads=self.num_threads)
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
@@ -97,7 +95,7 @@ class CheckpointIO(*_BASES):  # type: ignore[misc]
         name = _local(path, "load_checkpoint")
         if not os.path.exists(name):
             raise FileNotFoundError(2, f"Checkpoint file not found: {name}", name)
-        out = _load(
+        out = api.load(
             name,
             "cpu" if map_location is None else map_location,
             num_threads=self.num_threads,

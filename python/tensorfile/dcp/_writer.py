@@ -24,9 +24,8 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.futures import Future
 
-from .. import _config, _io
+from .. import _config, _io, api
 from .._files import atomic_file, clean, pwrite_all
-from ..api import save as _save
 from ._clean import hold, release, remove_dead
 from ._common import (
     BLOCK_NBYTES,
@@ -163,7 +162,7 @@ class StorageWriter(_storage.StorageWriter):
             # Held until the commit: `tensorfile clean` leaves the file of a live save alone.
             hold(self.path, sp.file)
             try:
-                _save(
+                api.save(
                     tensors,
                     os.path.join(self.path, sp.file),
                     durable=self.durable,
