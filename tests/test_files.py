@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import tensorfile
 import torch
-from tensorfile import _files
+from tensorfile import _files, _io
 
 HOST = socket.gethostname().replace(".", "_")[:32]
 # Above Linux's largest pid_max (2**22): no process here can have it, as a writer in
@@ -77,7 +77,7 @@ def test_a_directory_is_still_a_directory_error(tmp_path: Path) -> None:
 def test_a_regular_file_is_read_with_a_blocking_descriptor(tmp_path: Path) -> None:
     path = tmp_path / "x.tf"
     tensorfile.save(torch.arange(3), path)
-    src = _files.Source(path)
+    src = _io.Source(path)
     try:
         assert src.fd is not None
         assert fcntl.fcntl(src.fd, fcntl.F_GETFL) & os.O_NONBLOCK == 0

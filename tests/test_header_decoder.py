@@ -18,8 +18,7 @@ import pytest
 import tensorfile
 import torch
 from tensorfile._errors import FormatError
-from tensorfile._layout import Layout, layout_difference
-from tensorfile.formats import native
+from tensorfile.formats import Layout, layout_difference, native
 
 
 def _header(path):

@@ -8,9 +8,9 @@ import os
 import threading
 from typing import Any
 
-from ._layout import FLAG_PARAMETER, FLAG_REQUIRES_GRAD
 from ._torch import describe
 from ._tree import Builder, Flattener, path_str
+from .formats import FLAG_PARAMETER, FLAG_REQUIRES_GRAD
 
 _ALIGN = 64  # each storage's copy starts here, a multiple of every element size
 _ROUND = 2 << 20  # pool buffers are sized in 2 MiB steps, so near sizes reuse one buffer

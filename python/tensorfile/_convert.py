@@ -17,10 +17,17 @@ import numpy as np
 from . import _config, _engine, _files, _io, _numpy, _torch, api
 from ._dtypes import ITEMSIZE, TORCH_ITEMSIZE
 from ._errors import FormatError
-from ._layout import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, Layout
 from ._reader import Reader, open_reader
 from ._tree import Builder, Flattener, decode_key_for_path, no_gc
-from .formats import native, safetensors, torchzip, torchzip_writer
+from .formats import (
+    FLAG_PARAMETER,
+    FLAG_REQUIRES_GRAD,
+    Layout,
+    native,
+    safetensors,
+    torchzip,
+    torchzip_writer,
+)
 
 CHUNK_NBYTES = 64 << 20  # the streaming buffer; memory use is about this plus one tensor
 

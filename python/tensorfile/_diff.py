@@ -12,8 +12,8 @@ import numpy as np
 
 from . import _config
 from ._convert import Progress, flatten_tensors, no_progress, placeholders
-from ._layout import FLAG_PARAMETER, FLAG_REQUIRES_GRAD
 from ._reader import Reader, open_reader
+from .formats import FLAG_PARAMETER, FLAG_REQUIRES_GRAD
 
 MAX_DIFF_VALUES = 1_000_000  # per side: a pickle's shared containers can repeat a subtree
 

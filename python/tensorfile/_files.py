@@ -1,6 +1,5 @@
-"""Byte sinks and sources on the local file system: temporary names, atomic replace,
-directory fsync, cleaning up after dead writers, and the source wrapper that reads a
-path or a stream at positions."""
+"""Commits on the local file system: temporary names, atomic replace, directory fsync,
+and cleaning up after dead writers."""
 
 from __future__ import annotations
 
@@ -16,13 +15,12 @@ from collections.abc import Callable, Iterator
 from typing import IO, Union
 
 from . import _engine
-from ._errors import FormatError
 
 PathLike = Union[str, "os.PathLike[str]"]
 FileLike = Union[PathLike, IO[bytes]]
 
 TMP_MARK = ".tftmp"
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 # Test hook for the crash tests: with TENSORFILE_TEST_PHASE_FD set, a save writes the name
@@ -102,7 +100,7 @@ def _remove_if_dead(path: str) -> bool:
         return False
     # O_NOFOLLOW and O_NONBLOCK: a symlink or a FIFO put there in the meantime is refused
     # at once. The lock needs a writable descriptor on NFS; a read-only one does elsewhere.
-    flags = os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK | O_CLOEXEC
     try:
         fd = os.open(path, os.O_RDWR | flags)
     except PermissionError:
@@ -165,7 +163,7 @@ def _create_locked(target: str, mode: int) -> tuple[str, int, int]:
     the open file, and with it the lock, until the name is gone."""
     for _attempt in range(8):
         tmp = tmp_name(target)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, mode)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, mode)
         try:
             try:
                 locked = _lock(fd)
@@ -291,130 +289,3 @@ def fsync_dir(directory: str) -> None:
         pass  # some file systems refuse fsync on directories
     finally:
         os.close(dfd)
-
-
-_KINDS = (
-    (stat.S_ISFIFO, "a named pipe"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def _refuse_unless_regular(name: str, mode: int) -> None:
-    if stat.S_ISDIR(mode):
-        raise IsADirectoryError(21, f"tensorfile: {name} is a directory, not a file", name)
-    if not stat.S_ISREG(mode):
-        kind = next((k for test, k in _KINDS if test(mode)), "not a file")
-        raise FormatError(f"{name}: not a regular file ({kind})")
-
-
-def open_regular(name: str) -> tuple[int, os.stat_result]:
-    """Opens a regular file for reading; returns the descriptor and its fstat. Anything
-    else raises before it can block or act: a directory IsADirectoryError, a FIFO, device
-    or socket FormatError. Block devices are refused too (their st_size is 0 and a
-    checkpoint is a file). stat first, so that no device is even opened (opening a tape
-    rewinds it), then the open is non-blocking (a FIFO swapped in meanwhile would wait for
-    a writer forever) and fstat of what was opened decides."""
-    _refuse_unless_regular(name, os.stat(name).st_mode)
-    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        _refuse_unless_regular(name, st.st_mode)
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, st
-
-
-class Source:
-    """An open file: a descriptor read with pread, or a stream. A seekable stream (an
-    open file, BytesIO) is read at positions like a file, from where it stood when
-    handed over; a pipe-like stream can only be read once, in order."""
-
-    def __init__(self, f: FileLike) -> None:
-        self.fd: int | None = None
-        self.stream: IO[bytes] | None = None
-        self.owns_fd = False
-        self.seekable = True
-        self.base = 0
-        self.nbytes: int | None = None
-        if isinstance(f, (str, os.PathLike)):
-            self.name = os.fspath(f)
-            self.fd, st = open_regular(self.name)
-            self.owns_fd = True
-            self.nbytes = st.st_size
-        elif hasattr(f, "read"):
-            self.name = str(getattr(f, "name", "<stream>"))
-            self.stream = f
-            try:
-                self.seekable = bool(f.seekable()) if hasattr(f, "seekable") else False
-            except (OSError, ValueError):
-                self.seekable = False
-            if self.seekable:
-                self.base = f.tell()
-                self.nbytes = f.seek(0, os.SEEK_END) - self.base
-                f.seek(self.base)
-        else:
-            raise TypeError(
-                f"tensorfile: expected a path or a readable binary file object, got {type(f).__name__}"
-            )
-        self.consumed = 0
-
-    def _position(self, offset: int) -> None:
-        assert self.stream is not None
-        if self.seekable:
-            self.stream.seek(self.base + offset)
-        elif offset != self.consumed:
-            raise ValueError(
-                f"{self.name}: this stream cannot seek; read it whole with tensorfile.load"
-            )
-        self.consumed = offset
-
-    def read(self, nbytes: int, offset: int) -> bytes:
-        if self.fd is not None:
-            parts = []
-            got = 0
-            while got < nbytes:
-                chunk = os.pread(self.fd, nbytes - got, offset + got)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                got += len(chunk)
-            return parts[0] if len(parts) == 1 else b"".join(parts)
-        assert self.stream is not None
-        self._position(offset)
-        out = self.stream.read(nbytes) or b""
-        while len(out) < nbytes:
-            more = self.stream.read(nbytes - len(out))
-            if not more:
-                break
-            out += more
-        self.consumed += len(out)
-        return out
-
-    def readinto(self, view: memoryview, offset: int) -> int:
-        """Fills `view` from the stream at `offset` without an intermediate copy;
-        returns the bytes read (fewer only at end of file)."""
-        assert self.stream is not None
-        self._position(offset)
-        readinto = getattr(self.stream, "readinto", None)
-        got = 0
-        while got < len(view):
-            if readinto is not None:
-                n = readinto(view[got:])
-            else:
-                chunk = self.stream.read(len(view) - got)
-                n = len(chunk)
-                view[got : got + n] = chunk
-            if not n:
-                break
-            got += n
-        self.consumed += got
-        return got
-
-    def close(self) -> None:
-        if self.owns_fd and self.fd is not None:
-            os.close(self.fd)
-        self.fd = None

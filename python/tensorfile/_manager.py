@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from . import _files
+from . import _files, _io
 from ._errors import FormatError
 from ._plan import check_metadata
 from ._runs import (
@@ -216,7 +216,7 @@ class CheckpointManager:
 
     def _read_record(self, where: str, step: int) -> Record:
         try:
-            fd, st = _files.open_regular(where)
+            fd, st = _io.open_regular(where)
         except IsADirectoryError:
             raise FormatError(f"{where}: a directory, not a commit record") from None
         try:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ._dtypes import ITEMSIZE, numpy_name
-from ._layout import TensorRow
+from .formats import TensorRow
 
 
 def allocate(nbytes: int) -> tuple[np.ndarray, int]:

@@ -12,10 +12,9 @@ import numpy as np
 
 from . import _engine, _numpy, _torch
 from ._dtypes import numpy_name
-from ._layout import FLAG_PARAMETER, FLAG_REQUIRES_GRAD
 from ._torch import describe, dtype_info
 from ._tree import SURROGATE, Flattener, path_str
-from .formats import native, safetensors
+from .formats import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, native, safetensors
 from .formats.native import ALIGN, TensorTable
 
 _SPAN_ALIGN = 16  # the widest element; keeps every tensor's offset a multiple of its size

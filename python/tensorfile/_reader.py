@@ -9,16 +9,15 @@ from typing import Any
 
 from . import _io, _numpy, _torch
 from ._errors import FormatError
-from ._files import FileLike, Source
-from ._layout import Layout, TensorRow
+from ._files import FileLike
 from ._tree import Builder, key_index, no_gc
-from .formats import native, safetensors, sniff, torchzip
+from .formats import Layout, TensorRow, native, safetensors, sniff, torchzip
 
 
 def open_reader(f: FileLike, verify: bool = True) -> Reader:
     """Opens `f` (a path or a binary stream) with the parser its first bytes call for: a
     tensorfile, a torch.save zip or a safetensors file (the file's name plays no part)."""
-    src = Source(f)
+    src = _io.Source(f)
     try:
         head = src.read(native.PREAMBLE_NBYTES, 0)
         kind = sniff(head)
@@ -39,7 +38,7 @@ def open_reader(f: FileLike, verify: bool = True) -> Reader:
         raise
 
 
-def _torch_layout(src: Source) -> Layout:
+def _torch_layout(src: _io.Source) -> Layout:
     if not src.seekable or src.nbytes is None:
         raise ValueError(
             f"{src.name}: a torch.save zip file is read from its end; pass a path or a seekable stream"
@@ -53,7 +52,7 @@ def _torch_layout(src: Source) -> Layout:
     return torchzip.layout(archive, torch, src.name, src.nbytes)
 
 
-def _safetensors_layout(src: Source, head: bytes) -> Layout:
+def _safetensors_layout(src: _io.Source, head: bytes) -> Layout:
     def read(nbytes: int, offset: int) -> bytes:
         # the first bytes were read already (a pipe cannot give them again)
         if offset + nbytes <= len(head):
@@ -76,7 +75,7 @@ class Reader:
 
     pin_memory = False  # CPU torch storages in pinned memory (load(pin_memory=True))
 
-    def __init__(self, src: Source, layout: Layout) -> None:
+    def __init__(self, src: _io.Source, layout: Layout) -> None:
         self.src = src
         self.layout = layout
         self.name = src.name

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ._dtypes import TORCH_ITEMSIZE
-from ._layout import FLAG_PARAMETER, FLAG_REQUIRES_GRAD
+from .formats import FLAG_PARAMETER, FLAG_REQUIRES_GRAD
 
 if TYPE_CHECKING:
-    from ._layout import Layout
+    from .formats import Layout
 
 _names: dict[Any, tuple[str, int]] = {}
 

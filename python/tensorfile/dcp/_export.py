@@ -15,9 +15,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .. import _engine, _files, _io
 from .._errors import FormatError
-from .._layout import TensorRow
 from .._tree import Flattener, no_gc
-from ..formats import native, safetensors
+from ..formats import TensorRow, native, safetensors
 from ._assemble import SLAB_NBYTES, Checkpoint, Sink
 from ._common import (
     BLOCK_NBYTES,

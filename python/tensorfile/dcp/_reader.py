@@ -27,8 +27,10 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.futures import Future
 
-from .. import _config, _io
+from .._config import hugepages
+from .._config import num_threads as resolve_threads
 from .._errors import FormatError
+from .._io import advise_willneed, check_bool_bytes, check_checksums, read_host
 from ._common import (
     ADVISE_GAP,
     BATCH_STAGING_NBYTES,
@@ -114,7 +116,7 @@ class StorageReader(_storage.StorageReader):
                     f"at offset {list(req.storage_index.offset or ())}"
                 )
             by_file.setdefault(loc.file, []).append((req, loc))
-        threads = _config.num_threads(self.num_threads)
+        threads = resolve_threads(self.num_threads)
         for name in sorted(by_file):
             _read_file(self.path, name, by_file[name], planner, self.verify, threads)
         fut: Future[None] = Future()
@@ -243,7 +245,7 @@ def _plan_tensor(
 
         def done() -> None:
             if dtype == torch.bool:
-                _io.check_bool_bytes(path, repr(label), dest.view(torch.uint8))
+                check_bool_bytes(path, repr(label), dest.view(torch.uint8))
             planner.commit_tensor(req, dest)
 
     else:
@@ -256,7 +258,7 @@ def _plan_tensor(
 
         def done() -> None:
             if dtype == torch.bool:
-                _io.check_bool_bytes(path, repr(label), staging)
+                check_bool_bytes(path, repr(label), staging)
             dest.copy_(staging.view(dtype).as_strided(ln, strides))
             planner.commit_tensor(req, dest)
 
@@ -353,14 +355,14 @@ def _flush(batch: _Batch, reader: Any, path: str, verify: bool, threads: int) ->
                 ends.append(at + int(nbytes[j]))
         # Cold reads: tell the kernel the whole plan up front, so it reads ahead in large
         # sequential requests while the engine's threads copy and check.
-        _io.advise_willneed(
+        advise_willneed(
             reader.src.fd,
             [(int(offsets[j]), int(offsets[j]) + int(nbytes[j])) for j in order.tolist()],
             ADVISE_GAP,
         )
         for sel_list in passes:
             sel = np.array(sel_list, dtype=np.int64)
-            got = _io.read_host(
+            got = read_host(
                 reader.src.fd,
                 path,
                 ptrs[sel],
@@ -368,14 +370,14 @@ def _flush(batch: _Batch, reader: Any, path: str, verify: bool, threads: int) ->
                 offsets[sel],
                 threads=threads,
                 checksum=verify,
-                hugepages=_config.hugepages(),
+                hugepages=hugepages(),
             )
             if verify:
 
                 def label(j: int, sel: np.ndarray = sel) -> str:
                     return repr(batch.labels[int(sel[j])])
 
-                _io.check_checksums(
+                check_checksums(
                     path,
                     got,
                     want[sel],

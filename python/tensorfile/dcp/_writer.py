@@ -24,8 +24,10 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.futures import Future
 
-from .. import _config, _io, api
+from .. import api
+from .._config import num_threads as resolve_threads
 from .._files import atomic_file, clean, pwrite_all
+from .._io import checksum_host
 from ._clean import hold, release, remove_dead
 from ._common import (
     BLOCK_NBYTES,
@@ -69,7 +71,7 @@ class StorageWriter(_storage.StorageWriter):
         self.durable = sync_files if durable is None else durable
         self.num_threads = num_threads if num_threads is not None else thread_count
         if self.num_threads is not None:
-            _config.num_threads(self.num_threads)  # validates
+            resolve_threads(self.num_threads)  # validates
         self.overwrite = overwrite
         self.save_id = secrets.token_hex(8)
         self.rank: int | None = None
@@ -243,7 +245,7 @@ def _block_checksums(
         counts.append(n)
     if not keys:
         return {}
-    crcs = _io.checksum_host(ptrs, sizes, threads=_config.num_threads(num_threads)).tolist()
+    crcs = checksum_host(ptrs, sizes, threads=resolve_threads(num_threads)).tolist()
     out: dict[str, tuple[int, ...]] = {}
     at = 0
     for key, n in zip(keys, counts):

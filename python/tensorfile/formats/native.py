@@ -20,8 +20,8 @@ import numpy as np
 from .. import _engine, _safejson
 from .._dtypes import ITEMSIZE, TORCH_GRAD_DTYPES
 from .._errors import ChecksumError, FormatError
-from .._layout import FLAG_REQUIRES_GRAD, Layout, LazyRows, TensorRow
 from .._tree import validate as validate_tree
+from . import FLAG_REQUIRES_GRAD, Layout, LazyRows, TensorRow
 
 MAGIC = b"TNSRFILE"
 MAJOR = 1

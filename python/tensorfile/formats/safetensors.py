@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import _safejson
 from .._errors import FormatError
-from .._layout import Layout, TensorRow
+from .._safejson import loads as safe_loads
+from . import Layout, TensorRow
 
 MAX_HEADER_NBYTES = 100 << 20  # the limit safetensors itself enforces
 MAX_JSON_DEPTH = 8  # a valid header nests 3 deep: {name: {"shape": [...]}}
@@ -89,7 +89,7 @@ def parse(
     raw = read(hlen, 8)
     if len(raw) != hlen:
         raise bad("the file ends inside its header (truncated)")
-    header = _safejson.loads(
+    header = safe_loads(
         raw,
         name=f"{name}: invalid safetensors file: header",
         max_depth=MAX_JSON_DEPTH,

@@ -21,7 +21,7 @@ import numpy as np
 
 from .._dtypes import TORCH_GRAD_DTYPES, TORCH_ITEMSIZE
 from .._errors import FormatError
-from .._layout import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, Layout, TensorRow
+from . import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, Layout, TensorRow
 from .torchpickle import (
     MAX_DEPTH,
     StorageRef,
