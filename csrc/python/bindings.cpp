@@ -223,7 +223,7 @@ PYBIND11_MODULE(_engine, m) {
         return buffer_xxh3_128_parts(parts, xxh3_kernel_named(kernel));
       },
       py::arg("parts"), py::arg("kernel") = "auto",
-      "Test hook: XXH3-128 of the concatenated buffers, one streaming update per part.");
+      "Test hook: streaming XXH3-128, one update per part; the digest after each update.");
   m.def(
       "_xxh3_kernels",
       [] {

@@ -121,15 +121,19 @@ py::bytes buffer_xxh3_128(const py::object& data, Xxh3Kernel kernel) {
   return to_bytes(digest);
 }
 
-py::bytes buffer_xxh3_128_parts(const py::sequence& parts, Xxh3Kernel kernel) {
+py::list buffer_xxh3_128_parts(const py::sequence& parts, Xxh3Kernel kernel) {
   std::vector<std::unique_ptr<BufferView>> views;
   for (const py::handle part : parts) views.push_back(std::make_unique<BufferView>(part));
   Xxh3State state(kernel);
+  std::vector<Digest128> digests(views.size());
   {
     py::gil_scoped_release release;
-    for (const auto& v : views) state.update(v->data(), v->nbytes());
+    for (size_t i = 0; i < views.size(); i++) {
+      state.update(views[i]->data(), views[i]->nbytes());
+      digests[i] = state.digest();
+    }
   }
-  return to_bytes(state.digest());
+  return to_bytes_list(digests);
 }
 
 py::list to_bytes_list(const std::vector<Digest128>& digests) {
