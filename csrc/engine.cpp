@@ -12,6 +12,7 @@
 #include <climits>
 #include <cstring>
 #include <memory>
+#include <numeric>
 
 #include "errors.hpp"
 #include "file.hpp"
@@ -381,6 +382,19 @@ std::vector<uint32_t> checksum_regions(const std::vector<Region>& input, const T
     }
   });
   return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options);
+}
+
+std::vector<Digest128> hash_regions(const std::vector<Region>& regions, size_t num_threads) {
+  std::vector<size_t> order(regions.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return regions[a].nbytes > regions[b].nbytes; });
+  std::vector<Digest128> digests(regions.size());
+  default_pool().parallel_for(order.size(), num_threads, [&](size_t, size_t k) {
+    const Region& r = regions[order[k]];
+    digests[order[k]] = xxh3_128(reinterpret_cast<const void*>(r.ptr), static_cast<size_t>(r.nbytes));
+  });
+  return digests;
 }
 
 }  // namespace tensorfile

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "regions.hpp"
+#include "xxh3.hpp"
 
 namespace tensorfile {
 
@@ -40,5 +41,11 @@ std::vector<uint32_t> read_regions(int fd, const std::vector<Region>& regions, c
 
 // CRC32C of each memory region, computed in parallel chunks (file_offset is ignored).
 std::vector<uint32_t> checksum_regions(const std::vector<Region>& regions, const TransferOptions& options);
+
+// XXH3-128 of each memory region (file_offset is ignored), in the order given, on up to
+// num_threads workers (the calling thread included). A region is hashed whole by one
+// worker, since XXH3 digests of parts do not combine; the largest regions start first so
+// that one large region does not run alone at the end. Call without the GIL.
+std::vector<Digest128> hash_regions(const std::vector<Region>& regions, size_t num_threads);
 
 }  // namespace tensorfile

@@ -458,6 +458,7 @@ IO_BINDINGS = {
     "read_regions": "fd ptrs nbytes file_offsets num_threads task_nbytes checksum check_gaps "
     "gap_begin gap_end path hugepages zip_crc",
     "checksum_regions": "ptrs nbytes num_threads task_nbytes zip_crc",
+    "hash_regions": "addresses nbytes num_threads",
     "device_read_regions": "backend device fd ptrs nbytes file_offsets zero_offsets zero_nbytes "
     "num_threads staging_nbytes staging_buffers checksum path gds_fd zip_crc",
     "device_write_regions": "backend device fd ptrs nbytes file_offsets num_threads staging_nbytes "

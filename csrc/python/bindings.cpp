@@ -24,6 +24,7 @@
 #include "staging.hpp"
 #include "testing/sim_device.hpp"
 #include "testing/write_faults.hpp"
+#include "xxh3.hpp"
 
 namespace py = pybind11;
 using namespace tensorfile;
@@ -108,6 +109,21 @@ PYBIND11_MODULE(_engine, m) {
       py::kw_only(), py::arg("ptrs"), py::arg("nbytes"), py::arg("num_threads"), py::arg("task_nbytes"),
       py::arg("zip_crc") = false, "CRC32C (or zip CRC-32) of each host memory region, in parallel.");
 
+  m.def(
+      "hash_regions",
+      [](const U64Array& addresses, const U64Array& nbytes, size_t num_threads) {
+        const auto regions = to_regions(addresses, nbytes);
+        std::vector<Digest128> digests;
+        {
+          py::gil_scoped_release release;
+          digests = hash_regions(regions, num_threads);
+        }
+        return to_bytes_list(digests);
+      },
+      py::kw_only(), py::arg("addresses"), py::arg("nbytes"), py::arg("num_threads"),
+      "XXH3-128 digest (16 bytes, canonical order) of each host memory region, in the order given; regions are "
+      "hashed in parallel, each whole by one thread.");
+
   m.def("preallocate", &preallocate, py::arg("fd"), py::arg("nbytes"), py::arg("path"),
         py::call_guard<py::gil_scoped_release>(), "Reserves nbytes of disk for fd (a no-op where unsupported).");
 
@@ -191,6 +207,31 @@ PYBIND11_MODULE(_engine, m) {
       "zip's CRC-32 (zlib.crc32) of a contiguous buffer, continuing from `crc`.");
   m.def("crc32_zip_combine", &crc32_zip_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("nbytes_b"));
   m.def("crc32_zip_hardware", &crc32_zip_hardware);
+  m.def(
+      "xxh3_128", [](const py::object& data) { return buffer_xxh3_128(data); }, py::arg("data"),
+      "XXH3-128 (seed 0) of a contiguous buffer: 16 bytes in canonical order, as xxhash.xxh3_128_digest returns.");
+  m.def(
+      "_xxh3_128_with",
+      [](const py::object& data, const std::string& kernel) {
+        return buffer_xxh3_128(data, xxh3_kernel_named(kernel));
+      },
+      py::arg("data"), py::arg("kernel"),
+      "Test hook: xxh3_128 with the long-input kernel named ('auto', 'scalar', 'sse2', 'avx2').");
+  m.def(
+      "_xxh3_128_parts",
+      [](const py::sequence& parts, const std::string& kernel) {
+        return buffer_xxh3_128_parts(parts, xxh3_kernel_named(kernel));
+      },
+      py::arg("parts"), py::arg("kernel") = "auto",
+      "Test hook: streaming XXH3-128, one update per part; the digest after each update.");
+  m.def(
+      "_xxh3_kernels",
+      [] {
+        std::vector<std::string> names;
+        for (Xxh3Kernel k : xxh3_kernels()) names.emplace_back(xxh3_kernel_name(k));
+        return names;
+      },
+      "The long-input XXH3 kernels this CPU runs, slowest first; xxh3_128 uses the last.");
 
   // ------------------------------------------------------------------ header and planner
 

@@ -1,6 +1,7 @@
 // Argument and result conversions for the bindings (see convert.hpp).
 #include "python/convert.hpp"
 
+#include <memory>
 #include <stdexcept>
 
 namespace tensorfile::python {
@@ -14,6 +15,28 @@ void check_columns(const std::vector<const U64Array*>& columns, const char* name
     }
   }
 }
+
+// A contiguous buffer held for the lifetime of the object. PyBUF_SIMPLE accepts only
+// contiguous buffers (BufferError otherwise), so its bytes are exactly the object's.
+class BufferView {
+ public:
+  explicit BufferView(const py::handle& data) {
+    if (PyObject_GetBuffer(data.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+  }
+  ~BufferView() { PyBuffer_Release(&view_); }
+  BufferView(const BufferView&) = delete;
+  BufferView& operator=(const BufferView&) = delete;
+  const void* data() const { return view_.buf; }
+  size_t nbytes() const { return static_cast<size_t>(view_.len); }
+
+ private:
+  Py_buffer view_;
+};
+
+// Below this many bytes a hash takes less time than releasing and taking back the GIL.
+constexpr size_t kReleaseGilFrom = size_t{64} << 10;
+
+py::bytes to_bytes(const Digest128& d) { return py::bytes(reinterpret_cast<const char*>(d.data()), d.size()); }
 
 }  // namespace
 
@@ -83,6 +106,39 @@ uint32_t buffer_checksum(const py::object& data, uint32_t crc, uint32_t (*fn)(co
     out = fn(view.buf, static_cast<size_t>(view.len), crc);
   }
   PyBuffer_Release(&view);
+  return out;
+}
+
+py::bytes buffer_xxh3_128(const py::object& data, Xxh3Kernel kernel) {
+  const BufferView view(data);
+  Digest128 digest;
+  if (view.nbytes() >= kReleaseGilFrom) {
+    py::gil_scoped_release release;
+    digest = xxh3_128(view.data(), view.nbytes(), kernel);
+  } else {
+    digest = xxh3_128(view.data(), view.nbytes(), kernel);
+  }
+  return to_bytes(digest);
+}
+
+py::list buffer_xxh3_128_parts(const py::sequence& parts, Xxh3Kernel kernel) {
+  std::vector<std::unique_ptr<BufferView>> views;
+  for (const py::handle part : parts) views.push_back(std::make_unique<BufferView>(part));
+  Xxh3State state(kernel);
+  std::vector<Digest128> digests(views.size());
+  {
+    py::gil_scoped_release release;
+    for (size_t i = 0; i < views.size(); i++) {
+      state.update(views[i]->data(), views[i]->nbytes());
+      digests[i] = state.digest();
+    }
+  }
+  return to_bytes_list(digests);
+}
+
+py::list to_bytes_list(const std::vector<Digest128>& digests) {
+  py::list out(digests.size());
+  for (size_t i = 0; i < digests.size(); i++) out[i] = to_bytes(digests[i]);
   return out;
 }
 

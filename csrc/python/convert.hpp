@@ -15,6 +15,7 @@
 #include "engine.hpp"
 #include "regions.hpp"
 #include "staging.hpp"
+#include "xxh3.hpp"
 
 namespace tensorfile::python {
 
@@ -45,5 +46,15 @@ StagingOptions staging_options(size_t num_threads, size_t staging_nbytes, size_t
 // A checksum of the bytes of a contiguous buffer object (BufferError for any other),
 // continuing from `crc`; the GIL is released while it runs.
 uint32_t buffer_checksum(const py::object& data, uint32_t crc, uint32_t (*fn)(const void*, size_t, uint32_t) noexcept);
+
+// The XXH3-128 digest (16 bytes) of a contiguous buffer object's bytes (BufferError for
+// any other); the GIL is released while a large input is hashed.
+py::bytes buffer_xxh3_128(const py::object& data, Xxh3Kernel kernel = Xxh3Kernel::kAuto);
+// A sequence of such buffers through one Xxh3State: the digest after each part's update,
+// so entry i is the digest of parts[0..i] concatenated. Without the GIL while it hashes.
+py::list buffer_xxh3_128_parts(const py::sequence& parts, Xxh3Kernel kernel);
+
+// Digests as a list of 16-byte bytes objects, in order.
+py::list to_bytes_list(const std::vector<Digest128>& digests);
 
 }  // namespace tensorfile::python
