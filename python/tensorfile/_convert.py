@@ -47,7 +47,6 @@ class StorageStream:
     def __init__(self, reader: Reader, threads: int, chunk_nbytes: int = CHUNK_NBYTES) -> None:
         if reader.src.fd is None:
             raise ValueError(f"{reader.name}: pass a path (streams cannot be read this way)")
-        self.fd: int = reader.src.fd
         self.reader = reader
         self.lay = reader.layout
         self.threads = threads
@@ -66,6 +65,7 @@ class StorageStream:
         yields (storages, their offsets in the buffer); a storage larger than the buffer
         comes alone with offsets [-1]: read it with `chunks`."""
         nbytes = self.lay.storage_nbytes
+        fd_of = self.reader.byte_source
         i = 0
         while i < len(which):
             s = which[i]
@@ -76,7 +76,12 @@ class StorageStream:
             run: list[int] = []
             at: list[int] = []
             used = 0
-            while i < len(which) and int(nbytes[which[i]]) <= self.chunk - used:
+            fd = fd_of(s)[0]  # a run is read from one file
+            while (
+                i < len(which)
+                and int(nbytes[which[i]]) <= self.chunk - used
+                and fd_of(which[i])[0] == fd
+            ):
                 run.append(which[i])
                 at.append(used)
                 used += -(-int(nbytes[which[i]]) // 64) * 64  # keep every start 64-byte aligned
@@ -93,10 +98,11 @@ class StorageStream:
             return
         ptrs = np.asarray(at, dtype=np.uint64) + np.uint64(self.base)
         crcs = np.zeros(len(run), dtype=np.uint32)
-        offs = lay.storage_offsets[run]
+        sources = [self.reader.byte_source(s) for s in run]
+        offs = np.array([off for _, off in sources], dtype=np.uint64)
         if full.any():
             crcs[full] = _io.read_host(
-                self.fd,
+                sources[0][0],
                 self.reader.name,
                 ptrs[full],
                 nb[full],
@@ -114,13 +120,11 @@ class StorageStream:
         """(offset in the storage, bytes) of a large storage, chunk by chunk; its checksum
         is checked after the last chunk."""
         nb = int(self.lay.storage_nbytes[s])
-        off = int(self.lay.storage_offsets[s])
+        fd, off = self.reader.byte_source(s)
         crc = 0
         for k in range(0, nb, self.chunk):
             n = min(self.chunk, nb - k)
-            _io.read_host(
-                self.fd, self.reader.name, [self.base], [n], [off + k], threads=self.threads
-            )
+            _io.read_host(fd, self.reader.name, [self.base], [n], [off + k], threads=self.threads)
             view = memoryview(self.buf.data)[:n]
             if self.kind != "none":
                 crc = _engine.crc32_zip(view, crc) if self.zip else _engine.crc32c(view, crc)
@@ -134,15 +138,25 @@ class StorageStream:
 
 
 def _gap_end(reader: Reader, order: list[int], nxt: int) -> int | None:
-    if not reader.layout.canonical_gaps:
-        return None
+    """Where the padding after storage order[nxt - 1] ends: at the next storage this
+    file holds, or at its end (None: no padding rule, or a referenced storage)."""
     lay = reader.layout
-    return int(lay.storage_offsets[order[nxt]]) if nxt < len(order) else lay.file_nbytes
+    refs = lay.storage_refs
+    if not lay.canonical_gaps or order[nxt - 1] in refs:
+        return None
+    if nxt < len(order) and order[nxt] not in refs:
+        return int(lay.storage_offsets[order[nxt]])
+    return lay.file_nbytes
 
 
 def _sorted_storages(lay: Layout, which: list[int] | None = None) -> list[int]:
+    """Storages in the order their bytes lie: this file's, then the referenced ones by
+    the file and storage holding them."""
     idx = list(range(len(lay.storage_kind))) if which is None else which
-    return sorted(idx, key=lambda s: int(lay.storage_offsets[s]))
+    refs = lay.storage_refs
+    return sorted(
+        idx, key=lambda s: (1, *refs[s]) if s in refs else (0, "", int(lay.storage_offsets[s]))
+    )
 
 
 def _check_bools(stream: StorageStream, run: list[int], at: list[int]) -> None:

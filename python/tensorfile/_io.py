@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import mmap as _mmap
 import os
 import stat
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
@@ -322,8 +324,10 @@ def read_storages(
     threads: int,
     use_mmap: bool,
     into: dict[int, Any] | None = None,
+    whole: bool | None = None,
 ) -> dict[int, Any]:
-    """Reads storages (all when `which` is None), checks them, and returns {storage
+    """Reads storages (all when `which` is None, or `whole`: all the file holds itself,
+    its padding checked too), checks them, and returns {storage
     index: torch UntypedStorage or numpy uint8 array}; reading them all onto the CPU, a
     _torch.Prebuilt dict where some values are their one tensor. Storages in `into` are
     read straight into the memory of the tensor given for them (CPU or CUDA), which is
@@ -335,13 +339,13 @@ def read_storages(
     if meta:  # made on the meta device, as torch.load makes them: no byte is read
         rest = [s for s in idx if s not in meta]
         out = (
-            read_storages(reader, rest, map_location, verify, threads, use_mmap, into)
+            read_storages(reader, rest, map_location, verify, threads, use_mmap, into, whole)
             if rest
             else {}
         )
         out.update({s: _torch.meta_storage(reader.name, int(lay.storage_nbytes[s])) for s in meta})
         return out
-    whole = which is None
+    whole = which is None if whole is None else whole
     if use_mmap:
         if into:
             raise ValueError("tensorfile.load: into= cannot be combined with mmap=True")
@@ -596,6 +600,7 @@ _KINDS = (
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
     (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISLNK, "a symbolic link"),
 )
 
 
@@ -607,15 +612,16 @@ def _refuse_unless_regular(name: str, mode: int) -> None:
         raise FormatError(f"{name}: not a regular file ({kind})")
 
 
-def open_regular(name: str) -> tuple[int, os.stat_result]:
+def open_regular(name: str, nofollow: bool = False) -> tuple[int, os.stat_result]:
     """Opens a regular file for reading; returns the descriptor and its fstat. Anything
     else raises before it can block or act: a directory IsADirectoryError, a FIFO, device
     or socket FormatError. Block devices are refused too (their st_size is 0 and a
     checkpoint is a file). stat first, so that no device is even opened (opening a tape
     rewinds it), then the open is non-blocking (a FIFO swapped in meanwhile would wait for
     a writer forever) and fstat of what was opened decides."""
-    _refuse_unless_regular(name, os.stat(name).st_mode)
-    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | O_CLOEXEC)
+    _refuse_unless_regular(name, (os.lstat if nofollow else os.stat)(name).st_mode)
+    follow = os.O_NOFOLLOW if nofollow else 0
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | O_CLOEXEC | follow)
     try:
         st = os.fstat(fd)
         _refuse_unless_regular(name, st.st_mode)
@@ -631,7 +637,8 @@ class Source:
     open file, BytesIO) is read at positions like a file, from where it stood when
     handed over; a pipe-like stream can only be read once, in order."""
 
-    def __init__(self, f: FileLike) -> None:
+    def __init__(self, f: FileLike, nofollow: bool = False) -> None:
+        """`nofollow`: a path that is a symbolic link is refused."""
         self.fd: int | None = None
         self.stream: IO[bytes] | None = None
         self.owns_fd = False
@@ -640,7 +647,7 @@ class Source:
         self.nbytes: int | None = None
         if isinstance(f, (str, os.PathLike)):
             self.name = os.fspath(f)
-            self.fd, st = open_regular(self.name)
+            self.fd, st = open_regular(self.name, nofollow)
             self.owns_fd = True
             self.nbytes = st.st_size
         elif hasattr(f, "read"):
@@ -721,6 +728,45 @@ class Source:
 # --------------------------------------------------------------------------- saving
 
 
+@dataclass(frozen=True)
+class Held:
+    """Bytes a file already holds: storage `storage` of `file`."""
+
+    file: str
+    storage: int
+    nbytes: int
+    crc32c: int
+
+
+class Reuse:
+    """An incremental save (CheckpointManager): storages whose XXH3-128 digest is in
+    `index` are not written but referred to (format 1.1). After the save, `digests`
+    holds each storage's digest (None for one not hashed: empty or in device memory),
+    `refs` the storages referred to, and `crcs` every storage's CRC32C."""
+
+    def __init__(self, index: dict[bytes, Held]) -> None:
+        self.index = index
+        self.digests: list[bytes | None] = []
+        self.refs: dict[int, Held] = {}
+        self.nbytes = np.zeros(0, dtype=np.uint64)
+        self.crcs = np.zeros(0, dtype=np.uint32)
+
+    def choose(self, plan: SavePlan, threads: int) -> dict[int, tuple[str, int]]:
+        dev = np.array(plan.devices, dtype=object)
+        hashed = np.flatnonzero((plan.nbytes > 0) & (dev == "cpu"))
+        digests = _engine.hash_regions(
+            addresses=_u64(plan.ptrs[hashed]), nbytes=_u64(plan.nbytes[hashed]), num_threads=threads
+        )
+        self.digests = [None] * len(plan.nbytes)
+        self.nbytes = plan.nbytes.copy()
+        for s, d in zip(hashed.tolist(), digests):
+            self.digests[s] = d
+            held = self.index.get(d)
+            if held is not None and held.nbytes == int(plan.nbytes[s]):
+                self.refs[s] = held
+        return {s: (h.file, h.storage) for s, h in self.refs.items()}
+
+
 def save(
     obj: Any,
     f: FileLike,
@@ -729,15 +775,27 @@ def save(
     num_threads: int | None,
     metadata: dict[str, str] | None,
     saved_from: dict[int, str] | None = None,
+    reuse: Reuse | None = None,
 ) -> None:
     """A save, its arguments checked: plan, encode, write. Call with the collector paused.
     `saved_from` maps id(tensor) to the device to record for its storage, for copies that
-    stand in for tensors elsewhere (async_save's snapshots of CUDA tensors)."""
-    plan, header, crc_pos = plan_and_encode(obj, metadata, saved_from)
-    total = native.file_nbytes(len(header), plan.offsets, plan.nbytes)
+    stand in for tensors elsewhere (async_save's snapshots of CUDA tensors). `reuse`
+    (a path only) makes it incremental."""
     threads = _config.num_threads(num_threads)
+    choose = None
+    if reuse is not None:
+        if not isinstance(f, (str, os.PathLike)):
+            raise TypeError("tensorfile: an incremental save needs a path")
+        choose = functools.partial(reuse.choose, threads=threads)
+    plan, header, crc_pos = plan_and_encode(obj, metadata, saved_from, choose)
+    refs = reuse.refs if reuse is not None else {}
+    nbytes = plan.nbytes.copy()
+    nbytes[list(refs)] = 0  # held elsewhere
+    total = native.file_nbytes(len(header), plan.offsets, nbytes)
     if isinstance(f, (str, os.PathLike)):
-        _write_path(os.fspath(f), plan, header, crc_pos, total, threads, durable)
+        crcs = _write_path(os.fspath(f), plan, header, crc_pos, total, threads, durable, refs)
+        if reuse is not None:
+            reuse.crcs = crcs
     else:
         _write_stream(f, plan, header, crc_pos, total, threads)
 
@@ -750,24 +808,44 @@ def _write_path(
     total: int,
     threads: int,
     durable: bool,
-) -> None:
+    refs: dict[int, Held],
+) -> np.ndarray:
     base = np.uint64(native.data_start(len(header)))
+    keep = np.ones(len(plan.nbytes), dtype=bool)
+    keep[list(refs)] = False
+    before = None
+    if refs:
+        # An incremental save records the digest taken before the write as the identity of
+        # the bytes written: a storage changed by another thread in between would give a
+        # later save a wrong match, so the bytes written must have the checksum they had.
+        dev = np.array(plan.devices, dtype=object)
+        host = keep & (plan.nbytes > 0) & (dev == "cpu")
+        before = (host, checksum_host(plan.ptrs[host], plan.nbytes[host], threads=threads))
     with atomic_file(path, total, durable) as fd:
-        crcs = write_storages(
+        crcs = np.zeros(len(plan.nbytes), dtype=np.uint32)
+        crcs[keep] = write_storages(
             fd,
             path,
             f"/proc/self/fd/{fd}",
-            plan.devices,
-            plan.ptrs,
-            plan.nbytes,
-            plan.offsets + base,
+            [d for d, k in zip(plan.devices, keep.tolist()) if k],
+            plan.ptrs[keep],
+            plan.nbytes[keep],
+            plan.offsets[keep] + base,
             threads,
             writeback=durable,
         )
+        if before is not None and not np.array_equal(crcs[before[0]], before[1]):
+            raise RuntimeError(
+                f"tensorfile.save: {path}: a tensor changed while it was being saved "
+                "(another thread wrote to it); nothing was written"
+            )
+        for s, held in refs.items():
+            crcs[s] = held.crc32c
         native.set_checksums(header, crc_pos, crcs)
-        head = native.make_preamble(header, total) + bytes(header)
+        head = native.make_preamble(header, total, 1 if refs else 0) + bytes(header)
         phase("header")
         pwrite_all(fd, head, 0)
+    return crcs
 
 
 def write_storages(

@@ -340,7 +340,10 @@ def _allocation_start(a: np.ndarray, lo: int) -> int:
 
 
 def plan_and_encode(
-    obj: Any, metadata: dict[str, str] | None, saved_from: dict[int, str] | None = None
+    obj: Any,
+    metadata: dict[str, str] | None,
+    saved_from: dict[int, str] | None = None,
+    choose_refs: Callable[[SavePlan], dict[int, tuple[str, int]]] | None = None,
 ) -> tuple[SavePlan, bytearray, int]:
     """Everything a save does per tensor before bytes move: flatten the object, plan the
     storages, encode the header. Returns (plan, header, position of its CRC field). Call
@@ -361,8 +364,11 @@ def plan_and_encode(
             device = saved_from.get(id(leaf))
             if device is not None:
                 recorded[int(plan.table.storage[i])] = device
+    refs = choose_refs(plan) if choose_refs is not None else {}
+    if refs:  # their bytes stay where they are: they take no room in this file
+        plan.offsets = native.canonical_offsets(plan.nbytes, refs)
     header, crc_pos = native.encode_header(
-        tree, plan.table, plan.offsets, plan.nbytes, recorded, meta
+        tree, plan.table, plan.offsets, plan.nbytes, recorded, meta, refs
     )
     if len(header) > native.MAX_HEADER_NBYTES:
         raise ValueError(

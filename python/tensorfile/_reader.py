@@ -4,6 +4,7 @@ rebuilds tensors and the object graph."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -14,10 +15,11 @@ from ._tree import Builder, key_index, no_gc
 from .formats import Layout, TensorRow, native, safetensors, sniff, torchzip
 
 
-def open_reader(f: FileLike, verify: bool = True) -> Reader:
-    """Opens `f` (a path or a binary stream) with the parser its first bytes call for: a
-    tensorfile, a torch.save zip or a safetensors file (the file's name plays no part)."""
-    src = _io.Source(f)
+def open_reader(f: FileLike | _io.Source, verify: bool = True) -> Reader:
+    """Opens `f` (a path, a binary stream or an opened source) with the parser its first
+    bytes call for: a tensorfile, a torch.save zip or a safetensors file (the file's name
+    plays no part)."""
+    src = f if isinstance(f, _io.Source) else _io.Source(f)
     try:
         head = src.read(native.PREAMBLE_NBYTES, 0)
         kind = sniff(head)
@@ -32,10 +34,61 @@ def open_reader(f: FileLike, verify: bool = True) -> Reader:
             )
         layout, pad = native.read_layout(src.read, src.nbytes, head, src.name, verify)
         _io.check_padding(src.name, pad, layout.header_end)
-        return Reader(src, layout)
+        reader = Reader(src, layout)
+        if layout.storage_refs:
+            _open_holders(reader, verify)
+        return reader
     except BaseException:
         src.close()
         raise
+
+
+def _open_holders(reader: Reader, verify: bool) -> None:
+    """Opens the files that hold the bytes of `reader`'s referenced storages (format 1.1,
+    written by incremental checkpoints): tensorfiles in the same directory, opened without
+    following links, whose storage must have the same size, checksum and kind and hold
+    its bytes itself."""
+    name, lay = reader.name, reader.layout
+    if reader.src.fd is None:
+        raise FormatError(
+            f"{name}: its storages refer to other files of its directory; open it by path"
+        )
+    directory = os.path.dirname(os.path.abspath(name))
+    try:
+        for s, (file, j) in sorted(lay.storage_refs.items()):
+            holder = reader.holders.get(file)
+            if holder is None:
+                try:
+                    src = _io.Source(os.path.join(directory, file), nofollow=True)
+                except FileNotFoundError:
+                    raise FormatError(
+                        f"{name}: storage {s} refers to {file}, which is missing "
+                        "(a checkpoint it depends on was removed)"
+                    ) from None
+                holder = reader.holders[file] = open_reader(src, verify)
+            why = _holder_mismatch(holder, j, lay, s)
+            if why:
+                raise FormatError(f"{name}: storage {s} refers to storage {j} of {file}, {why}")
+    except BaseException:
+        reader.close()
+        raise
+
+
+def _holder_mismatch(holder: Reader, j: int, lay: Layout, s: int) -> str | None:
+    h = holder.layout
+    if holder.format != "tensorfile":
+        return f"which is a {holder.format} file, not a tensorfile"
+    if j >= len(h.storage_kind):
+        return f"but that file has {len(h.storage_kind)} storages"
+    if j in h.storage_refs:
+        return "which is itself a reference (references must name the file holding the bytes)"
+    if int(h.storage_nbytes[j]) != int(lay.storage_nbytes[s]):
+        return f"which holds {int(h.storage_nbytes[j])} bytes, not {int(lay.storage_nbytes[s])}"
+    if int(h.storage_crcs[j]) != int(lay.storage_crcs[s]):
+        return "whose checksum differs (a different file under that name)"
+    if h.storage_kind[j] != lay.storage_kind[s]:
+        return f"which holds {h.storage_kind[j]} tensors, not {lay.storage_kind[s]}"
+    return None
 
 
 def _torch_layout(src: _io.Source) -> Layout:
@@ -81,6 +134,7 @@ class Reader:
         self.name = src.name
         self._keys: dict[str, int] | None = None
         self.ambiguous: set[str] = set()
+        self.holders: dict[str, Reader] = {}  # the files referenced storages are read from
 
     @property
     def format(self) -> str:
@@ -188,8 +242,61 @@ class Reader:
         use_mmap: bool,
         into: dict[int, Any] | None = None,
     ) -> dict[int, Any]:
-        """Storages `which` (all when None), read and checked; see _io.read_storages."""
-        return _io.read_storages(self, which, map_location, verify, threads, use_mmap, into)
+        """Storages `which` (all when None), read and checked; see _io.read_storages.
+        Referenced storages are read from the files holding them, each file's share in
+        one call, as if they were that file's own."""
+        refs = self.layout.storage_refs
+        if not refs:
+            return _io.read_storages(self, which, map_location, verify, threads, use_mmap, into)
+        idx = range(len(self.layout.storage_kind)) if which is None else which
+        into = into or {}
+        local = [s for s in idx if s not in refs]
+        out = _io.read_storages(
+            self,
+            local,
+            map_location,
+            verify,
+            threads,
+            use_mmap,
+            {s: t for s, t in into.items() if s not in refs},
+            whole=which is None,
+        )
+        by_file: dict[str, list[int]] = {}
+        for s in idx:
+            if s in refs:
+                by_file.setdefault(refs[s][0], []).append(s)
+        for file, ours in by_file.items():
+            holder = self.holders[file]
+            while ours:  # in rounds: two storages with the same bytes still load as two
+                batch: dict[int, int] = {}
+                rest = []
+                for s in ours:
+                    j = refs[s][1]
+                    if j in batch:
+                        rest.append(s)
+                    else:
+                        batch[j] = s
+                        holder.layout.storage_device[j] = self.layout.storage_device[s]
+                got = _io.read_storages(
+                    holder,
+                    list(batch),
+                    map_location,
+                    verify,
+                    threads,
+                    use_mmap,
+                    {j: into[s] for j, s in batch.items() if s in into},
+                )
+                out.update({s: got[j] for j, s in batch.items()})
+                ours = rest
+        return out
+
+    def byte_source(self, s: int) -> tuple[int, int]:
+        """(descriptor, absolute offset) of storage s's bytes, in this file or in the file
+        holding a referenced storage; for a file opened by path."""
+        ref = self.layout.storage_refs.get(s)
+        reader, j = (self, s) if ref is None else (self.holders[ref[0]], ref[1])
+        assert reader.src.fd is not None
+        return reader.src.fd, int(reader.layout.storage_offsets[j])
 
     def build_tensor(
         self,
@@ -269,6 +376,8 @@ class Reader:
         return Builder(lambda tag, i: tensors[i], tensors).build(self.layout.tree)
 
     def close(self) -> None:
+        for holder in self.holders.values():
+            holder.close()
         self.src.close()
 
     def __enter__(self) -> Reader:

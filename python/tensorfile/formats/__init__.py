@@ -5,7 +5,7 @@ their first bytes (never by the file name)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -84,14 +84,17 @@ class Layout:
     version: str = ""
     header_nbytes: int = 0
     archive: Any = None  # torch.save: the unpickled records and object root
+    # format 1.1: storage -> (file name in the same directory, storage index there) for the
+    # storages whose bytes another file holds (incremental checkpoints)
+    storage_refs: dict[int, tuple[str, int]] = field(default_factory=dict)
 
 
 def layout_difference(a: Layout, b: Layout) -> str | None:
     """The first field in which two layouts differ, or None: arrays by dtype and values,
     lazily built lists by their items, everything else by type and value. The engine's
     decoder and the reference validator must agree exactly (tests and the fuzzer)."""
-    for field in Layout.__dataclass_fields__:
-        x, y = getattr(a, field), getattr(b, field)
+    for name in Layout.__dataclass_fields__:
+        x, y = getattr(a, name), getattr(b, name)
         if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
             same = type(x) is type(y) and x.dtype == y.dtype and np.array_equal(x, y)
         else:
@@ -99,7 +102,7 @@ def layout_difference(a: Layout, b: Layout) -> str | None:
             y = list(y) if isinstance(y, LazyRows) else y
             same = type(x) is type(y) and x == y
         if not same:
-            return field
+            return name
     return None
 
 

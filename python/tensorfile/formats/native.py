@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -25,7 +25,7 @@ from . import FLAG_REQUIRES_GRAD, Layout, LazyRows, TensorRow
 
 MAGIC = b"TNSRFILE"
 MAJOR = 1
-MINOR = 0
+MINOR = 1  # the newest minor version this module reads and writes (docs/format.md §11)
 PREAMBLE = struct.Struct(
     "<8sHHIQQ"
 )  # magic, major, minor, header crc32c, header nbytes, file nbytes
@@ -38,6 +38,8 @@ _MAX_JSON_DEPTH = 1000  # far past the deepest tree a save makes (_tree.MAX_DEPT
 
 _HEADER_KEYS = ("tree", "tensors", "storages", "metadata", "crc32c")
 _LOWER_HEX = re.compile(r"[0-9a-f]*")
+# A storage reference names a file of the same directory: no separator, no leading dot.
+REF_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
 _STORAGE_DEVICE = re.compile(r"cpu|cuda(?::(?:0|[1-9][0-9]{0,4}))?")
 
 
@@ -140,12 +142,14 @@ def encode_header(
     storage_nbytes: np.ndarray,
     storage_devices: list[str],
     metadata: dict[str, str],
+    refs: dict[int, tuple[str, int]] | None = None,
 ) -> tuple[bytearray, int]:
     """The header with every checksum zero; returns it and where the checksum hex begins,
     so `set_checksums` can fill them in once the data has been written. The checksum
     field is fixed-width, so the header's length never depends on the checksums. The
     bytes are those of json.dumps with compact separators over the header object; the
-    engine writes the two tables."""
+    engine writes the two tables. `refs` (format 1.1) maps storages to the (file, storage
+    index) holding their bytes; their offsets take no room (`canonical_offsets`)."""
     devices = sorted(set(storage_devices))
     if any(not valid_storage_device(d) for d in devices):
         raise ValueError(f"storage devices must be cpu or cuda[:index], got {devices}")
@@ -159,6 +163,11 @@ def encode_header(
         t.kind, t.storage, t.dtype, t.dim_begin, t.ndim, t.offset, t.flags, t.shapes, t.strides,
         t.dtype_names, storage_offsets, storage_nbytes, device, devices,
     )  # fmt: skip
+    if refs:
+        rows = json.loads(storage_rows)
+        for s, (file, index) in refs.items():
+            rows[s].append(["ref", file, index])
+        storage_rows = json.dumps(rows, separators=(",", ":")).encode("ascii")
     head = b"".join(
         (
             b'{"tree":',
@@ -188,9 +197,11 @@ def header_crc(preamble_wo_crc: bytes, header: bytes | bytearray | memoryview) -
     return int(_engine.crc32c(header, crc))
 
 
-def make_preamble(header: bytes | bytearray, total_nbytes: int) -> bytes:
-    draft = PREAMBLE.pack(MAGIC, MAJOR, MINOR, 0, len(header), total_nbytes)
-    return PREAMBLE.pack(MAGIC, MAJOR, MINOR, header_crc(draft, header), len(header), total_nbytes)
+def make_preamble(header: bytes | bytearray, total_nbytes: int, minor: int = 0) -> bytes:
+    """The preamble of `header`; `minor` is 1 for a file with storage references (the
+    oldest version that reads it), 0 otherwise."""
+    draft = PREAMBLE.pack(MAGIC, MAJOR, minor, 0, len(header), total_nbytes)
+    return PREAMBLE.pack(MAGIC, MAJOR, minor, header_crc(draft, header), len(header), total_nbytes)
 
 
 @dataclass
@@ -411,12 +422,21 @@ def parse_header_reference(raw: bytes | bytearray | memoryview, pre: Preamble, n
     sizes: list[int] = []
     devices: list[str] = []
     cursor = 0
+    refs: dict[int, tuple[str, int]] = {}
     for i, row in enumerate(storages):
-        if type(row) is not list or len(row) != 3:
+        if type(row) is not list or len(row) not in (3, 4):
             raise _bad(name, f"storage {i} must be [offset, nbytes, device]")
-        off, nb, dev = row
+        if len(row) == 4 and pre.minor < 1:
+            raise _bad(
+                name,
+                f"storage {i} has a fourth item (a storage reference), which needs format "
+                f"1.1; the file says {pre.major}.{pre.minor}",
+            )
+        off, nb, dev = row[:3]
         if not _is_index(off) or not _is_index(nb):
             raise _bad(name, f"storage {i}: offset and nbytes must be integers in [0, 2^63)")
+        if len(row) == 4:
+            refs[i] = _parse_ref(name, i, row[3], nb)
         if off != cursor:
             why = "overlaps the previous one" if off < cursor else "is not where the layout puts it"
             raise _bad(
@@ -428,10 +448,11 @@ def parse_header_reference(raw: bytes | bytearray | memoryview, pre: Preamble, n
         offsets.append(off)
         sizes.append(nb)
         devices.append(dev)
-        cursor = align_up(off + nb)
+        cursor = align_up(off + (0 if i in refs else nb))
         if cursor > MAX_INT:
             raise _bad(name, f"storage {i} ends beyond 2^63 bytes")
-    expected_end = file_nbytes(pre.header_nbytes, offsets, sizes)
+    here = [0 if i in refs else nb for i, nb in enumerate(sizes)]
+    expected_end = file_nbytes(pre.header_nbytes, offsets, here)
     if expected_end != pre.file_nbytes:
         raise _bad(
             name,
@@ -547,7 +568,41 @@ def parse_header_reference(raw: bytes | bytearray | memoryview, pre: Preamble, n
         header_end=PREAMBLE_NBYTES + pre.header_nbytes,
         file_nbytes=pre.file_nbytes,
         minor=pre.minor,
+        storage_refs=refs,
     )
+
+
+def _parse_ref(name: str, i: int, item: Any, nbytes: int) -> tuple[str, int]:
+    """A storage reference, ["ref", file, index]: the storage's bytes are storage `index`
+    of `file`, a tensorfile in the same directory (docs/format.md §4.6)."""
+    if (
+        type(item) is not list
+        or len(item) != 3
+        or item[0] != "ref"
+        or type(item[1]) is not str
+        or not _is_index(item[2])
+    ):
+        raise _bad(name, f'storage {i}: a reference must be ["ref", file name, storage index]')
+    if not REF_NAME.fullmatch(item[1]):
+        raise _bad(
+            name,
+            f"storage {i} refers to {item[1]!r:.80}, not a file name of the same directory",
+        )
+    if nbytes == 0:
+        raise _bad(name, f"storage {i}: an empty storage cannot be a reference")
+    return item[1], item[2]
+
+
+def canonical_offsets(nbytes: np.ndarray, refs: Iterable[int] = ()) -> np.ndarray:
+    """Data-section offsets of storages of `nbytes` bytes (§5.1); storages in `refs`
+    take no room."""
+    here = nbytes.copy()
+    here[list(refs)] = 0
+    mask = np.uint64(ALIGN - 1)
+    aligned = (here + mask) & ~mask
+    offsets = np.zeros(len(aligned), dtype=np.uint64)
+    np.cumsum(aligned[:-1], out=offsets[1:])
+    return offsets
 
 
 def _reject_constant(token: str) -> Any:
