@@ -77,21 +77,35 @@ def async_save(obj: Any, f: Any, **save_kwargs: Any) -> SaveFuture:
     A save to a path that another async_save is still writing starts after that one
     ends, so the last call wins. Thread-safe.
     """
-    from . import _io
-    from ._tree import no_gc
 
     if not isinstance(f, (str, os.PathLike)):
         raise TypeError(
             f"tensorfile.async_save: f must be a path, got {type(f).__name__} "
             "(a stream may be written to by the caller while the save runs)"
         )
-    target = os.path.abspath(os.fspath(f))
-    snapshot, buf, saved_from = _snapshot(obj)
     durable = save_kwargs.pop("durable", True)
     num_threads = save_kwargs.pop("num_threads", None)
     metadata = save_kwargs.pop("metadata", None)
     if save_kwargs:
         raise TypeError(f"tensorfile.async_save: unexpected argument {next(iter(save_kwargs))!r}")
+    return save_in_background(obj, f, durable=durable, num_threads=num_threads, metadata=metadata)
+
+
+def save_in_background(
+    obj: Any,
+    f: str | os.PathLike[str],
+    *,
+    durable: bool,
+    num_threads: int | None,
+    metadata: dict[str, str] | None,
+    reuse: Any = None,
+) -> SaveFuture:
+    """async_save with its arguments parsed; `reuse` (an _io.Reuse) makes it incremental."""
+    from . import _io
+    from ._tree import no_gc
+
+    target = os.path.abspath(os.fspath(f))
+    snapshot, buf, saved_from = _snapshot(obj)
     fut = SaveFuture()
     fut.path = target
     fut.set_running_or_notify_cancel()
@@ -112,6 +126,7 @@ def async_save(obj: Any, f: Any, **save_kwargs: Any) -> SaveFuture:
                     num_threads=num_threads,
                     metadata=metadata,
                     saved_from=saved_from,
+                    reuse=reuse,
                 )
         except BaseException as e:
             error = e

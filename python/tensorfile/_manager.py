@@ -41,6 +41,7 @@ from ._runs import (
     record_name,
     retained,
 )
+from ._tree import no_gc
 
 
 def _remove_path(path: str) -> None:
@@ -112,8 +113,10 @@ class CheckpointManager:
     step through tensorfile.dcp: every rank calls save and load together with its sharded
     state dict; rank 0 holds the lock, commits and applies retention.
 
-    `incremental` is accepted for forward compatibility and has no effect yet: every save
-    writes all of its bytes. `durable=False` skips the fsyncs (commits stay atomic).
+    `incremental=True` (format "tensorfile"): a storage whose bytes (by XXH3-128 digest
+    and size) equal one a committed checkpoint holds is not written again; the new file
+    refers to it (format 1.1), and a data file stays until no committed checkpoint needs
+    it. `durable=False` skips the fsyncs (commits stay atomic).
     Not thread-safe: call it from one thread (block=False saves run in their own).
     """
 
@@ -241,6 +244,9 @@ class CheckpointManager:
                 return f"its data {rec.data} is not a regular file"
             if st.st_size != rec.nbytes:
                 return f"its data {rec.data} holds {st.st_size} bytes, the commit recorded {rec.nbytes}"
+            for held in sorted(rec.uses() - {rec.data}):
+                if not os.path.isfile(os.path.join(self.directory, held)):
+                    return f"{held}, which holds some of its storages, is missing"
             return None
         from .dcp import METADATA_NAME
 
@@ -419,23 +425,32 @@ class CheckpointManager:
             return None
         name = f"step-{step:08d}.{secrets.token_hex(4)}.tf"
         target = os.path.join(self.directory, name)
+        reuse = _io.Reuse(self._held()) if self.incremental else None
         _files.phase("manager:data")
         if block:
-            from .api import save
-
-            save(obj, target, durable=self.durable, metadata=meta or None)
-            self._commit(step, name, plain, meta)
+            with no_gc():
+                _io.save(
+                    obj,
+                    target,
+                    durable=self.durable,
+                    num_threads=None,
+                    metadata=meta or None,
+                    reuse=reuse,
+                )
+            self._commit(step, name, plain, meta, reuse)
             return None
-        from ._async import async_save
+        from ._async import save_in_background
 
-        written = async_save(obj, target, durable=self.durable, metadata=meta or None)
+        written = save_in_background(
+            obj, target, durable=self.durable, num_threads=None, metadata=meta or None, reuse=reuse
+        )
         fut: concurrent.futures.Future[None] = concurrent.futures.Future()
         fut.set_running_or_notify_cancel()
 
         def finish() -> None:
             try:
                 written.result()
-                self._commit(step, name, plain, meta)
+                self._commit(step, name, plain, meta, reuse)
             except BaseException as e:
                 self._errors.append(e)
                 fut.set_exception(e)
@@ -446,8 +461,22 @@ class CheckpointManager:
         self._pending = fut
         return fut
 
+    def _held(self) -> dict[bytes, _io.Held]:
+        """{digest: where those bytes lie} over the committed checkpoints' storages."""
+        index: dict[bytes, _io.Held] = {}
+        for rec in self._committed().values():
+            for digest, holder, j, nbytes, crc in rec.storages or ():
+                if digest is not None:
+                    index.setdefault(bytes.fromhex(digest), _io.Held(holder, j, nbytes, crc))
+        return index
+
     def _commit(
-        self, step: int, name: str, metrics: dict[str, Any], metadata: dict[str, str]
+        self,
+        step: int,
+        name: str,
+        metrics: dict[str, Any],
+        metadata: dict[str, str],
+        reuse: _io.Reuse | None = None,
     ) -> None:
         """Writes the commit record of data `name` (already in place), then removes the
         data it replaces and applies retention."""
@@ -459,7 +488,15 @@ class CheckpointManager:
                 sequence = 1 + max((e.record.sequence for e in entries if e.record), default=0)
                 nbytes = os.lstat(path).st_size if self.format == "tensorfile" else None
                 rec = Record(
-                    step, sequence, name, self.format, nbytes, metrics, metadata, time.time()
+                    step,
+                    sequence,
+                    name,
+                    self.format,
+                    nbytes,
+                    metrics,
+                    metadata,
+                    time.time(),
+                    None if reuse is None else _storage_rows(name, reuse),
                 )
                 blob = rec.to_json()
                 _files.phase("manager:record")
@@ -473,7 +510,7 @@ class CheckpointManager:
                 raise
             _files.phase("manager:committed")
             if before is not None and before.data != name:
-                _remove_path(os.path.join(self.directory, before.data))
+                self._sweep([before.data])
             self._apply_retention()
 
     def _apply_retention(self) -> None:
@@ -499,9 +536,26 @@ class CheckpointManager:
             _files.phase("manager:uncommitted")
         if self.durable:
             _files.fsync_dir(self.directory)
-        for rec in records:
-            _remove_path(os.path.join(self.directory, rec.data))
-            _files.phase("manager:removed")
+        self._sweep([rec.data for rec in records])
+
+    def _sweep(self, candidates: list[str]) -> None:
+        """Removes the data files among `candidates`, and the files held only for their
+        storages, that no committed checkpoint needs any more (incremental checkpoints
+        refer to the storages of older files)."""
+        needed: set[str] = set()
+        for e in self._scan():
+            if e.record is not None:
+                needed |= e.record.uses()
+        held = {
+            n
+            for n in os.listdir(self.directory)
+            if DATA_NAME.match(n) and n not in needed and n.endswith(".tf")
+        }
+        for name in dict.fromkeys([*candidates, *sorted(held)]):
+            if name not in needed:
+                with contextlib.suppress(FileNotFoundError):
+                    _remove_path(os.path.join(self.directory, name))
+                _files.phase("manager:removed")
 
     def delete(self, step: int) -> None:
         """Removes the checkpoint of `step` (committed or not whole); FileNotFoundError if
@@ -529,7 +583,10 @@ class CheckpointManager:
         and removed checkpoints killed mid-removal) and temporary files of dead writers.
         Data of a step whose record cannot be read is left alone."""
         entries = self._scan()
-        named = {e.record.data for e in entries if e.record is not None}
+        named: set[str] = set()
+        for e in entries:
+            if e.record is not None:
+                named |= e.record.uses()
         unreadable = {e.step for e in entries if e.record is None}
         for name in os.listdir(self.directory):
             m = DATA_NAME.match(name)
@@ -605,6 +662,18 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r}, format={self.format!r})"
+
+
+def _storage_rows(name: str, reuse: _io.Reuse) -> list[list[Any]]:
+    """The record's storage rows: each storage's digest and the file holding its bytes."""
+    rows: list[list[Any]] = []
+    for s, (digest, nbytes, crc) in enumerate(
+        zip(reuse.digests, reuse.nbytes.tolist(), reuse.crcs.tolist())
+    ):
+        held = reuse.refs.get(s)
+        holder, j = (name, s) if held is None else (held.file, held.storage)
+        rows.append([None if digest is None else digest.hex(), holder, j, nbytes, crc])
+    return rows
 
 
 def _dcp_damage(err: BaseException) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 from ._errors import FormatError
 
 RECORD_FORMAT = "tensorfile-manager"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2 added "storages" (incremental saves); version 1 records are read too
 LOCK_NAME = ".tensorfile-manager.lock"
 MAX_RECORD_NBYTES = 16 << 20
 FORMATS = ("tensorfile", "dcp")
@@ -49,6 +49,17 @@ class Record:
     metrics: dict[str, Any]
     metadata: dict[str, str]
     saved_at: float
+    # Incremental saves: per storage of the file, [XXH3-128 hex or None, the data file
+    # holding its bytes (this one's or an older checkpoint's), storage index there, nbytes,
+    # CRC32C]. None for a full save.
+    storages: list[list[Any]] | None = None
+
+    def uses(self) -> set[str]:
+        """The data files this checkpoint needs: its own and those holding its storages."""
+        out = {self.data}
+        for row in self.storages or ():
+            out.add(row[1])
+        return out
 
     def to_json(self) -> bytes:
         doc = {"format": RECORD_FORMAT, "format_version": RECORD_VERSION}
@@ -174,7 +185,7 @@ def parse_record(blob: bytes, where: str, step: int) -> Record:
         raise FormatError(f"{where}: not valid JSON ({e}); the commit record is damaged") from None
     if not isinstance(doc, dict) or doc.get("format") != RECORD_FORMAT:
         raise FormatError(f"{where}: not a tensorfile checkpoint manager record")
-    if doc.get("format_version") != RECORD_VERSION:
+    if doc.get("format_version") not in (1, RECORD_VERSION):
         raise FormatError(
             f"{where}: record format version {doc.get('format_version')!r}; this tensorfile "
             f"reads version {RECORD_VERSION} (upgrade tensorfile to read it)"
@@ -208,4 +219,30 @@ def parse_record(blob: bytes, where: str, step: int) -> Record:
     if not all(type(v) is str for v in metadata.values()):
         raise FormatError(f"{where}: metadata values must be strings")
     saved_at = field("saved_at", (float, int))
-    return Record(step, sequence, data, kind, nbytes, metrics, metadata, float(saved_at))
+    storages = doc.get("storages")
+    if storages is not None:
+        if kind != "tensorfile" or type(storages) is not list:
+            raise FormatError(f"{where}: field 'storages' does not fit a {kind!r} checkpoint")
+        for i, row in enumerate(storages):
+            if not _storage_row_ok(row):
+                raise FormatError(
+                    f"{where}: storage {i} is not [digest, data name, index, nbytes, crc]"
+                )
+    return Record(step, sequence, data, kind, nbytes, metrics, metadata, float(saved_at), storages)
+
+
+def _storage_row_ok(row: Any) -> bool:
+    if type(row) is not list or len(row) != 5:
+        return False
+    digest, holder, index, nbytes, crc = row
+    return (
+        (
+            digest is None
+            or (type(digest) is str and re.fullmatch(r"[0-9a-f]{32}", digest) is not None)
+        )
+        and type(holder) is str
+        and (m := DATA_NAME.match(holder)) is not None
+        and m[2] == "tf"
+        and all(type(v) is int and v >= 0 for v in (index, nbytes, crc))
+        and crc < 2**32
+    )
