@@ -30,12 +30,15 @@ import numpy as np
 
 KEEP_LAST = 2
 NUMEL = 1 << 20  # 8 MiB of float64: the data write takes a while to land kills in
+FROZEN = 1 << 16
 
 
 def payload(step: int) -> dict[str, Any]:
     return {
         "step": step,
         "w": np.full(NUMEL, float(step)),
+        # the same for two steps in a row: incremental saves refer to the older file's
+        "frozen": np.full(FROZEN, float(step // 2)),
         "small": [np.full(i + 1, step, dtype=np.int32) for i in range(8)],
     }
 
@@ -43,6 +46,7 @@ def payload(step: int) -> dict[str, Any]:
 def check_payload(obj: Any, step: int) -> None:
     assert obj["step"] == step, (obj["step"], step)
     assert obj["w"].shape == (NUMEL,) and bool((obj["w"] == float(step)).all()), step
+    assert bool((obj["frozen"] == float(step // 2)).all()), step
     for i, a in enumerate(obj["small"]):
         assert a.shape == (i + 1,) and bool((a == step).all()), (step, i)
 

@@ -620,7 +620,14 @@ def _check_after_kill(directory: Path, history: list[int], log: list[str]) -> No
         names = _names(directory)
         want = {LOCK_NAME} | {f"step-{s:08d}.json" for s in steps}
         want |= {os.path.basename(mgr.path(s)) for s in steps}
+        want |= {held for s in steps for held in _holders(directory, s)}
         assert names == want, (sorted(names - want), sorted(want - names))
+
+
+def _holders(directory: Path, step: int) -> set[str]:
+    """The data files an incremental checkpoint's storages are read from."""
+    doc = json.loads((directory / f"step-{step:08d}.json").read_text())
+    return {row[1] for row in doc.get("storages") or ()}
 
 
 def _kill_trials(ctx: Any, tmp_path: Path, moments: list[tuple[int, float]]) -> list[int]:

@@ -15,10 +15,11 @@ from ._tree import Builder, key_index, no_gc
 from .formats import Layout, TensorRow, native, safetensors, sniff, torchzip
 
 
-def open_reader(f: FileLike | _io.Source, verify: bool = True) -> Reader:
+def open_reader(f: FileLike | _io.Source, verify: bool = True, *, holders: bool = True) -> Reader:
     """Opens `f` (a path, a binary stream or an opened source) with the parser its first
     bytes call for: a tensorfile, a torch.save zip or a safetensors file (the file's name
-    plays no part)."""
+    plays no part). `holders=False` leaves the files its referenced storages lie in
+    unopened (a holder is read only for the storages it holds itself)."""
     src = f if isinstance(f, _io.Source) else _io.Source(f)
     try:
         head = src.read(native.PREAMBLE_NBYTES, 0)
@@ -35,7 +36,7 @@ def open_reader(f: FileLike | _io.Source, verify: bool = True) -> Reader:
         layout, pad = native.read_layout(src.read, src.nbytes, head, src.name, verify)
         _io.check_padding(src.name, pad, layout.header_end)
         reader = Reader(src, layout)
-        if layout.storage_refs:
+        if layout.storage_refs and holders:
             _open_holders(reader, verify)
         return reader
     except BaseException:
@@ -65,7 +66,7 @@ def _open_holders(reader: Reader, verify: bool) -> None:
                         f"{name}: storage {s} refers to {file}, which is missing "
                         "(a checkpoint it depends on was removed)"
                     ) from None
-                holder = reader.holders[file] = open_reader(src, verify)
+                holder = reader.holders[file] = open_reader(src, verify, holders=False)
             why = _holder_mismatch(holder, j, lay, s)
             if why:
                 raise FormatError(f"{name}: storage {s} refers to storage {j} of {file}, {why}")

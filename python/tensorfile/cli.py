@@ -187,6 +187,8 @@ def describe_file(path: str) -> dict[str, Any]:
             numel = 1
             for d in shape:
                 numel *= d
+            held = lay.storage_refs.get(s)  # format 1.1: its bytes lie in another file
+            where = reader.byte_source(s)[1] if held else int(lay.storage_offsets[s])
             tensors.append(
                 {
                     "key": key,
@@ -194,7 +196,8 @@ def describe_file(path: str) -> dict[str, Any]:
                     "dtype": dtype,
                     "shape": list(shape),
                     "nbytes": numel * ITEMSIZE[kind][dtype],
-                    "file_offset": int(lay.storage_offsets[s]) + off,
+                    "file_offset": where + off,
+                    "held_in": held[0] if held else None,
                     "device": lay.storage_device[s],
                     "storage": s,
                 }
@@ -293,7 +296,7 @@ def inspect(file: str, as_json: bool) -> None:
             t["dtype"],
             "x".join(map(str, t["shape"])) or "()",
             f"{t['nbytes']:,}",
-            str(t["file_offset"]),
+            (f"{t['held_in']}:" if t["held_in"] else "") + str(t["file_offset"]),
             t["device"],
         )
         for t in info["tensors"]
