@@ -22,12 +22,9 @@ import numpy as np
 from .._dtypes import TORCH_GRAD_DTYPES, TORCH_ITEMSIZE
 from .._errors import FormatError
 from .._layout import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, Layout, TensorRow
-from .torchpickle import (
-    MAX_DEPTH,
-    StorageRef,
-    TensorRecord,
-    unpickle,
-)
+from .picklebounds import MAX_DEPTH
+from .torchglobals import StorageRef, TensorRecord
+from .torchpickle import unpickle
 
 MAX_PICKLE_NBYTES = 1 << 30
 
