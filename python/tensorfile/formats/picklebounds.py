@@ -1,6 +1,6 @@
 """The bounds the torch.save unpickler keeps, so that what it builds costs time and memory in
-proportion to the pickle: a budget for copies, the measure of every dict key and set element
-before it is hashed, and the depth of the finished graph."""
+proportion to the pickle: a budget for copies and key hashing, the measure of every dict key
+and set element before it is hashed, and the depth and unfolded size of the finished graph."""
 
 from __future__ import annotations
 
@@ -17,18 +17,33 @@ CONTAINER_TYPES = frozenset(
 )
 
 
+def _deep_key() -> FormatError:
+    return FormatError(f"a dict key or set element nests tuples more than {MAX_DEPTH} deep")
+
+
+def _grow(frame: list[Any], height: int, tuples: int) -> None:
+    """Adds a measured child tuple to the frame of the tuple that holds it."""
+    if height >= frame[2]:
+        frame[2] = height + 1
+        if frame[2] > MAX_DEPTH:
+            raise _deep_key()
+    frame[3] += tuples
+
+
 class Budget:
-    """One allowance, in elements, for what a pickle's constructors may copy (bytearray,
-    set, Counter, OrderedDict, a BUILD's attributes, a tensor's shape), so a memoized
-    object cannot be copied again and again. It also measures each dict key and set
-    element before a dict or set hashes it (`check_key`). Not thread-safe; one per pickle."""
+    """One allowance, in elements, for what a pickle may cost beyond reading its bytes:
+    elements that constructors copy (bytearray, set, Counter, OrderedDict, a BUILD's
+    attributes, a tensor's shape), so a memoized object cannot be copied again and again,
+    and tuples that hashing a key visits. It also measures each dict key and set element
+    before a dict or set hashes it (`check_key`). Not thread-safe; one per pickle."""
 
     __slots__ = ("left", "tuples")
 
     def __init__(self, elements: int) -> None:
         self.left = elements
-        # id -> (the tuple, its height); the tuple is kept alive, so its id stays its own
-        self.tuples: dict[int, tuple[tuple[Any, ...], int]] = {}
+        # id -> (the tuple, its height, its tuples counted as often as reached); the tuple
+        # is kept alive, so its id stays its own
+        self.tuples: dict[int, tuple[tuple[Any, ...], int, int]] = {}
 
     def spend(self, n: int) -> None:
         self.left -= n
@@ -39,46 +54,66 @@ class Budget:
             )
 
     def check_key(self, k: Any) -> None:
-        """Hashing a tuple recurses through the tuples inside it, in C and without a
-        depth check: measure a key (or set element) before a dict or set hashes it.
+        """Hashing a tuple recurses through the tuples inside it, in C, without a depth
+        check, and visits a tuple shared within it once for every path to it: refuses a
+        key nested more than MAX_DEPTH deep, and spends the visits its hashing makes.
         Frozensets hash from their elements' stored hashes, so they end the descent."""
-        heights = self.tuples
-        if type(k) is not tuple or id(k) in heights:
+        if type(k) is not tuple:
             return
-        work: list[tuple[tuple[Any, ...], bool]] = [(k, False)]
-        while work:
-            t, done = work.pop()
-            if done:
-                h = 1
-                for c in t:
-                    if type(c) is tuple:
-                        h = max(h, 1 + heights[id(c)][1])
-                if h > MAX_DEPTH:
-                    raise FormatError(
-                        f"a dict key or set element nests tuples more than {MAX_DEPTH} deep"
-                    )
-                heights[id(t)] = (t, h)
-                continue
-            if id(t) in heights:
-                continue
-            work.append((t, True))
-            work.extend((c, False) for c in t if type(c) is tuple and id(c) not in heights)
+        known = self.tuples
+        if id(k) in known:
+            self._spend_on_hash(known[id(k)][2])
+            return
+        # depth first, so a key nested a million deep is refused at level MAX_DEPTH + 1;
+        # each frame is [tuple, its items still to see, its height, its tuples unfolded]
+        path: list[list[Any]] = [[k, iter(k), 1, 1]]
+        while path:
+            frame = path[-1]
+            for c in frame[1]:
+                if type(c) is not tuple:
+                    continue
+                got = known.get(id(c))
+                if got is None:
+                    if len(path) >= MAX_DEPTH:
+                        raise _deep_key()
+                    path.append([c, iter(c), 1, 1])
+                    break
+                _grow(frame, got[1], got[2])
+            else:
+                path.pop()
+                known[id(frame[0])] = (frame[0], frame[2], frame[3])
+                if path:
+                    _grow(path[-1], frame[2], frame[3])
+        self._spend_on_hash(known[id(k)][2])
 
     def check_keys(self, keys: Any) -> None:
         for k in keys:
             if type(k) is tuple:
                 self.check_key(k)
 
+    def _spend_on_hash(self, visits: int) -> None:
+        # Hashing visits every tuple of a key as often as it is reached, each time a dict
+        # or set takes the key: t = (t, t) a hundred times over is 2^100 visits.
+        if visits > self.left:
+            raise FormatError(
+                "a dict key or set element is made of tuples shared within it, and hashing "
+                f"it would visit {visits} of them"
+            )
+        self.spend(visits)
 
-def check_nesting(root: Any) -> None:
+
+def check_nesting(root: Any, max_nodes: int) -> None:
     """Refuses an object graph with a node deeper than MAX_DEPTH (the root has depth 0;
     items, dict keys and values, and an OrderedDict's attributes are one deeper than
-    their container), without recursion. Each container is measured once, so shared
-    containers cost nothing more; a reference back to a container still being measured
-    (a cycle, which lists and dicts may form) counts as a leaf."""
+    their container), or one that unfolds into more than `max_nodes` nodes: a container
+    the pickle shares counts once for each place it appears, as it does for any reader
+    that walks the graph as a tree (key paths, a conversion, a printout), and t = (t, t)
+    a hundred times over is 2^100 nodes. Each container is measured once, without
+    recursion; a reference back to a container still being measured (a cycle, which
+    lists and dicts may form) counts as a leaf."""
     if type(root) not in CONTAINER_TYPES:
         return
-    height: dict[int, int] = {}
+    measured: dict[int, tuple[int, int]] = {}  # id -> (height, nodes when unfolded)
     work: list[tuple[Any, bool]] = [(root, False)]
     while work:
         node, done = work.pop()
@@ -92,17 +127,28 @@ def check_nesting(root: Any) -> None:
             kids = node
         if done:
             h = 0
+            nodes = 1
             for c in kids:
                 if type(c) in CONTAINER_TYPES:
-                    h = max(h, 1 + height[id(c)])
-                elif h == 0:
-                    h = 1
+                    ch, cn = measured[id(c)]
+                    h = max(h, 1 + ch)
+                    nodes += cn
+                else:
+                    h = h or 1
+                    nodes += 1
             if h > MAX_DEPTH:
                 raise FormatError(f"containers are nested more than {MAX_DEPTH} deep")
-            height[id(node)] = h
+            if nodes > max_nodes:
+                raise FormatError(
+                    f"the pickle's containers unfold into more than {max_nodes} values "
+                    "(containers shared again and again, nested in one another)"
+                )
+            measured[id(node)] = (h, nodes)
             continue
-        if id(node) in height:
+        if id(node) in measured:
             continue
-        height[id(node)] = 0  # being measured: a cycle back to it counts as a leaf
+        measured[id(node)] = (0, 1)  # being measured: a cycle back to it counts as a leaf
         work.append((node, True))
-        work.extend((c, False) for c in kids if type(c) in CONTAINER_TYPES and id(c) not in height)
+        work.extend(
+            (c, False) for c in kids if type(c) in CONTAINER_TYPES and id(c) not in measured
+        )

@@ -251,12 +251,13 @@ class TorchGlobals:
                 if type(pair) not in (tuple, list) or len(pair) != 2:
                     raise FormatError("OrderedDict may be built only from key-value pairs")
                 self.budget.check_key(pair[0])
+        else:  # copying a dict hashes its keys again: that costs their visits again
+            self.budget.check_keys(arg)
         return collections.OrderedDict(arg)
 
     def _counter(self, *args: Any) -> collections.Counter[Any]:
         arg = self._iterable_arg("Counter", args)
-        if type(arg) not in DICT_TYPES:
-            self.budget.check_keys(arg)
+        self.budget.check_keys(arg)  # a dict's keys too: copying one hashes them again
         return collections.Counter(arg)
 
     def _set(self, *args: Any) -> set[Any]:

@@ -19,11 +19,12 @@ from .torchglobals import StorageRef, TensorRecord, TorchGlobals
 # reasons the C unpickler gives no hook for: its memo is an array as long as the largest
 # index a PUT names (a 9-byte pickle can make it zero-fill 8 GiB; here it is a dict, as in
 # torch's weights-only unpickler), and it hashes dict keys as it builds them, so a key
-# tuple nested a million deep overflows the C stack before anything can look at it (here
-# every key and set element is measured first). Everything it builds is in proportion to
-# the pickle: constructors that copy (bytearray, set, Counter, OrderedDict, a BUILD's
-# attributes) draw on a budget of the pickle's size, so a memoized object cannot be
-# copied again and again.
+# tuple nested a million deep overflows the C stack, and one of tuples shared within it
+# takes 2^n steps, before anything can look at it (here every key and set element is
+# measured first). Everything it builds is in proportion to the pickle: constructors that
+# copy (bytearray, set, Counter, OrderedDict, a BUILD's attributes) and the hashing of keys
+# draw on a budget of the pickle's size, so a memoized object cannot be copied again and
+# again, and the finished graph may unfold into at most 16 values per pickle byte.
 
 _U16 = struct.Struct("<H").unpack_from
 _I32 = struct.Struct("<i").unpack_from
@@ -335,7 +336,7 @@ def unpickle(
     hostile bytes raise FormatError naming `name`; a missing torch, ImportError."""
     if torch is None:
         raise ImportError(f"{name} is a torch.save file: install torch to load it")
-    # elements that constructors may copy, in all
+    # elements that constructors may copy and key hashing may visit, in all
     budget = Budget(2 * len(data) + 65536)
     names = TorchGlobals(torch, storage_names, budget)
     try:
@@ -343,7 +344,7 @@ def unpickle(
         # over them would cost more than the loop itself
         with no_gc():
             root = _run(data, names, budget)
-        check_nesting(root)
+        check_nesting(root, max_nodes=16 * len(data) + (1 << 20))
     except FormatError as e:
         raise FormatError(f"{name}: {e}") from None
     except Exception as e:  # hostile bytes must end in a FormatError, whatever they break
