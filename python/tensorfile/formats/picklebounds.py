@@ -105,15 +105,18 @@ class Budget:
 def check_nesting(root: Any, max_nodes: int) -> None:
     """Refuses an object graph with a node deeper than MAX_DEPTH (the root has depth 0;
     items, dict keys and values, and an OrderedDict's attributes are one deeper than
-    their container), or one that unfolds into more than `max_nodes` nodes: a container
-    the pickle shares counts once for each place it appears, as it does for any reader
-    that walks the graph as a tree (key paths, a conversion, a printout), and t = (t, t)
-    a hundred times over is 2^100 nodes. Each container is measured once, without
-    recursion; a reference back to a container still being measured (a cycle, which
-    lists and dicts may form) counts as a leaf."""
+    their container), or one that unfolds into more than `max_nodes` nodes. The readers
+    of the graph (key paths, substitution, diff) visit a dict, list or set once however
+    often it is shared, but walk tuples as trees: a tuple counts once for each path to
+    it from the nearest dict, list or set above it, and t = (t, t) a hundred times over
+    is 2^100 nodes. Each container is measured once, without recursion; a reference back
+    to a container still being measured (a cycle, which lists and dicts may form) counts
+    as a leaf."""
     if type(root) not in CONTAINER_TYPES:
         return
-    measured: dict[int, tuple[int, int]] = {}  # id -> (height, nodes when unfolded)
+    # id -> (height, nodes when unfolded: 1 for all but tuples, visited once)
+    measured: dict[int, tuple[int, int]] = {}
+    total = 0  # nodes the readers visit: each once-visited container's tuple trees
     work: list[tuple[Any, bool]] = [(root, False)]
     while work:
         node, done = work.pop()
@@ -138,10 +141,13 @@ def check_nesting(root: Any, max_nodes: int) -> None:
                     nodes += 1
             if h > MAX_DEPTH:
                 raise FormatError(f"containers are nested more than {MAX_DEPTH} deep")
-            if nodes > max_nodes:
+            if type(node) is not tuple or node is root:
+                total += nodes
+                nodes = 1
+            if total > max_nodes or nodes > max_nodes:
                 raise FormatError(
                     f"the pickle's containers unfold into more than {max_nodes} values "
-                    "(containers shared again and again, nested in one another)"
+                    "(tuples shared again and again, nested in one another)"
                 )
             measured[id(node)] = (h, nodes)
             continue
