@@ -103,6 +103,8 @@ pickles = {
     "deep-lists": b"\x80\x02" + b"]" * 5_000 + b"a" * 4_999 + b".",
     "memo-2-29": b"\x80\x02Nr" + struct.pack("<I", 2**29) + b".",
     "memo-text-huge": b"\x80\x02Np99999999999999999999\n0g99999999999999999999\n.",
+    "shared-tuple-key": b"\x80\x02}" + b")" + b"2\x86" * 150 + b"Ns.",
+    "shared-tuple-value": b"\x80\x02]" + b")" + b"2\x86" * 150 + b"a.",
     "frame-too-long": b"\x80\x04\x95" + struct.pack("<Q", 2**40) + b"N.",
     "copies": b"\x80\x03B"
     + struct.pack("<I", 4096)

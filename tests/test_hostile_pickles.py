@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -242,6 +243,82 @@ def test_a_key_tuple_nested_a_million_deep_is_refused_not_a_crash(tmp_path):
 def test_every_structure_the_unpickler_builds_is_depth_bounded(tmp_path, body):
     path = _torch_file(tmp_path / "deep.pt", body)
     _refused_everywhere(path, "more than 200 deep")
+
+
+def test_a_key_nested_a_million_deep_is_refused_at_level_201_not_walked_to_the_end():
+    # the key measure goes depth first and gives up one level past the limit, so what it
+    # holds while measuring is bounded by MAX_DEPTH, not by the key (a post-order walk
+    # held a work item for each of the million tuples before it found the first too deep)
+    import tracemalloc
+
+    from tensorfile.formats.picklebounds import Budget
+
+    key: tuple = ()
+    for _ in range(10**6):
+        key = (key,)
+    budget = Budget(10**7)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match="nests tuples more than 200 deep"):
+            budget.check_key(key)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak  # 200 frames; the million work items were about 70 MB
+
+
+def test_a_key_of_shared_tuples_is_refused_before_it_is_hashed(tmp_path):
+    # {t: None} with t = (t, t) 150 times over: 150 tuples, 2^150 paths through them.
+    # Measuring it takes 150 steps; hashing it (torch.load included) would never end.
+    shared = _torch_file(tmp_path / "shared.pt", b"\x80\x02}" + b")" + b"2\x86" * 150 + b"Ns.")
+    value = _torch_file(tmp_path / "value.pt", b"\x80\x02]" + b")" + b"2\x86" * 150 + b"a.")
+    # a dict whose key costs 2^19 visits to hash, copied into OrderedDicts 50,000 times:
+    # each copy hashes the key again
+    copied = _torch_file(
+        tmp_path / "copied.pt",
+        b"\x80\x02ccollections\nOrderedDict\nq\x00}"
+        + b")"
+        + b"2\x86" * 18
+        + b"Nsq\x010]("
+        + b"h\x00h\x01\x85R" * 50_000
+        + b"e.",
+    )
+    r = _in_child(  # a child, so the old behaviour is a timeout rather than a hung run
+        f"""
+        for path in {[str(shared), str(value), str(copied)]!r}:
+            for run in (tensorfile.load, lambda p: tensorfile.open(p).keys()):
+                try:
+                    run(path)
+                    print("loaded")
+                except FormatError as e:
+                    print("FormatError", e)
+        """,
+        timeout=120,
+    )
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 6, r.stderr[-2000:]
+    for line in lines[:2]:
+        assert "shared.pt" in line and re.search(r"hashing it would visit \d+ of them", line)
+    for line in lines[4:]:
+        assert "copied.pt" in line and "hashing it would visit 524287 of them" in line
+    # as a value rather than a key it is 2^150 values to any reader that walks it as a
+    # tree (listing its keys never ended)
+    for line in lines[2:4]:
+        assert "value.pt" in line and "unfold into more than" in line
+
+
+def test_a_little_sharing_in_keys_still_loads(tmp_path):
+    # (t, t) 8 times over: 511 tuples when unfolded, well inside the budget
+    small = b"\x80\x02}" + b")" + b"2\x86" * 8 + b"Ns."
+    (key,) = tensorfile.load(_torch_file(tmp_path / "small.pt", small))
+    for _ in range(8):
+        assert key[0] is key[1]
+        key = key[0]
+    assert key == ()
+    # a key measured already (150 deep), then wrapped 100 more times in another key
+    again = b"\x80\x02}" + b")" + b"\x85" * 149 + b"q\x00Ns}h\x00" + b"\x85" * 100 + b"Ns\x86."
+    with pytest.raises(FormatError, match="nests tuples more than 200 deep"):
+        tensorfile.load(_torch_file(tmp_path / "again.pt", again))
 
 
 def test_nesting_at_the_limit_still_loads(tmp_path):

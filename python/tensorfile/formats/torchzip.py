@@ -22,12 +22,9 @@ import numpy as np
 from .._dtypes import TORCH_GRAD_DTYPES, TORCH_ITEMSIZE
 from .._errors import FormatError
 from . import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, Layout, TensorRow
-from .torchpickle import (
-    MAX_DEPTH,
-    StorageRef,
-    TensorRecord,
-    unpickle,
-)
+from .picklebounds import MAX_DEPTH
+from .torchglobals import StorageRef, TensorRecord
+from .torchpickle import unpickle
 
 MAX_PICKLE_NBYTES = 1 << 30
 
@@ -403,7 +400,7 @@ def _bounded_text(k: Any) -> str:
             return str(k)
         except ValueError:
             return f"<int of {k.bit_length()} bits>"
-    if type(k) is tuple:  # tuples in keys are nested at most MAX_DEPTH deep (check_nesting)
+    if type(k) is tuple:  # tuples in keys are nested at most MAX_DEPTH deep (picklebounds.Budget.check_key)
         inner = ", ".join(map(_bounded_text, k))
         return f"({inner},)" if len(k) == 1 else f"({inner})"
     return repr(k)
