@@ -362,6 +362,17 @@ def test_a_reference_in_a_version_1_0_file_is_refused(tmp_path: Path) -> None:
         tensorfile.load(path)
 
 
+def test_a_newer_minor_version_is_refused_by_name(tmp_path: Path) -> None:
+    path = _referring_file(tmp_path)
+
+    def edit(doc: dict[str, Any]) -> None:
+        doc["storages"][0].append(["future", 1])
+
+    _rewrite_header(path, edit, minor=2)
+    with pytest.raises(FormatError, match=r"format 1\.2, newer than the 1\.1 this reader"):
+        tensorfile.load(path)
+
+
 def test_a_referring_file_read_as_a_stream_is_refused(tmp_path: Path) -> None:
     path = _referring_file(tmp_path)
     with open(path, "rb") as f, pytest.raises(FormatError, match="open it by path"):

@@ -283,7 +283,17 @@ def parse_header(
             "re-save it, or pass verify=False to skip checksums"
         )
     layout = decode_fast(raw, pre)
-    return layout if layout is not None else parse_header_reference(raw, pre, name)
+    if layout is not None:
+        return layout
+    try:
+        return parse_header_reference(raw, pre, name)
+    except FormatError as e:
+        if pre.minor <= MINOR:
+            raise
+        raise FormatError(
+            f"{e} (the file is format {pre.major}.{pre.minor}, newer than the {MAJOR}.{MINOR} "
+            "this reader knows: upgrade tensorfile)"
+        ) from None
 
 
 def read_layout(
