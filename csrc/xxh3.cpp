@@ -261,7 +261,8 @@ void rounds_scalar(uint64_t* acc, const uint8_t* blocks, size_t nblocks) noexcep
 #define TENSORFILE_INLINE_FOR(isa) inline __attribute__((always_inline, target(isa)))
 
 // Two lanes per register: _mm_mul_epu32 is exactly lowerHalf * higherHalf once the high
-// halves are shuffled down, and swapping the 64-bit halves adds stripe[i] to acc[i ^ 1].
+// halves are shifted down (a shift, not a shuffle: the swap below already takes the
+// shuffle port), and swapping the 64-bit halves adds stripe[i] to acc[i ^ 1].
 struct Sse2 {
   __m128i a[4];
 
@@ -279,7 +280,7 @@ struct Sse2 {
       for (int i = 0; i < 4; i++) {
         const __m128i data = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + i);
         const __m128i value = _mm_xor_si128(data, _mm_loadu_si128(k + i));
-        const __m128i product = _mm_mul_epu32(value, _mm_shuffle_epi32(value, _MM_SHUFFLE(0, 3, 0, 1)));
+        const __m128i product = _mm_mul_epu32(value, _mm_srli_epi64(value, 32));
         const __m128i swapped = _mm_shuffle_epi32(data, _MM_SHUFFLE(1, 0, 3, 2));
         a[i] = _mm_add_epi64(a[i], _mm_add_epi64(product, swapped));
       }
@@ -316,7 +317,7 @@ struct Avx2 {
       for (int i = 0; i < 2; i++) {
         const __m256i data = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p) + i);
         const __m256i value = _mm256_xor_si256(data, _mm256_loadu_si256(k + i));
-        const __m256i product = _mm256_mul_epu32(value, _mm256_shuffle_epi32(value, _MM_SHUFFLE(0, 3, 0, 1)));
+        const __m256i product = _mm256_mul_epu32(value, _mm256_srli_epi64(value, 32));
         const __m256i swapped = _mm256_shuffle_epi32(data, _MM_SHUFFLE(1, 0, 3, 2));
         a[i] = _mm256_add_epi64(a[i], _mm256_add_epi64(product, swapped));
       }
@@ -351,7 +352,7 @@ struct Avx512 {
       _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead), _MM_HINT_T0);
       const __m512i data = _mm512_loadu_si512(p);
       const __m512i value = _mm512_xor_si512(data, _mm512_loadu_si512(keys + s * kStripeNbytes));
-      const __m512i high = _mm512_shuffle_epi32(value, static_cast<_MM_PERM_ENUM>(_MM_SHUFFLE(0, 3, 0, 1)));
+      const __m512i high = _mm512_srli_epi64(value, 32);
       const __m512i swapped = _mm512_shuffle_epi32(data, static_cast<_MM_PERM_ENUM>(_MM_SHUFFLE(1, 0, 3, 2)));
       a = _mm512_add_epi64(a, _mm512_add_epi64(_mm512_mul_epu32(value, high), swapped));
     }
