@@ -1,6 +1,7 @@
 // XXH3-128: the short (0-16 bytes), medium (17-240) and long (241+) algorithms of the
 // xxHash specification, with the long input's stripe loop in a scalar kernel for any CPU
-// and SSE2 / AVX2 kernels for x86-64 (AVX2 chosen at run time, no -march flag needed).
+// and SSE2 / AVX2 / AVX-512 kernels for x86-64 (the wider ones chosen at run time, so the
+// build needs no -march flag).
 #include "xxh3.hpp"
 
 #include <algorithm>
@@ -199,17 +200,38 @@ U128 hash_short(const uint8_t* p, size_t n) noexcept {
 
 // ------------------------------------------------------------------ long inputs: the kernels
 
+// Stripe n of a block is keyed by secret[8n, 8n + 64). Copied once into rows of 64 bytes,
+// aligned, the kernels' key loads never straddle a cache line (at 8-byte steps most
+// 32- and 64-byte loads of the secret itself would).
+struct StripeKeys {
+  alignas(64) uint8_t bytes[kStripesPerBlock * kStripeNbytes];
+  constexpr StripeKeys() : bytes() {
+    for (size_t n = 0; n < kStripesPerBlock; n++) {
+      for (size_t b = 0; b < kStripeNbytes; b++) bytes[n * kStripeNbytes + b] = kSecret[8 * n + b];
+    }
+  }
+};
+constexpr StripeKeys kStripeKeys{};
+
 // accumulate: the specification's accumulate() for `nstripes` consecutive stripes, stripe
-// s keyed by secret + 8 * s; scramble: round_scramble() keyed by the secret's last 64 bytes.
+// s keyed by the 64 bytes at keys + 64 * s (rows of kStripeKeys; any 64 bytes for a single
+// stripe); scramble: round_scramble(), keyed by the secret's last 64 bytes; rounds:
+// `nblocks` whole rounds (16 stripes, then a scramble) with the accumulators kept in
+// registers throughout, which is where a long input spends its time.
 struct Kernel {
-  void (*accumulate)(uint64_t* acc, const uint8_t* stripes, const uint8_t* secret, size_t nstripes) noexcept;
+  void (*accumulate)(uint64_t* acc, const uint8_t* stripes, const uint8_t* keys, size_t nstripes) noexcept;
   void (*scramble)(uint64_t* acc) noexcept;
+  void (*rounds)(uint64_t* acc, const uint8_t* blocks, size_t nblocks) noexcept;
 };
 
-void accumulate_scalar(uint64_t* acc, const uint8_t* stripes, const uint8_t* secret, size_t nstripes) noexcept {
+// Bytes ahead of the stripe being hashed to prefetch, so that a buffer streamed from
+// memory arrives before the loop needs it.
+constexpr size_t kPrefetchAhead = 384;
+
+void accumulate_scalar(uint64_t* acc, const uint8_t* stripes, const uint8_t* keys, size_t nstripes) noexcept {
   for (size_t s = 0; s < nstripes; s++) {
     const uint8_t* p = stripes + s * kStripeNbytes;
-    const uint8_t* k = secret + s * 8;
+    const uint8_t* k = keys + s * kStripeNbytes;
     for (size_t i = 0; i < 8; i++) {
       const uint64_t data = read64(p + 8 * i);
       const uint64_t value = data ^ read64(k + 8 * i);
@@ -228,82 +250,167 @@ void scramble_scalar(uint64_t* acc) noexcept {
   }
 }
 
-#ifdef TENSORFILE_X86
-// Two lanes per register: _mm_mul_epu32 is exactly lowerHalf * higherHalf once the high
-// halves are shuffled down, and swapping the 64-bit halves adds stripe[i] to acc[i ^ 1].
-void accumulate_sse2(uint64_t* acc, const uint8_t* stripes, const uint8_t* secret, size_t nstripes) noexcept {
-  __m128i a[4];
-  for (int i = 0; i < 4; i++) a[i] = _mm_load_si128(reinterpret_cast<const __m128i*>(acc) + i);
-  for (size_t s = 0; s < nstripes; s++) {
-    const __m128i* p = reinterpret_cast<const __m128i*>(stripes + s * kStripeNbytes);
-    const __m128i* k = reinterpret_cast<const __m128i*>(secret + s * 8);
-    for (int i = 0; i < 4; i++) {
-      const __m128i data = _mm_loadu_si128(p + i);
-      const __m128i value = _mm_xor_si128(data, _mm_loadu_si128(k + i));
-      const __m128i product = _mm_mul_epu32(value, _mm_shuffle_epi32(value, _MM_SHUFFLE(0, 3, 0, 1)));
-      const __m128i swapped = _mm_shuffle_epi32(data, _MM_SHUFFLE(1, 0, 3, 2));
-      a[i] = _mm_add_epi64(a[i], _mm_add_epi64(product, swapped));
-    }
+void rounds_scalar(uint64_t* acc, const uint8_t* blocks, size_t nblocks) noexcept {
+  for (size_t b = 0; b < nblocks; b++) {
+    accumulate_scalar(acc, blocks + b * kBlockNbytes, kStripeKeys.bytes, kStripesPerBlock);
+    scramble_scalar(acc);
   }
-  for (int i = 0; i < 4; i++) _mm_store_si128(reinterpret_cast<__m128i*>(acc) + i, a[i]);
 }
 
-void scramble_sse2(uint64_t* acc) noexcept {
-  const __m128i prime = _mm_set1_epi32(static_cast<int>(kPrime32_1));
-  for (int i = 0; i < 4; i++) {
-    __m128i a = _mm_load_si128(reinterpret_cast<const __m128i*>(acc) + i);
-    a = _mm_xor_si128(a, _mm_srli_epi64(a, 47));
-    a = _mm_xor_si128(a, _mm_loadu_si128(reinterpret_cast<const __m128i*>(kSecret + kScrambleOffset) + i));
-    // a * PRIME32_1 in 64 bits, from two 32x32 -> 64 products.
-    const __m128i low = _mm_mul_epu32(a, prime);
-    const __m128i high = _mm_mul_epu32(_mm_shuffle_epi32(a, _MM_SHUFFLE(0, 3, 0, 1)), prime);
-    _mm_store_si128(reinterpret_cast<__m128i*>(acc) + i, _mm_add_epi64(low, _mm_slli_epi64(high, 32)));
+#ifdef TENSORFILE_X86
+#define TENSORFILE_INLINE_FOR(isa) inline __attribute__((always_inline, target(isa)))
+
+// Two lanes per register: _mm_mul_epu32 is exactly lowerHalf * higherHalf once the high
+// halves are shifted down (a shift, not a shuffle: the swap below already takes the
+// shuffle port), and swapping the 64-bit halves adds stripe[i] to acc[i ^ 1].
+struct Sse2 {
+  __m128i a[4];
+
+  TENSORFILE_INLINE_FOR("sse2") void load(const uint64_t* acc) {
+    for (int i = 0; i < 4; i++) a[i] = _mm_load_si128(reinterpret_cast<const __m128i*>(acc) + i);
   }
-}
+  TENSORFILE_INLINE_FOR("sse2") void store(uint64_t* acc) const {
+    for (int i = 0; i < 4; i++) _mm_store_si128(reinterpret_cast<__m128i*>(acc) + i, a[i]);
+  }
+  TENSORFILE_INLINE_FOR("sse2") void stripes(const uint8_t* stripes, const uint8_t* keys, size_t nstripes) {
+    for (size_t s = 0; s < nstripes; s++) {
+      const uint8_t* p = stripes + s * kStripeNbytes;
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead), _MM_HINT_T0);
+      const __m128i* k = reinterpret_cast<const __m128i*>(keys + s * kStripeNbytes);
+      for (int i = 0; i < 4; i++) {
+        const __m128i data = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + i);
+        const __m128i value = _mm_xor_si128(data, _mm_loadu_si128(k + i));
+        const __m128i product = _mm_mul_epu32(value, _mm_srli_epi64(value, 32));
+        const __m128i swapped = _mm_shuffle_epi32(data, _MM_SHUFFLE(1, 0, 3, 2));
+        a[i] = _mm_add_epi64(a[i], _mm_add_epi64(product, swapped));
+      }
+    }
+  }
+  TENSORFILE_INLINE_FOR("sse2") void scramble() {
+    const __m128i prime = _mm_set1_epi32(static_cast<int>(kPrime32_1));
+    for (int i = 0; i < 4; i++) {
+      __m128i x = _mm_xor_si128(a[i], _mm_srli_epi64(a[i], 47));
+      x = _mm_xor_si128(x, _mm_load_si128(reinterpret_cast<const __m128i*>(kSecret + kScrambleOffset) + i));
+      // x * PRIME32_1 in 64 bits, from two 32x32 -> 64 products.
+      const __m128i low = _mm_mul_epu32(x, prime);
+      const __m128i high = _mm_mul_epu32(_mm_shuffle_epi32(x, _MM_SHUFFLE(0, 3, 0, 1)), prime);
+      a[i] = _mm_add_epi64(low, _mm_slli_epi64(high, 32));
+    }
+  }
+};
 
 // The same with four lanes per register (the shuffles work within each 128-bit half).
-__attribute__((target("avx2"))) void accumulate_avx2(uint64_t* acc, const uint8_t* stripes, const uint8_t* secret,
-                                                     size_t nstripes) noexcept {
+struct Avx2 {
   __m256i a[2];
-  for (int i = 0; i < 2; i++) a[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(acc) + i);
-  for (size_t s = 0; s < nstripes; s++) {
-    const __m256i* p = reinterpret_cast<const __m256i*>(stripes + s * kStripeNbytes);
-    const __m256i* k = reinterpret_cast<const __m256i*>(secret + s * 8);
-    for (int i = 0; i < 2; i++) {
-      const __m256i data = _mm256_loadu_si256(p + i);
-      const __m256i value = _mm256_xor_si256(data, _mm256_loadu_si256(k + i));
-      const __m256i product = _mm256_mul_epu32(value, _mm256_shuffle_epi32(value, _MM_SHUFFLE(0, 3, 0, 1)));
-      const __m256i swapped = _mm256_shuffle_epi32(data, _MM_SHUFFLE(1, 0, 3, 2));
-      a[i] = _mm256_add_epi64(a[i], _mm256_add_epi64(product, swapped));
+
+  TENSORFILE_INLINE_FOR("avx2") void load(const uint64_t* acc) {
+    for (int i = 0; i < 2; i++) a[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(acc) + i);
+  }
+  TENSORFILE_INLINE_FOR("avx2") void store(uint64_t* acc) const {
+    for (int i = 0; i < 2; i++) _mm256_store_si256(reinterpret_cast<__m256i*>(acc) + i, a[i]);
+  }
+  TENSORFILE_INLINE_FOR("avx2") void stripes(const uint8_t* stripes, const uint8_t* keys, size_t nstripes) {
+    for (size_t s = 0; s < nstripes; s++) {
+      const uint8_t* p = stripes + s * kStripeNbytes;
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead), _MM_HINT_T0);
+      const __m256i* k = reinterpret_cast<const __m256i*>(keys + s * kStripeNbytes);
+      for (int i = 0; i < 2; i++) {
+        const __m256i data = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p) + i);
+        const __m256i value = _mm256_xor_si256(data, _mm256_loadu_si256(k + i));
+        const __m256i product = _mm256_mul_epu32(value, _mm256_srli_epi64(value, 32));
+        const __m256i swapped = _mm256_shuffle_epi32(data, _MM_SHUFFLE(1, 0, 3, 2));
+        a[i] = _mm256_add_epi64(a[i], _mm256_add_epi64(product, swapped));
+      }
     }
   }
-  for (int i = 0; i < 2; i++) _mm256_store_si256(reinterpret_cast<__m256i*>(acc) + i, a[i]);
-}
-
-__attribute__((target("avx2"))) void scramble_avx2(uint64_t* acc) noexcept {
-  const __m256i prime = _mm256_set1_epi32(static_cast<int>(kPrime32_1));
-  for (int i = 0; i < 2; i++) {
-    __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(acc) + i);
-    a = _mm256_xor_si256(a, _mm256_srli_epi64(a, 47));
-    a = _mm256_xor_si256(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kSecret + kScrambleOffset) + i));
-    const __m256i low = _mm256_mul_epu32(a, prime);
-    const __m256i high = _mm256_mul_epu32(_mm256_shuffle_epi32(a, _MM_SHUFFLE(0, 3, 0, 1)), prime);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(acc) + i, _mm256_add_epi64(low, _mm256_slli_epi64(high, 32)));
+  TENSORFILE_INLINE_FOR("avx2") void scramble() {
+    const __m256i prime = _mm256_set1_epi32(static_cast<int>(kPrime32_1));
+    for (int i = 0; i < 2; i++) {
+      __m256i x = _mm256_xor_si256(a[i], _mm256_srli_epi64(a[i], 47));
+      x = _mm256_xor_si256(x, _mm256_load_si256(reinterpret_cast<const __m256i*>(kSecret + kScrambleOffset) + i));
+      const __m256i low = _mm256_mul_epu32(x, prime);
+      const __m256i high = _mm256_mul_epu32(_mm256_shuffle_epi32(x, _MM_SHUFFLE(0, 3, 0, 1)), prime);
+      a[i] = _mm256_add_epi64(low, _mm256_slli_epi64(high, 32));
+    }
   }
-}
+};
+
+// GCC 12's AVX-512 headers warn of their own _mm512_undefined_epi32 (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// One stripe per register; the scramble's two xors as one ternary-logic op (0x96).
+struct Avx512 {
+  __m512i a;
+
+  TENSORFILE_INLINE_FOR("avx512f") void load(const uint64_t* acc) { a = _mm512_load_si512(acc); }
+  TENSORFILE_INLINE_FOR("avx512f") void store(uint64_t* acc) const { _mm512_store_si512(acc, a); }
+  TENSORFILE_INLINE_FOR("avx512f") void stripes(const uint8_t* stripes, const uint8_t* keys, size_t nstripes) {
+    for (size_t s = 0; s < nstripes; s++) {
+      const uint8_t* p = stripes + s * kStripeNbytes;
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead), _MM_HINT_T0);
+      const __m512i data = _mm512_loadu_si512(p);
+      const __m512i value = _mm512_xor_si512(data, _mm512_loadu_si512(keys + s * kStripeNbytes));
+      const __m512i high = _mm512_srli_epi64(value, 32);
+      const __m512i swapped = _mm512_shuffle_epi32(data, static_cast<_MM_PERM_ENUM>(_MM_SHUFFLE(1, 0, 3, 2)));
+      a = _mm512_add_epi64(a, _mm512_add_epi64(_mm512_mul_epu32(value, high), swapped));
+    }
+  }
+  TENSORFILE_INLINE_FOR("avx512f") void scramble() {
+    const __m512i prime = _mm512_set1_epi32(static_cast<int>(kPrime32_1));
+    const __m512i x =
+        _mm512_ternarylogic_epi64(a, _mm512_srli_epi64(a, 47), _mm512_load_si512(kSecret + kScrambleOffset), 0x96);
+    const __m512i low = _mm512_mul_epu32(x, prime);
+    const __m512i high =
+        _mm512_mul_epu32(_mm512_shuffle_epi32(x, static_cast<_MM_PERM_ENUM>(_MM_SHUFFLE(0, 3, 0, 1))), prime);
+    a = _mm512_add_epi64(low, _mm512_slli_epi64(high, 32));
+  }
+};
+
+// The three entry points of a kernel from its register type, each compiled for its ISA.
+#define TENSORFILE_XXH3_KERNEL(Regs, isa)                                                                          \
+  __attribute__((target(isa))) void accumulate_##Regs(uint64_t* acc, const uint8_t* stripes, const uint8_t* keys,  \
+                                                      size_t nstripes) noexcept {                                  \
+    Regs r;                                                                                                        \
+    r.load(acc);                                                                                                   \
+    r.stripes(stripes, keys, nstripes);                                                                            \
+    r.store(acc);                                                                                                  \
+  }                                                                                                                \
+  __attribute__((target(isa))) void scramble_##Regs(uint64_t* acc) noexcept {                                      \
+    Regs r;                                                                                                        \
+    r.load(acc);                                                                                                   \
+    r.scramble();                                                                                                  \
+    r.store(acc);                                                                                                  \
+  }                                                                                                                \
+  __attribute__((target(isa))) void rounds_##Regs(uint64_t* acc, const uint8_t* blocks, size_t nblocks) noexcept { \
+    Regs r;                                                                                                        \
+    r.load(acc);                                                                                                   \
+    for (size_t b = 0; b < nblocks; b++) {                                                                         \
+      r.stripes(blocks + b * kBlockNbytes, kStripeKeys.bytes, kStripesPerBlock);                                   \
+      r.scramble();                                                                                                \
+    }                                                                                                              \
+    r.store(acc);                                                                                                  \
+  }                                                                                                                \
+  constexpr Kernel k##Regs##Kernel{&accumulate_##Regs, &scramble_##Regs, &rounds_##Regs};
+
+TENSORFILE_XXH3_KERNEL(Sse2, "sse2")
+TENSORFILE_XXH3_KERNEL(Avx2, "avx2")
+TENSORFILE_XXH3_KERNEL(Avx512, "avx512f")
+#undef TENSORFILE_XXH3_KERNEL
+#undef TENSORFILE_INLINE_FOR
+#pragma GCC diagnostic pop
 #endif
 
-constexpr Kernel kScalarKernel{&accumulate_scalar, &scramble_scalar};
-#ifdef TENSORFILE_X86
-constexpr Kernel kSse2Kernel{&accumulate_sse2, &scramble_sse2};
-constexpr Kernel kAvx2Kernel{&accumulate_avx2, &scramble_avx2};
-#endif
+constexpr Kernel kScalarKernel{&accumulate_scalar, &scramble_scalar, &rounds_scalar};
 
 std::vector<Xxh3Kernel> detect_kernels() {
   std::vector<Xxh3Kernel> out{Xxh3Kernel::kScalar};
 #ifdef TENSORFILE_X86
   out.push_back(Xxh3Kernel::kSse2);
   if (__builtin_cpu_supports("avx2")) out.push_back(Xxh3Kernel::kAvx2);
+  // libgcc's check includes the OS saving the zmm registers (XCR0), not only CPUID.
+  if (__builtin_cpu_supports("avx512f")) out.push_back(Xxh3Kernel::kAvx512);
 #endif
   return out;
 }
@@ -331,6 +438,8 @@ const Kernel& kernel_of(Xxh3Kernel kernel) noexcept {
       return kSse2Kernel;
     case Xxh3Kernel::kAvx2:
       return kAvx2Kernel;
+    case Xxh3Kernel::kAvx512:
+      return kAvx512Kernel;
 #endif
     default:
       return kScalarKernel;
@@ -365,12 +474,9 @@ U128 hash_long(const uint8_t* p, size_t n, const Kernel& k) noexcept {
   // Every full block but the last is a round; the last (1..1024 bytes) accumulates its
   // stripes but its last, then the input's final 64 bytes are the last stripe.
   const size_t nblocks = (n - 1) / kBlockNbytes;
-  for (size_t b = 0; b < nblocks; b++) {
-    k.accumulate(acc, p + b * kBlockNbytes, kSecret, kStripesPerBlock);
-    k.scramble(acc);
-  }
+  k.rounds(acc, p, nblocks);
   const size_t tail = n - nblocks * kBlockNbytes;
-  k.accumulate(acc, p + nblocks * kBlockNbytes, kSecret, (tail - 1) / kStripeNbytes);
+  k.accumulate(acc, p + nblocks * kBlockNbytes, kStripeKeys.bytes, (tail - 1) / kStripeNbytes);
   k.accumulate(acc, p + n - kStripeNbytes, kSecret + kLastStripeOffset, 1);
   return finish_long(acc, n);
 }
@@ -398,18 +504,21 @@ const char* xxh3_kernel_name(Xxh3Kernel kernel) noexcept {
       return "sse2";
     case Xxh3Kernel::kAvx2:
       return "avx2";
+    case Xxh3Kernel::kAvx512:
+      return "avx512";
   }
   return "?";
 }
 
 Xxh3Kernel xxh3_kernel_named(const std::string& name) {
-  for (Xxh3Kernel k : {Xxh3Kernel::kAuto, Xxh3Kernel::kScalar, Xxh3Kernel::kSse2, Xxh3Kernel::kAvx2}) {
+  for (Xxh3Kernel k :
+       {Xxh3Kernel::kAuto, Xxh3Kernel::kScalar, Xxh3Kernel::kSse2, Xxh3Kernel::kAvx2, Xxh3Kernel::kAvx512}) {
     if (name == xxh3_kernel_name(k)) {
       resolve(k);
       return k;
     }
   }
-  throw std::invalid_argument("unknown XXH3 kernel '" + name + "' (auto, scalar, sse2 or avx2)");
+  throw std::invalid_argument("unknown XXH3 kernel '" + name + "' (auto, scalar, sse2, avx2 or avx512)");
 }
 
 Digest128 xxh3_128(const void* data, size_t nbytes, Xxh3Kernel kernel) {
@@ -429,14 +538,21 @@ void Xxh3State::reset() noexcept {
 
 void Xxh3State::consume(const uint8_t* stripes, size_t nstripes) noexcept {
   const Kernel& k = kernel_of(kernel_);
+  // A completed block is scrambled at once: a byte after it exists (the invariant), so it
+  // is not the input's last block, which one-shot hashing leaves unscrambled.
   while (nstripes > 0) {
+    if (stripes_in_block_ == 0 && nstripes >= kStripesPerBlock) {
+      const size_t nblocks = nstripes / kStripesPerBlock;
+      k.rounds(acc_, stripes, nblocks);
+      stripes += nblocks * kBlockNbytes;
+      nstripes -= nblocks * kStripesPerBlock;
+      continue;
+    }
     const size_t take = std::min(nstripes, kStripesPerBlock - stripes_in_block_);
-    k.accumulate(acc_, stripes, kSecret + 8 * stripes_in_block_, take);
+    k.accumulate(acc_, stripes, kStripeKeys.bytes + kStripeNbytes * stripes_in_block_, take);
     stripes += take * kStripeNbytes;
     nstripes -= take;
     stripes_in_block_ += take;
-    // A completed block is scrambled at once: a byte after it exists (the invariant), so
-    // it is not the input's last block, which one-shot hashing leaves unscrambled.
     if (stripes_in_block_ == kStripesPerBlock) {
       k.scramble(acc_);
       stripes_in_block_ = 0;
@@ -482,7 +598,7 @@ Digest128 Xxh3State::digest() const noexcept {
   size_t in_block = stripes_in_block_;
   const size_t nstripes = (buffered_ - 1) / kStripeNbytes;
   for (size_t s = 0; s < nstripes; s++) {
-    k.accumulate(acc, buffer_ + s * kStripeNbytes, kSecret + 8 * in_block, 1);
+    k.accumulate(acc, buffer_ + s * kStripeNbytes, kStripeKeys.bytes + kStripeNbytes * in_block, 1);
     if (++in_block == kStripesPerBlock) {
       k.scramble(acc);
       in_block = 0;

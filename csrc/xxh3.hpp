@@ -17,12 +17,12 @@ using Digest128 = std::array<uint8_t, 16>;
 
 // The loop over the 64-byte stripes of inputs longer than 240 bytes, where nearly all of
 // the time goes. Every kernel gives the same digests; kAuto is the fastest one available.
-enum class Xxh3Kernel { kAuto, kScalar, kSse2, kAvx2 };
+enum class Xxh3Kernel { kAuto, kScalar, kSse2, kAvx2, kAvx512 };
 
 // The kernels this build can run on this CPU, slowest first (kScalar always; kSse2 on
-// x86-64; kAvx2 where the CPU has it); kAuto resolves to the last.
+// x86-64; kAvx2 and kAvx512 (AVX-512F) where the CPU has them); kAuto resolves to the last.
 std::vector<Xxh3Kernel> xxh3_kernels();
-// "scalar", "sse2", "avx2" ("auto" for kAuto), and back; std::invalid_argument for a
+// "scalar", "sse2", "avx2", "avx512" ("auto" for kAuto), and back; std::invalid_argument for a
 // name that is not a kernel of xxh3_kernels() (or "auto").
 const char* xxh3_kernel_name(Xxh3Kernel kernel) noexcept;
 Xxh3Kernel xxh3_kernel_named(const std::string& name);

@@ -162,3 +162,38 @@ def test_hash_regions_of_nothing_and_mismatched_columns():
     assert _engine.hash_regions(addresses=empty, nbytes=empty, num_threads=4) == []
     with pytest.raises(ValueError, match="1-d arrays of one length"):
         _engine.hash_regions(addresses=np.zeros(2, np.uint64), nbytes=empty, num_threads=1)
+
+
+def test_hash_speed_bench_runs():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "hash_speed.py")
+    out = subprocess.run(
+        [sys.executable, script, "--mib", "2", "--runs", "1", "--regions", "8", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    report = json.loads(out)
+    gbps = report["gbps"]
+    expected = {f"xxh3_128[{k}]" for k in KERNELS} | {
+        "xxh3_128",
+        "xxhash.xxh3_128_digest",
+        "hash_regions[1]",
+        "hash_regions[2]",
+        "crc32c",
+        "checksum_regions[1]",
+        "checksum_regions[2]",
+    }
+    assert set(gbps) == expected
+    assert all(v > 0 for v in gbps.values())
+    ratios = report["ratios"]
+    assert ratios["xxh3_128 / xxhash"] == pytest.approx(
+        gbps["xxh3_128"] / gbps["xxhash.xxh3_128_digest"]
+    )
+    assert ratios["hash_regions[2] / hash_regions[1]"] == pytest.approx(
+        gbps["hash_regions[2]"] / gbps["hash_regions[1]"]
+    )

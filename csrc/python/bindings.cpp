@@ -216,7 +216,7 @@ PYBIND11_MODULE(_engine, m) {
         return buffer_xxh3_128(data, xxh3_kernel_named(kernel));
       },
       py::arg("data"), py::arg("kernel"),
-      "Test hook: xxh3_128 with the long-input kernel named ('auto', 'scalar', 'sse2', 'avx2').");
+      "Test hook: xxh3_128 with the long-input kernel named ('auto', 'scalar', 'sse2', 'avx2', 'avx512').");
   m.def(
       "_xxh3_128_parts",
       [](const py::sequence& parts, const std::string& kernel) {
