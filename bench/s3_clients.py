@@ -169,7 +169,14 @@ def timed(fn: Callable[[], None], nbytes: int, gbps: list[float], cpu: list[floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mib", type=int, default=512)
+    ap.add_argument("--mib", type=int, default=512, help="object size for the PUTs")
+    ap.add_argument(
+        "--get-mib",
+        type=int,
+        default=0,
+        help="object size for the GETs (default: --mib); moto copies the whole object on "
+        "every ranged GET, so a smaller one measures more of the client",
+    )
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--parts", default="8,16", help="range / part sizes in MiB")
     ap.add_argument("--conc", default="4,8,16", help="concurrencies")
@@ -203,7 +210,9 @@ def main() -> None:
         client = boto3.client("s3", config=cfg)
         client.create_bucket(Bucket=BUCKET)
         src = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
-        client.put_object(Bucket=BUCKET, Key=KEY, Body=src.tobytes())
+        get_nbytes = (args.get_mib * MiB) or nbytes
+        get_src = src[:get_nbytes]
+        client.put_object(Bucket=BUCKET, Key=KEY, Body=get_src.tobytes())
         store = S3Store(BUCKET, client_options={"allow_http": True, "timeout": "300s"})
         store_unsigned = S3Store(
             BUCKET, client_options={"allow_http": True, "timeout": "300s"}, unsigned_payload=True
@@ -213,9 +222,10 @@ def main() -> None:
         )
         print(
             f"obstore {obstore.__version__}, boto3 {boto3.__version__}, s3fs {s3fs.__version__}"
-            f"; server: moto_server (one Python process) at {url}; object {args.mib} MiB"
+            f"; server: moto_server (one Python process) at {url}; GET object "
+            f"{get_nbytes // MiB} MiB, PUT object {args.mib} MiB, {args.runs} runs"
         )
-        dst = np.empty(nbytes, dtype=np.uint8)
+        dst = np.empty(get_nbytes, dtype=np.uint8)
         for part_mib in (int(p) for p in args.parts.split(",")):
             part = part_mib * MiB
             for conc in (int(c) for c in args.conc.split(",")):
@@ -225,7 +235,7 @@ def main() -> None:
                     "boto3": partial(get_boto3, client, dst, part, conc),
                     "s3fs": partial(get_s3fs, fs, dst, part, conc),
                 }
-                _report("GET", part_mib, conc, gets, nbytes, args.runs, dst, src)
+                _report("GET", part_mib, conc, gets, get_nbytes, args.runs, dst, get_src)
                 if args.no_put:
                     continue
                 puts: dict[str, Callable[[], None]] = {

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import importlib
+import importlib.util
 import itertools
 import os
 import socket
@@ -38,10 +40,12 @@ def require_s3() -> None:
         ("boto3", "boto3 (creates the test buckets)"),
         ("obstore", "obstore (tensorfile's object-store client)"),
     ):
-        pytest.importorskip(module, reason=f"S3 tests need {why}: pip install -e .[test]")
-    pytest.importorskip(
-        "flask", reason="S3 tests need moto[server] (flask): pip install -e .[test]"
-    )
+        try:
+            importlib.import_module(module)
+        except ImportError as e:  # not only ModuleNotFoundError: a broken install skips too
+            pytest.skip(f"S3 tests need {why}: pip install -e .[test] ({e})")
+    if importlib.util.find_spec("flask") is None:
+        pytest.skip("S3 tests need moto[server] (flask): pip install -e .[test]")
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from s3server import MotoServer, S3Bucket, S3Proxy, point_env_at
+from s3server import MotoServer, S3Bucket, S3Proxy, boto3_client, point_env_at, require_s3
 from tensorfile import _remote
 from tensorfile._errors import FormatError
 
@@ -243,7 +243,7 @@ def test_missing_bucket_and_key(s3: S3Bucket) -> None:
 
 
 def test_bad_credentials_are_permission_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("obstore", reason="needs obstore")
+    require_s3()
     server = MotoServer({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # checks credentials
     try:
         point_env_at(monkeypatch, server.endpoint)
@@ -257,11 +257,9 @@ def test_bad_credentials_are_permission_errors(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_stopped_server_names_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("obstore", reason="needs obstore")
+    require_s3()
     server = MotoServer()
     point_env_at(monkeypatch, server.endpoint)
-    from s3server import boto3_client
-
     boto3_client(server.endpoint).create_bucket(Bucket="gone")
     _remote.put_bytes("s3://gone/x", b"123")
     reader = _remote.RemoteReader("s3://gone/x")
