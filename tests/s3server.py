@@ -177,7 +177,8 @@ class Request:
 @dataclass
 class S3Proxy:
     """Forwards to `upstream`, records every request, and answers with `fail(method, path)`'s
-    status (a non-retryable S3 error) instead of forwarding when it returns one."""
+    status instead of forwarding when it returns one: an S3 error body with code SlowDown
+    for 503 (throttling, which clients retry), InjectedFault otherwise."""
 
     upstream: str
     endpoint: str = ""
@@ -211,9 +212,11 @@ class S3Proxy:
                 body = self.rfile.read(length) if length else None
                 status = proxy.fail(self.command, self.path)
                 if status is not None:
+                    code = b"SlowDown" if status == 503 else b"InjectedFault"
                     payload = (
-                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InjectedFault'
-                        b"</Code><Message>injected by the test proxy</Message></Error>"
+                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>'
+                        + code
+                        + b"</Code><Message>injected by the test proxy</Message></Error>"
                     )
                     self.send_response(status)
                     self.send_header("Content-Type", "application/xml")

@@ -270,6 +270,27 @@ def test_stopped_server_names_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not isinstance(info.value, FileNotFoundError)
 
 
+def test_throttling_is_retried_then_named(s3: S3Bucket, s3_proxy: S3Proxy, monkeypatch) -> None:
+    """storage_options override the environment: here the endpoint (the proxy, while the
+    environment names the server) and the retry count."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    s3.client.put_object(Bucket=s3.name, Key="hot", Body=b"data")
+    s3_proxy.fail = lambda method, path: 503 if method == "GET" else None
+    options = {
+        "endpoint_url": s3_proxy.endpoint,
+        "retry_config": {
+            "max_retries": 2,
+            "backoff": {"init_backoff": dt.timedelta(milliseconds=1)},
+        },
+    }
+    with pytest.raises(_remote.StoreThrottledError, match=r"s3://.*/hot: throttled.*SlowDown"):
+        _remote.get_bytes(s3.url("hot"), storage_options=options)
+    assert [r.status for r in s3_proxy.requests] == [503, 503, 503]  # two retries
+    s3_proxy.fail = lambda method, path: None
+    assert _remote.get_bytes(s3.url("hot"), storage_options=options) == b"data"
+    assert len(s3_proxy.requests) == 4
+
+
 def test_http_is_read_only() -> None:
     with pytest.raises(PermissionError, match="read-only"):
         _remote.put_bytes("https://example.invalid/x", b"1")
