@@ -44,6 +44,7 @@ from ._errors import FormatError
 __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_PART_NBYTES",
+    "ObjectInfo",
     "ObjectURL",
     "RemoteReader",
     "StoreThrottledError",
