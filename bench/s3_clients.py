@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import concurrent.futures as cf
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -189,6 +190,8 @@ def main() -> None:
     import s3fs
     from obstore.store import S3Store
 
+    # SIGTERM runs the finally below too, so the server never outlives the benchmark.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     proc, url = start_server()
     try:
         env = {
