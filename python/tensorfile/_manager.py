@@ -7,18 +7,13 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
-import fcntl
 import os
 import secrets
-import shutil
-import socket
-import stat
 import threading
 import time
 import warnings
-import weakref
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Union
 
 from . import _files, _io
 from ._errors import FormatError
@@ -26,9 +21,7 @@ from ._plan import check_metadata
 from ._runs import (
     DATA_NAME,
     FORMATS,
-    LOCK_NAME,
-    MAX_RECORD_NBYTES,
-    O_CLOEXEC,
+    LOCK_NAME,  # noqa: F401  (tests import it from here)
     RECORD_NAME,
     Entry,
     Record,
@@ -41,51 +34,10 @@ from ._runs import (
     record_name,
     retained,
 )
+from ._runstore import LocalStore, ObjectStore
 from ._tree import no_gc
 
-
-def _remove_path(path: str) -> None:
-    """Removes a data file or a checkpoint directory (never what a symlink points to)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
-class _Lock:
-    """The manager's exclusive flock on DIR/.tensorfile-manager.lock, held until close().
-    flock locks belong to the open file and go when the process dies, however it dies."""
-
-    def __init__(self, directory: str) -> None:
-        path = os.path.join(directory, LOCK_NAME)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise BlockingIOError(
-                errno.EWOULDBLOCK,
-                f"tensorfile.CheckpointManager: {directory} is in use by another manager "
-                f"({holder}, holding {LOCK_NAME}); close that manager or let its process "
-                "end first, or open this one with read_only=True to read checkpoints only",
-            ) from None
-        except OSError:
-            pass  # a file system without locks: nothing can be enforced there
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self.fd = fd
-        self._finalizer = weakref.finalize(self, os.close, fd)
-
-    def release(self) -> None:
-        self._finalizer()
+_Store = Union[LocalStore, ObjectStore]
 
 
 # --------------------------------------------------------------------------- manager
@@ -133,13 +85,29 @@ class CheckpointManager:
         durable: bool = True,
         format: str = "tensorfile",
         read_only: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.directory = os.path.abspath(os.fspath(directory))
-        if "://" in os.fspath(directory):
-            raise ValueError(
-                f"tensorfile.CheckpointManager: {directory} is a URL; only local directories "
-                "are supported"
-            )
+        from . import _remote
+
+        where = _remote.resolve(directory)
+        self._store: _Store
+        if isinstance(where, _remote.ObjectURL):
+            if format != "tensorfile":
+                raise ValueError(
+                    f"tensorfile.CheckpointManager: {directory}: format={format!r} is not "
+                    "supported on object stores yet; use format='tensorfile' or a local "
+                    "directory"
+                )
+            self._store = ObjectStore(where.url, storage_options)
+            self.directory = self._store.location
+        else:
+            if storage_options is not None:
+                raise ValueError(
+                    "tensorfile.CheckpointManager: storage_options is for object-store URLs; "
+                    f"{directory} is a local directory"
+                )
+            self.directory = os.path.abspath(os.fspath(where))
+            self._store = LocalStore(self.directory)
         self.keep_last = check_count("keep_last", keep_last, 0)
         self.keep_every = check_count("keep_every", keep_every, 1)
         self.keep_best = check_count("keep_best", keep_best, 0)
@@ -171,18 +139,20 @@ class CheckpointManager:
         self._pending: concurrent.futures.Future[None] | None = None
         self._errors: list[BaseException] = []
         self._mutex = threading.Lock()  # one commit, retention or delete at a time
-        self._lock: _Lock | None = None
+        self._lock: Any = None
         self._dist = _Dist() if format == "dcp" else None
         leader = self._dist is None or self._dist.rank == 0
+        remote = isinstance(self._store, ObjectStore)
         if read_only:
-            if not os.path.isdir(self.directory):
+            if not remote and not os.path.isdir(self.directory):
                 raise FileNotFoundError(
                     errno.ENOENT, f"tensorfile.CheckpointManager: no directory {self.directory}"
                 )
         else:
-            os.makedirs(self.directory, exist_ok=True)
+            if not remote:
+                os.makedirs(self.directory, exist_ok=True)
             if leader:
-                self._lock = _Lock(self.directory)
+                self._lock = self._store.lock()
         try:
             for e in self._scan():
                 if e.record is not None and e.record.kind != format:
@@ -201,58 +171,22 @@ class CheckpointManager:
     def _scan(self) -> list[Entry]:
         """Every step that has a record file, ascending."""
         entries = []
-        for name in os.listdir(self.directory):
+        listing = self._store.listing()
+        for name in listing:
             m = RECORD_NAME.match(name)
             step = canonical_step(m[1]) if m else None
             if step is None:
                 continue
-            where = os.path.join(self.directory, name)
+            where = self._store.target(name)
             try:
-                rec = self._read_record(where, step)
+                rec = parse_record(self._store.read_record(name), where, step)
             except FileNotFoundError:
                 continue  # removed by retention meanwhile
             except FormatError as e:
                 entries.append(Entry(step, None, str(e)))
                 continue
-            entries.append(Entry(step, rec, self._data_problem(rec)))
+            entries.append(Entry(step, rec, self._store.data_problem(rec, listing)))
         return sorted(entries, key=lambda e: e.step)
-
-    def _read_record(self, where: str, step: int) -> Record:
-        try:
-            fd, st = _io.open_regular(where)
-        except IsADirectoryError:
-            raise FormatError(f"{where}: a directory, not a commit record") from None
-        try:
-            if st.st_size > MAX_RECORD_NBYTES:
-                raise FormatError(
-                    f"{where}: {st.st_size} bytes, over the {MAX_RECORD_NBYTES}-byte limit"
-                )
-            blob = os.pread(fd, st.st_size + 1, 0)
-        finally:
-            os.close(fd)
-        return parse_record(blob, where, step)
-
-    def _data_problem(self, rec: Record) -> str | None:
-        """Why the data of a committed record is not whole, or None. Cheap: stat only."""
-        path = os.path.join(self.directory, rec.data)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return f"its data {rec.data} is missing"
-        if rec.kind == "tensorfile":
-            if not stat.S_ISREG(st.st_mode):
-                return f"its data {rec.data} is not a regular file"
-            if st.st_size != rec.nbytes:
-                return f"its data {rec.data} holds {st.st_size} bytes, the commit recorded {rec.nbytes}"
-            for held in sorted(rec.uses() - {rec.data}):
-                if not os.path.isfile(os.path.join(self.directory, held)):
-                    return f"{held}, which holds some of its storages, is missing"
-            return None
-        from .dcp import METADATA_NAME
-
-        if not stat.S_ISDIR(st.st_mode) or not os.path.isfile(os.path.join(path, METADATA_NAME)):
-            return f"its data {rec.data} is not a committed DCP directory"
-        return None
 
     def _committed(self) -> dict[int, Record]:
         return {e.step: e.record for e in self._scan() if e.problem is None and e.record}
@@ -283,9 +217,10 @@ class CheckpointManager:
         )
 
     def path(self, step: int) -> str:
-        """The file of a checkpoint (its directory for format "dcp"), for tensorfile.load,
-        open, verify (tensorfile.dcp.StorageReader for "dcp")."""
-        return os.path.join(self.directory, self._record(step).data)
+        """The file of a checkpoint (its directory for format "dcp"; its URL under an
+        object-store prefix), for tensorfile.load, open, verify
+        (tensorfile.dcp.StorageReader for "dcp")."""
+        return self._store.target(self._record(step).data)
 
     def metrics(self, step: int) -> dict[str, Any]:
         """The metrics saved with a checkpoint (numbers, bools, str, None)."""
@@ -370,7 +305,9 @@ class CheckpointManager:
             )
 
     def _load_one(self, rec: Record, map_location: Any, into: Any, verify: bool) -> Any:
-        path = os.path.join(self.directory, rec.data)
+        if isinstance(self._store, ObjectStore):
+            return self._store.load_data(rec.data, map_location, into, verify)
+        path = self._store.target(rec.data)
         if rec.kind == "tensorfile":
             from .api import load
 
@@ -424,7 +361,19 @@ class CheckpointManager:
             self._save_dcp(step, obj, plain, meta)
             return None
         name = f"step-{step:08d}.{secrets.token_hex(4)}.tf"
-        target = os.path.join(self.directory, name)
+        if isinstance(self._store, ObjectStore):
+            if not block:
+                raise ValueError(
+                    f"tensorfile.CheckpointManager.save: {self.directory} is an object-store "
+                    "prefix; block=False saves (tensorfile.async_save) write local files "
+                    "only, so save with block=True"
+                )
+            _files.phase("manager:data")
+            with no_gc():
+                self._store.save_data(obj, name, meta or None)
+            self._commit(step, name, plain, meta)
+            return None
+        target = self._store.target(name)
         reuse = _io.Reuse(self._held()) if self.incremental else None
         _files.phase("manager:data")
         if block:
@@ -480,13 +429,12 @@ class CheckpointManager:
     ) -> None:
         """Writes the commit record of data `name` (already in place), then removes the
         data it replaces and applies retention."""
-        path = os.path.join(self.directory, name)
         with self._mutex:
             try:
                 entries = self._scan()
                 before = next((e.record for e in entries if e.step == step), None)
                 sequence = 1 + max((e.record.sequence for e in entries if e.record), default=0)
-                nbytes = os.lstat(path).st_size if self.format == "tensorfile" else None
+                nbytes = self._store.data_nbytes(name) if self.format == "tensorfile" else None
                 rec = Record(
                     step,
                     sequence,
@@ -500,13 +448,10 @@ class CheckpointManager:
                 )
                 blob = rec.to_json()
                 _files.phase("manager:record")
-                with _files.atomic_file(
-                    os.path.join(self.directory, record_name(step)), len(blob), self.durable
-                ) as fd:
-                    _files.pwrite_all(fd, blob, 0)
+                self._store.write_record(record_name(step), blob, self.durable)
             except BaseException:
                 with contextlib.suppress(OSError):
-                    _remove_path(path)
+                    self._store.remove_data(name)
                 raise
             _files.phase("manager:committed")
             if before is not None and before.data != name:
@@ -531,11 +476,9 @@ class CheckpointManager:
             return
         _files.phase("manager:retention")
         for rec in records:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.directory, record_name(rec.step)))
+            self._store.remove_record(record_name(rec.step))
             _files.phase("manager:uncommitted")
-        if self.durable:
-            _files.fsync_dir(self.directory)
+        self._store.records_removed(self.durable)
         self._sweep([rec.data for rec in records])
 
     def _sweep(self, candidates: list[str]) -> None:
@@ -548,13 +491,13 @@ class CheckpointManager:
                 needed |= e.record.uses()
         held = {
             n
-            for n in os.listdir(self.directory)
+            for n in self._store.listing()
             if DATA_NAME.match(n) and n not in needed and n.endswith(".tf")
         }
         for name in dict.fromkeys([*candidates, *sorted(held)]):
             if name not in needed:
                 with contextlib.suppress(FileNotFoundError):
-                    _remove_path(os.path.join(self.directory, name))
+                    self._store.remove_data(name)
                 _files.phase("manager:removed")
 
     def delete(self, step: int) -> None:
@@ -576,7 +519,7 @@ class CheckpointManager:
             if entry.record is not None:
                 self._remove([entry.record])
             else:
-                os.unlink(os.path.join(self.directory, record_name(step)))
+                self._store.remove_record(record_name(step))
 
     def _remove_leftovers(self) -> None:
         """Removes data no record names (saves killed before their commit, or replaced
@@ -588,14 +531,13 @@ class CheckpointManager:
             if e.record is not None:
                 named |= e.record.uses()
         unreadable = {e.step for e in entries if e.record is None}
-        for name in os.listdir(self.directory):
+        for name in self._store.listing():
             m = DATA_NAME.match(name)
             step = canonical_step(m[1]) if m else None
             if step is None or name in named or step in unreadable:
                 continue
-            _remove_path(os.path.join(self.directory, name))
-        with contextlib.suppress(OSError):
-            _files.clean(self.directory)
+            self._store.remove_data(name)
+        self._store.clean()
 
     def _save_dcp(self, step: int, obj: Any, metrics: dict[str, Any], meta: dict[str, str]) -> None:
         from . import dcp as tdcp
@@ -603,14 +545,14 @@ class CheckpointManager:
         assert self._dist is not None
         dist = self._dist
         name = dist.from_leader(f"step-{step:08d}.{secrets.token_hex(4)}.dcp")
-        path = os.path.join(self.directory, name)
+        path = self._store.target(name)
         _files.phase("manager:data")
         try:
             dist.dcp_save(obj, tdcp.StorageWriter(path, durable=self.durable))
         except BaseException:
             if dist.rank == 0:
                 with contextlib.suppress(OSError):
-                    _remove_path(path)
+                    self._store.remove_data(name)
             raise
         error: BaseException | None = None
         if dist.rank == 0:
