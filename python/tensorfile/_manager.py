@@ -69,6 +69,12 @@ class CheckpointManager:
     and size) equal one a committed checkpoint holds is not written again; the new file
     refers to it (format 1.1), and a data file stays until no committed checkpoint needs
     it. `durable=False` skips the fsyncs (commits stay atomic).
+
+    `directory` may be an object-store prefix ("s3://bucket/run"; `storage_options` as
+    for tensorfile.save): the same names become keys under it, the lock is an object
+    created by a conditional PUT, and leftovers include the prefix's incomplete multipart
+    uploads begun before this process. There, format is "tensorfile", saves block and
+    are full saves (incremental is False); see docs/manager.md.
     Not thread-safe: call it from one thread (block=False saves run in their own).
     """
 
@@ -132,7 +138,9 @@ class CheckpointManager:
                 raise TypeError(f"tensorfile.CheckpointManager: {name} must be a bool")
         self.metric = metric
         self.mode = mode
-        self.incremental = incremental
+        # Object-store saves are full saves: readers follow format 1.1 references only
+        # between files of one local directory.
+        self.incremental = incremental and isinstance(self._store, LocalStore)
         self.durable = durable
         self.format = format
         self.read_only = read_only
