@@ -241,3 +241,19 @@ def test_storage_options_reach_the_store(s3: S3Bucket, monkeypatch: pytest.Monke
         mgr.save(1, _obj(1))
         assert mgr.load()["step"] == 1
     assert "step-00000001.json" in _run_keys(s3)
+
+
+def test_without_botocore_a_writer_warns_that_uploads_are_left(
+    s3: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3.client.create_multipart_upload(Bucket=s3.name, Key="run/step-00000004.4567cdef.tf")
+
+    def no_botocore(*args: Any, **kwargs: Any) -> list[str]:
+        raise ImportError("listing incomplete multipart uploads needs botocore")
+
+    monkeypatch.setattr(_remote, "abort_incomplete_uploads", no_botocore)
+    with pytest.warns(RuntimeWarning, match=r"needs botocore.*under s3://.*/run of killed"):
+        mgr = tensorfile.CheckpointManager(s3.url("run"))
+    mgr.save(1, _obj(1))
+    mgr.close()
+    assert len(s3.incomplete_uploads()) == 1

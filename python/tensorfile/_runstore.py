@@ -336,9 +336,20 @@ class ObjectStore:
         before this process (saves killed mid-upload)."""
         from . import _remote
 
-        if self.url.kind == "s3":
+        if self.url.kind != "s3":
+            return
+        try:
             _remote.abort_incomplete_uploads(
                 self.url.child(""), storage_options=self.storage_options
+            )
+        except ImportError as e:
+            import warnings
+
+            warnings.warn(
+                f"tensorfile.CheckpointManager: {e}; incomplete multipart uploads under "
+                f"{self.location} of killed saves are left (their parts stay billed)",
+                RuntimeWarning,
+                stacklevel=4,
             )
 
 
