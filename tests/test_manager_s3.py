@@ -47,9 +47,10 @@ def test_save_steps_load_and_path_round_trip(s3: S3Bucket) -> None:
         url = mgr.path(200)
         assert url.startswith(s3.url("run/step-00000200.")) and url.endswith(".tf")
         # The data object is an ordinary tensorfile, its record a JSON object beside it.
+        assert torch.equal(tensorfile.load(url)["w"], torch.full((16,), 200.0))
+        with tensorfile.open(url) as f:
+            assert f.metadata() == {"r": "a"}
         blob = _remote.get_bytes(url)
-        local = tensorfile.load(__import__("io").BytesIO(blob))
-        assert torch.equal(local["w"], torch.full((16,), 200.0))
         rec = json.loads(_remote.get_bytes(s3.url("run/step-00000200.json")))
         assert rec["data"] == url.rsplit("/", 1)[1] and rec["nbytes"] == len(blob)
         assert rec["storages"] is None  # object-store saves are full saves
@@ -221,11 +222,48 @@ def test_an_object_store_run_refuses_what_it_cannot_do(s3: S3Bucket) -> None:
         tensorfile.CheckpointManager(s3.url("run"), format="dcp")
     with pytest.raises(ValueError, match="not the bucket itself"):
         tensorfile.CheckpointManager(s3.url(""))
-    with tensorfile.CheckpointManager(s3.url("run")) as mgr:
-        with pytest.raises(ValueError, match="block=False"):
-            mgr.save(1, _obj(1), block=False)
-        assert mgr.steps() == []
     assert _run_keys(s3) == []
+
+
+def test_block_false_saves_commit_in_order_and_snapshot_at_once(s3: S3Bucket) -> None:
+    with tensorfile.CheckpointManager(s3.url("run"), keep_last=2) as mgr:
+        state = _obj(0)
+        futures = []
+        for step in range(1, 5):
+            state["w"].fill_(float(step))
+            state["step"] = step
+            futures.append(mgr.save(step, state, block=False))
+            state["w"].fill_(-1.0)  # after save returns: not in the checkpoint
+        assert [f.result() for f in futures] == [None] * 4
+        mgr.wait()
+        assert mgr.steps() == [3, 4] and mgr.latest() == 4
+        for step in (3, 4):
+            got = tensorfile.load(mgr.path(step))
+            assert got["step"] == step
+            assert torch.equal(got["w"], torch.full((16,), float(step)))
+    assert len(_data_names(s3)) == 2
+
+
+def test_a_failed_block_false_save_is_raised_and_commits_nothing(
+    s3: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with tensorfile.CheckpointManager(s3.url("run")) as mgr:
+        mgr.save(1, _obj(1))
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise PermissionError(13, "s3://bucket/run: access denied")
+
+        with monkeypatch.context() as m:
+            m.setattr(_remote, "upload", refuse)
+            fut = mgr.save(2, _obj(2), block=False)
+            assert fut is not None
+            with pytest.raises(PermissionError, match="access denied"):
+                fut.result()
+            with pytest.raises(PermissionError, match="access denied"):
+                mgr.wait()
+        assert mgr.steps() == [1]
+    assert sorted(k for k in _run_keys(s3) if k.endswith(".json")) == ["step-00000001.json"]
+    assert [n.split(".")[0] for n in _data_names(s3)] == ["step-00000001"]
 
 
 def test_storage_options_are_for_urls_only(tmp_path: Any) -> None:

@@ -73,8 +73,8 @@ class CheckpointManager:
     `directory` may be an object-store prefix ("s3://bucket/run"; `storage_options` as
     for tensorfile.save): the same names become keys under it, the lock is an object
     created by a conditional PUT, and leftovers include the prefix's incomplete multipart
-    uploads begun before this process. There, format is "tensorfile", saves block and
-    are full saves (incremental is False); see docs/manager.md.
+    uploads begun before this process. There, format is "tensorfile" and saves are full
+    saves (incremental is False); see docs/manager.md.
     Not thread-safe: call it from one thread (block=False saves run in their own).
     """
 
@@ -313,13 +313,17 @@ class CheckpointManager:
             )
 
     def _load_one(self, rec: Record, map_location: Any, into: Any, verify: bool) -> Any:
-        if isinstance(self._store, ObjectStore):
-            return self._store.load_data(rec.data, map_location, into, verify)
         path = self._store.target(rec.data)
         if rec.kind == "tensorfile":
             from .api import load
 
-            return load(path, map_location, into=into, verify=verify)
+            return load(
+                path,
+                map_location,
+                into=into,
+                verify=verify,
+                storage_options=self._store.storage_options,
+            )
         from . import dcp as tdcp
 
         if into is None:
@@ -369,18 +373,6 @@ class CheckpointManager:
             self._save_dcp(step, obj, plain, meta)
             return None
         name = f"step-{step:08d}.{secrets.token_hex(4)}.tf"
-        if isinstance(self._store, ObjectStore):
-            if not block:
-                raise ValueError(
-                    f"tensorfile.CheckpointManager.save: {self.directory} is an object-store "
-                    "prefix; block=False saves (tensorfile.async_save) write local files "
-                    "only, so save with block=True"
-                )
-            _files.phase("manager:data")
-            with no_gc():
-                self._store.save_data(obj, name, meta or None)
-            self._commit(step, name, plain, meta)
-            return None
         target = self._store.target(name)
         reuse = _io.Reuse(self._held()) if self.incremental else None
         _files.phase("manager:data")
@@ -393,13 +385,20 @@ class CheckpointManager:
                     num_threads=None,
                     metadata=meta or None,
                     reuse=reuse,
+                    storage_options=self._store.storage_options,
                 )
             self._commit(step, name, plain, meta, reuse)
             return None
         from ._async import save_in_background
 
         written = save_in_background(
-            obj, target, durable=self.durable, num_threads=None, metadata=meta or None, reuse=reuse
+            obj,
+            target,
+            durable=self.durable,
+            num_threads=None,
+            metadata=meta or None,
+            reuse=reuse,
+            storage_options=self._store.storage_options,
         )
         fut: concurrent.futures.Future[None] = concurrent.futures.Future()
         fut.set_running_or_notify_cancel()

@@ -9,7 +9,6 @@ import contextlib
 import datetime as _dt
 import errno
 import fcntl
-import io
 import os
 import secrets
 import shutil
@@ -75,7 +74,7 @@ class _Lock:
 class LocalStore:
     """A run in a local directory: names are file names in it."""
 
-    remote = False
+    storage_options = None
 
     def __init__(self, directory: str) -> None:
         self.location = directory
@@ -206,8 +205,6 @@ def _release_object_lock(url: Any, options: Any, text: str) -> None:
 class ObjectStore:
     """A run under an object-store prefix: names are the keys directly under it."""
 
-    remote = True
-
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None) -> None:
         from . import _remote
 
@@ -284,50 +281,6 @@ class ObjectStore:
                 return f"{held}, which holds some of its storages, is missing"
         return None
 
-    def save_data(self, obj: Any, name: str, metadata: dict[str, str] | None) -> None:
-        """Writes `obj` as the tensorfile `name`: the object appears whole or not at all."""
-        from . import api
-
-        url = self.target(name)
-        save: Any = api.save
-        if _takes_urls(save):
-            save(obj, url, metadata=metadata, storage_options=self.storage_options)
-            return
-        # This tensorfile's save writes local files only: write one, upload it whole.
-        import mmap
-        import tempfile
-
-        from . import _remote
-
-        with tempfile.TemporaryDirectory(prefix="tensorfile-upload-") as tmp:
-            local = os.path.join(tmp, name)
-            api.save(obj, local, durable=False, metadata=metadata)
-            with open(local, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size == 0:
-                    _remote.put_bytes(url, b"", storage_options=self.storage_options)
-                    return
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                    view = memoryview(m)
-                    try:
-                        _remote.upload(url, [view], storage_options=self.storage_options)
-                    finally:
-                        view.release()
-
-    def load_data(self, name: str, map_location: Any, into: Any, verify: bool) -> Any:
-        from . import api
-
-        url = self.target(name)
-        load: Any = api.load
-        if _takes_urls(load):
-            return load(
-                url, map_location, into=into, verify=verify, storage_options=self.storage_options
-            )
-        from . import _remote
-
-        blob = _remote.get_bytes(url, storage_options=self.storage_options)
-        return api.load(io.BytesIO(blob), map_location, into=into, verify=verify)
-
     def lock(self) -> _ObjectLock:
         return _ObjectLock(self)
 
@@ -351,9 +304,3 @@ class ObjectStore:
                 RuntimeWarning,
                 stacklevel=4,
             )
-
-
-def _takes_urls(fn: Any) -> bool:
-    import inspect
-
-    return "storage_options" in inspect.signature(fn).parameters
