@@ -295,3 +295,20 @@ def test_without_botocore_a_writer_warns_that_uploads_are_left(
     mgr.save(1, _obj(1))
     mgr.close()
     assert len(s3.incomplete_uploads()) == 1
+
+
+def test_damaged_and_oversized_records_are_reported_not_trusted(s3: S3Bucket) -> None:
+    with tensorfile.CheckpointManager(s3.url("run")) as mgr:
+        mgr.save(1, _obj(1))
+    _remote.put_bytes(s3.url("run/step-00000003.json"), b"{not json")
+    _remote.put_bytes(s3.url("run/step-00000004.json"), b" " * ((16 << 20) + 1))
+    reader = tensorfile.CheckpointManager(s3.url("run"), read_only=True)
+    assert reader.steps() == [1]
+    with pytest.warns(RuntimeWarning) as caught:
+        assert reader.load()["step"] == 1
+    said = sorted(str(w.message) for w in caught)
+    assert len(said) == 2
+    assert "step 3 in s3://" in said[0] and "not valid JSON" in said[0]
+    assert "step 4 in s3://" in said[1] and "over the 16777216-byte limit" in said[1]
+    with pytest.raises(tensorfile.FormatError, match="step 3 is damaged"):
+        reader.load(3)

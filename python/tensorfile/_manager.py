@@ -98,7 +98,7 @@ class CheckpointManager:
         where = _remote.resolve(directory)
         self._store: _Store
         if isinstance(where, _remote.ObjectURL):
-            if format != "tensorfile":
+            if format == "dcp":
                 raise ValueError(
                     f"tensorfile.CheckpointManager: {directory}: format={format!r} is not "
                     "supported on object stores yet; use format='tensorfile' or a local "
@@ -187,7 +187,7 @@ class CheckpointManager:
                 continue
             where = self._store.target(name)
             try:
-                rec = parse_record(self._store.read_record(name), where, step)
+                rec = parse_record(self._store.read_record(name, listing), where, step)
             except FileNotFoundError:
                 continue  # removed by retention meanwhile
             except FormatError as e:

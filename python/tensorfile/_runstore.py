@@ -86,7 +86,7 @@ class LocalStore:
         """The names in the directory (no sizes: data_problem stats what it needs)."""
         return dict.fromkeys(os.listdir(self.location))
 
-    def read_record(self, name: str) -> bytes:
+    def read_record(self, name: str, listing: dict[str, int | None]) -> bytes:
         where = self.target(name)
         try:
             fd, st = _io.open_regular(where)
@@ -238,9 +238,14 @@ class ObjectStore:
                 out[o.key[len(prefix) :]] = o.nbytes
         return out
 
-    def read_record(self, name: str) -> bytes:
+    def read_record(self, name: str, listing: dict[str, int | None]) -> bytes:
         from . import _remote
 
+        listed = listing.get(name) or 0
+        if listed > MAX_RECORD_NBYTES:  # refused before it is downloaded
+            raise FormatError(
+                f"{self.target(name)}: {listed} bytes, over the {MAX_RECORD_NBYTES}-byte limit"
+            )
         blob = _remote.get_bytes(self._child(name), storage_options=self.storage_options)
         if len(blob) > MAX_RECORD_NBYTES:
             raise FormatError(
