@@ -8,6 +8,7 @@ import os
 import threading
 from typing import Any
 
+from . import _remote
 from ._torch import describe
 from ._tree import Builder, Flattener, path_str
 from .formats import FLAG_PARAMETER, FLAG_REQUIRES_GRAD
@@ -86,9 +87,17 @@ def async_save(obj: Any, f: Any, **save_kwargs: Any) -> SaveFuture:
     durable = save_kwargs.pop("durable", True)
     num_threads = save_kwargs.pop("num_threads", None)
     metadata = save_kwargs.pop("metadata", None)
+    storage_options = save_kwargs.pop("storage_options", None)
     if save_kwargs:
         raise TypeError(f"tensorfile.async_save: unexpected argument {next(iter(save_kwargs))!r}")
-    return save_in_background(obj, f, durable=durable, num_threads=num_threads, metadata=metadata)
+    return save_in_background(
+        obj,
+        f,
+        durable=durable,
+        num_threads=num_threads,
+        metadata=metadata,
+        storage_options=storage_options,
+    )
 
 
 def save_in_background(
@@ -99,12 +108,13 @@ def save_in_background(
     num_threads: int | None,
     metadata: dict[str, str] | None,
     reuse: Any = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> SaveFuture:
     """async_save with its arguments parsed; `reuse` (an _io.Reuse) makes it incremental."""
     from . import _io
     from ._tree import no_gc
 
-    target = os.path.abspath(os.fspath(f))
+    target: str = str(f) if _remote.has_url_scheme(f) else os.path.abspath(os.fspath(f))
     snapshot, buf, saved_from = _snapshot(obj)
     fut = SaveFuture()
     fut.path = target
@@ -127,6 +137,7 @@ def save_in_background(
                     metadata=metadata,
                     saved_from=saved_from,
                     reuse=reuse,
+                    storage_options=storage_options,
                 )
         except BaseException as e:
             error = e

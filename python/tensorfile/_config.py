@@ -73,3 +73,14 @@ def gds() -> str:
     if raw not in ("auto", "on", "off"):
         raise ValueError(f"TENSORFILE_GDS={raw!r} must be auto, on or off")
     return raw
+
+
+def remote_part_nbytes() -> int:
+    """Bytes per ranged GET and per multipart part on object stores:
+    TENSORFILE_REMOTE_PART_NBYTES, else 16 MiB (S3 needs at least 5 MiB per part)."""
+    return _env_int("TENSORFILE_REMOTE_PART_NBYTES", 16 << 20)
+
+
+def remote_concurrency() -> int:
+    """Requests in flight per object-store transfer: TENSORFILE_REMOTE_CONCURRENCY, else 16."""
+    return _env_int("TENSORFILE_REMOTE_CONCURRENCY", 16)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import math
 import os
 import sys
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from . import _config, _engine, _files, _io, _numpy, _torch, api
+from . import _config, _engine, _files, _io, _numpy, _remote, _torch, api
 from ._dtypes import ITEMSIZE, TORCH_ITEMSIZE
 from ._errors import FormatError
 from ._reader import Reader, open_reader
@@ -45,9 +46,10 @@ class StorageStream:
     checksums are continued from one chunk to the next. Memory: the buffer."""
 
     def __init__(self, reader: Reader, threads: int, chunk_nbytes: int = CHUNK_NBYTES) -> None:
-        if reader.src.fd is None:
+        if reader.src.fd is None and reader.src.remote is None:
             raise ValueError(f"{reader.name}: pass a path (streams cannot be read this way)")
         self.reader = reader
+        self.remote = reader.src.remote  # an object: ranged GETs instead of preads
         self.lay = reader.layout
         self.threads = threads
         self.chunk = chunk_nbytes
@@ -100,7 +102,20 @@ class StorageStream:
         crcs = np.zeros(len(run), dtype=np.uint32)
         sources = [self.reader.byte_source(s) for s in run]
         offs = np.array([off for _, off in sources], dtype=np.uint64)
-        if full.any():
+        if full.any() and self.remote is not None:
+            self.remote.read_ranges_into(
+                [
+                    (int(o), _io.raw_view(int(p), int(n)))
+                    for p, n, o in zip(ptrs[full], nb[full], offs[full])
+                ],
+                part_nbytes=_config.remote_part_nbytes(),
+                concurrency=_config.remote_concurrency(),
+            )
+            if self.kind != "none":
+                crcs[full] = _io.checksum_host(
+                    ptrs[full], nb[full], threads=self.threads, zip_crc=self.zip
+                )
+        elif full.any():
             crcs[full] = _io.read_host(
                 sources[0][0],
                 self.reader.name,
@@ -124,7 +139,16 @@ class StorageStream:
         crc = 0
         for k in range(0, nb, self.chunk):
             n = min(self.chunk, nb - k)
-            _io.read_host(fd, self.reader.name, [self.base], [n], [off + k], threads=self.threads)
+            if self.remote is not None:
+                self.remote.read_ranges_into(
+                    [(off + k, self.buf[:n])],
+                    part_nbytes=_config.remote_part_nbytes(),
+                    concurrency=_config.remote_concurrency(),
+                )
+            else:
+                _io.read_host(
+                    fd, self.reader.name, [self.base], [n], [off + k], threads=self.threads
+                )
             view = memoryview(self.buf.data)[:n]
             if self.kind != "none":
                 crc = _engine.crc32_zip(view, crc) if self.zip else _engine.crc32c(view, crc)
@@ -142,8 +166,8 @@ def _gap_end(reader: Reader, order: list[int], nxt: int) -> int | None:
     file holds, or at its end (None: no padding rule, or a referenced storage)."""
     lay = reader.layout
     refs = lay.storage_refs
-    if not lay.canonical_gaps or order[nxt - 1] in refs:
-        return None
+    if not lay.canonical_gaps or order[nxt - 1] in refs or reader.src.remote is not None:
+        return None  # (the padding of an object is not fetched)
     if nxt < len(order) and order[nxt] not in refs:
         return int(lay.storage_offsets[order[nxt]])
     return lay.file_nbytes
@@ -647,7 +671,20 @@ def convert(
     "torch"; or a DCP directory, "dcp"), atomically, verifying the
     source's checksums on the way, with memory bounded by the streaming buffer plus the
     largest non-contiguous tensor."""
-    if _files.same_file(src, dst):
+    target = _remote.resolve(dst)
+    if isinstance(target, _remote.ObjectURL):  # converted locally, then uploaded whole
+        if src == dst:
+            raise ValueError(f"{src} and {dst} are the same object; converting would replace it")
+        with tempfile.TemporaryDirectory(prefix="tensorfile-convert-") as tmp:
+            if to == "dcp":
+                raise ValueError(f"{dst}: converting to a DCP directory needs a local path")
+            local = os.path.join(tmp, "out")
+            done = convert(
+                src, local, to, progress, skip_non_tensors=skip_non_tensors, num_threads=num_threads
+            )
+            _io.upload_file(local, target)
+        return done
+    if not _remote.has_url_scheme(src) and _files.same_file(src, dst):
         raise ValueError(f"{src} and {dst} are the same file; converting would replace it")
     threads = _config.num_threads(num_threads)
     if to == "torch" and os.path.isdir(src):

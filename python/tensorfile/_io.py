@@ -7,19 +7,20 @@ error text. Every entry point (load, open, convert, verify, dcp, async_save) com
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import functools
 import mmap as _mmap
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _config, _cuda, _engine, _numpy, _torch
+from . import _config, _cuda, _engine, _numpy, _remote, _torch
 from ._errors import ChecksumError, FormatError
 from ._files import O_CLOEXEC, FileLike, atomic_file, phase, pwrite_all
 from ._plan import SavePlan, plan_and_encode
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
     from ._reader import Reader
     from .formats import Layout
 
-_STREAM_CHUNK = 8 << 20  # the bounce buffer of a save to a stream
+_STREAM_CHUNK = 8 << 20  # the bounce buffer of a save to a stream (or an object store)
+_REMOTE_HEAD_NBYTES = 1 << 20  # the first GET of an object
 _FADVISE = hasattr(os, "posix_fadvise")
 
 # --------------------------------------------------------------------------- byte rules
@@ -347,9 +349,14 @@ def read_storages(
         return out
     whole = which is None if whole is None else whole
     if use_mmap:
+        if reader.src.fd is None:
+            raise ValueError(f"{reader.name}: mmap=True needs a local file")
         if into:
             raise ValueError("tensorfile.load: into= cannot be combined with mmap=True")
         raw = _map_storages(reader, idx, verify, threads, whole)
+    elif reader.src.remote is not None:
+        into = {s: t for s, t in into.items() if t.is_cpu}  # the rest is copied after the read
+        raw = _remote_storages(reader, idx, verify, threads, into)
     elif reader.src.fd is not None:
         direct = _cuda_targets(reader, [s for s in idx if s not in into], map_location)
         direct.update({s: t.device for s, t in into.items() if t.is_cuda})
@@ -482,6 +489,35 @@ def _stream_storages(
         cursor = off + nb
     if whole and not src.seekable and src.read(1, src.consumed):
         raise FormatError(f"{reader.name}: trailing bytes after the last storage")
+    if verify:
+        _verify(reader, idx, ptrs, threads, None)
+    return bufs
+
+
+def _remote_storages(
+    reader: Reader,
+    idx: list[int],
+    verify: bool,
+    threads: int,
+    into: dict[int, Any] | None = None,
+) -> dict[int, Any]:
+    """Storages of an object: concurrent ranged GETs straight into their destinations,
+    then their checksums. The padding between storages is not fetched (as for a load of
+    some storages of a file, the padding after the header is checked)."""
+    lay, remote = reader.layout, reader.src.remote
+    assert remote is not None
+    bufs, ptrs = _allocate(reader, idx, False, into)
+    ranges = []
+    head = reader.src.head
+    for s, p in zip(idx, ptrs.tolist()):
+        off, nb = int(lay.storage_offsets[s]), int(lay.storage_nbytes[s])
+        if off + nb <= len(head):  # came with the first GET
+            raw_view(p, nb)[:] = head[off : off + nb]
+        elif nb:
+            ranges.append((off, raw_view(p, nb)))
+    remote.read_ranges_into(
+        ranges, part_nbytes=_config.remote_part_nbytes(), concurrency=_config.remote_concurrency()
+    )
     if verify:
         _verify(reader, idx, ptrs, threads, None)
     return bufs
@@ -637,14 +673,34 @@ class Source:
     open file, BytesIO) is read at positions like a file, from where it stood when
     handed over; a pipe-like stream can only be read once, in order."""
 
-    def __init__(self, f: FileLike, nofollow: bool = False) -> None:
-        """`nofollow`: a path that is a symbolic link is refused."""
+    def __init__(
+        self,
+        f: FileLike,
+        nofollow: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        """`nofollow`: a path that is a symbolic link is refused. A str with a URL scheme
+        is an object (s3://, gs://, az://, http(s)://; file:// is a local path), read by
+        ranged GETs; `storage_options` override the store's configuration."""
         self.fd: int | None = None
         self.stream: IO[bytes] | None = None
         self.owns_fd = False
         self.seekable = True
         self.base = 0
         self.nbytes: int | None = None
+        self.consumed = 0
+        self.remote: _remote.RemoteReader | None = None
+        self.head = b""
+        target = _remote.resolve(f)
+        if isinstance(target, _remote.ObjectURL):
+            self.name = target.url
+            self.remote = _remote.RemoteReader(target, storage_options)
+            # One GET brings the preamble and, for most files, the whole header; the
+            # object's size comes with it.
+            self.head = self.remote.read(0, _REMOTE_HEAD_NBYTES)
+            self.nbytes = self.remote.nbytes
+            return
+        f = target
         if isinstance(f, (str, os.PathLike)):
             self.name = os.fspath(f)
             self.fd, st = open_regular(self.name, nofollow)
@@ -678,6 +734,10 @@ class Source:
         self.consumed = offset
 
     def read(self, nbytes: int, offset: int) -> bytes:
+        if self.remote is not None:
+            if offset + nbytes <= len(self.head):
+                return self.head[offset : offset + nbytes]
+            return self.remote.read(offset, nbytes)
         if self.fd is not None:
             parts = []
             got = 0
@@ -702,6 +762,8 @@ class Source:
     def readinto(self, view: memoryview, offset: int) -> int:
         """Fills `view` from the stream at `offset` without an intermediate copy;
         returns the bytes read (fewer only at end of file)."""
+        if self.remote is not None:
+            return self.remote.read_into(offset, view)
         assert self.stream is not None
         self._position(offset)
         readinto = getattr(self.stream, "readinto", None)
@@ -776,12 +838,22 @@ def save(
     metadata: dict[str, str] | None,
     saved_from: dict[int, str] | None = None,
     reuse: Reuse | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """A save, its arguments checked: plan, encode, write. Call with the collector paused.
     `saved_from` maps id(tensor) to the device to record for its storage, for copies that
     stand in for tensors elsewhere (async_save's snapshots of CUDA tensors). `reuse`
     (a path only) makes it incremental."""
     threads = _config.num_threads(num_threads)
+    target = _remote.resolve(f)
+    if isinstance(target, _remote.ObjectURL):
+        if reuse is not None:
+            raise ValueError(f"{target.url}: incremental saves need a local directory")
+        plan, header, crc_pos = plan_and_encode(obj, metadata, saved_from)
+        total = native.file_nbytes(len(header), plan.offsets, plan.nbytes)
+        _write_remote(target, plan, header, crc_pos, total, threads, storage_options)
+        return
+    f = target
     choose = None
     if reuse is not None:
         if not isinstance(f, (str, os.PathLike)):
@@ -798,6 +870,94 @@ def save(
             reuse.crcs = crcs
     else:
         _write_stream(f, plan, header, crc_pos, total, threads)
+
+
+def _write_remote(
+    target: _remote.ObjectURL,
+    plan: SavePlan,
+    header: bytearray,
+    crc_pos: int,
+    total: int,
+    threads: int,
+    storage_options: dict[str, Any] | None,
+) -> None:
+    """A save to an object: one multipart upload of the file's bytes in order, completed
+    only when every part is in; a failure aborts it and the old object stays."""
+    ptrs, _host = _torch.host_copies(plan.devices, plan.ptrs, plan.nbytes, plan.keepalive)
+    crcs = checksum_host(ptrs, plan.nbytes, threads=threads)
+    native.set_checksums(header, crc_pos, crcs)
+    head = native.make_preamble(header, total) + bytes(header)
+    base = native.data_start(len(header))
+
+    def pieces() -> Iterator[bytes]:
+        # The header goes first, so each chunk is copied and checked against the checksums
+        # again: a tensor changed by another thread during the save aborts the upload
+        # instead of completing an object that does not load.
+        yield head
+        cursor = len(head)
+        for s, (ptr, nb, off) in enumerate(
+            zip(ptrs.tolist(), plan.nbytes.tolist(), plan.offsets.tolist())
+        ):
+            if nb == 0:
+                continue
+            if base + off > cursor:
+                yield bytes(base + off - cursor)
+            crc = 0
+            for k in range(0, nb, _STREAM_CHUNK):
+                chunk = bytes(raw_view(ptr + k, min(_STREAM_CHUNK, nb - k)))
+                crc = _engine.crc32c(chunk, crc)
+                yield chunk
+            if crc != int(crcs[s]):
+                raise RuntimeError(
+                    f"tensorfile.save: {target.url}: a tensor changed while it was being "
+                    "saved (another thread wrote to it); the upload was aborted"
+                )
+            cursor = base + off + nb
+
+    _upload(target, pieces(), total, storage_options)
+
+
+def upload_file(
+    path: str, target: _remote.ObjectURL, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Uploads a local file as the object `target`, from a read-only mapping of it."""
+    fd, st = open_regular(path)
+    try:
+        if st.st_size == 0:
+            _upload(target, [b""], 0, storage_options)
+            return
+        with _mmap.mmap(fd, st.st_size, prot=_mmap.PROT_READ) as m:
+            view = memoryview(m)
+            try:
+                _upload(target, [view], st.st_size, storage_options)
+            finally:
+                view.release()
+    finally:
+        os.close(fd)
+
+
+def _upload(
+    target: _remote.ObjectURL,
+    pieces: Any,
+    total: int,
+    storage_options: dict[str, Any] | None,
+) -> None:
+    """Uploads the object's bytes; first aborts what earlier savers of this key, killed
+    mid-upload, left incomplete (S3, where botocore is installed; best effort)."""
+    if target.kind == "s3":
+        with contextlib.suppress(Exception):
+            _remote.abort_incomplete_uploads(
+                target, storage_options=storage_options, exact_key=True
+            )
+    phase("writing")
+    _remote.upload(
+        target,
+        pieces,
+        total=total,
+        part_nbytes=_config.remote_part_nbytes(),
+        concurrency=_config.remote_concurrency(),
+        storage_options=storage_options,
+    )
 
 
 def _write_path(
@@ -940,11 +1100,33 @@ def _write_stream(
 
 
 def write_file(
-    path: str, total: int, head: bytes, regions: Any, *, durable: bool, threads: int
+    path: str,
+    total: int,
+    head: bytes,
+    regions: Any,
+    *,
+    durable: bool,
+    threads: int,
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Writes `head` at offset 0 and host regions (ptrs, nbytes, file_offsets; sorted,
-    disjoint, non-empty) to `path`, atomically; for formats without checksums."""
+    disjoint, non-empty) to `path` (or an object-store URL), atomically; for formats
+    without checksums."""
     ptrs, nbytes, offsets = regions
+    target = _remote.resolve(path)
+    if isinstance(target, _remote.ObjectURL):
+        pieces: list[Any] = [head]
+        cursor = len(head)
+        for ptr, nb, off in zip(
+            np.asarray(ptrs).tolist(), np.asarray(nbytes).tolist(), np.asarray(offsets).tolist()
+        ):
+            if off > cursor:
+                pieces.append(bytes(off - cursor))
+            pieces.append(raw_view(ptr, nb))
+            cursor = off + nb
+        _upload(target, pieces, total, storage_options)
+        return
+    path = target
     with atomic_file(path, total, durable) as fd:
         if len(ptrs):
             write_host(

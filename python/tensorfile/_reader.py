@@ -15,12 +15,18 @@ from ._tree import Builder, key_index, no_gc
 from .formats import Layout, TensorRow, native, safetensors, sniff, torchzip
 
 
-def open_reader(f: FileLike | _io.Source, verify: bool = True, *, holders: bool = True) -> Reader:
+def open_reader(
+    f: FileLike | _io.Source,
+    verify: bool = True,
+    *,
+    holders: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> Reader:
     """Opens `f` (a path, a binary stream or an opened source) with the parser its first
     bytes call for: a tensorfile, a torch.save zip or a safetensors file (the file's name
     plays no part). `holders=False` leaves the files its referenced storages lie in
     unopened (a holder is read only for the storages it holds itself)."""
-    src = f if isinstance(f, _io.Source) else _io.Source(f)
+    src = f if isinstance(f, _io.Source) else _io.Source(f, storage_options=storage_options)
     try:
         head = src.read(native.PREAMBLE_NBYTES, 0)
         kind = sniff(head)
@@ -293,11 +299,11 @@ class Reader:
 
     def byte_source(self, s: int) -> tuple[int, int]:
         """(descriptor, absolute offset) of storage s's bytes, in this file or in the file
-        holding a referenced storage; for a file opened by path."""
+        holding a referenced storage; the descriptor is -1 for an object (read by URL)."""
         ref = self.layout.storage_refs.get(s)
         reader, j = (self, s) if ref is None else (self.holders[ref[0]], ref[1])
-        assert reader.src.fd is not None
-        return reader.src.fd, int(reader.layout.storage_offsets[j])
+        fd = -1 if reader.src.fd is None else reader.src.fd
+        return fd, int(reader.layout.storage_offsets[j])
 
     def build_tensor(
         self,

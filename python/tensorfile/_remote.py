@@ -605,8 +605,9 @@ def _flat_views(buffers: Iterable[Any]) -> list[memoryview]:
 
 def upload(
     url: str | ObjectURL,
-    buffers: Sequence[Any],
+    buffers: Iterable[Any],
     *,
+    total: int | None = None,
     part_nbytes: int = DEFAULT_PART_NBYTES,
     concurrency: int = DEFAULT_CONCURRENCY,
     storage_options: Mapping[str, Any] | None = None,
@@ -623,17 +624,24 @@ def upload(
     aborts the upload; obstore aborts it itself when a part fails mid-stream, and for the
     one case it does not (a failure among the last parts in flight) the upload is found
     and aborted here through `abort_incomplete_uploads` (needs botocore). Objects smaller
-    than one part go up in a single PUT."""
+    than one part go up in a single PUT. With `total` (their byte count) given, `buffers`
+    may be an iterator producing them as the upload consumes them; an exception it raises
+    aborts the upload."""
     target = parse_url(url) if isinstance(url, str) else url
     if target.kind == "http":
         raise PermissionError(13, f"{target.url}: http(s) URLs are read-only", target.url)
     if part_nbytes < _MIN_PART_NBYTES and target.kind == "s3":
         raise ValueError(f"part_nbytes must be at least {_MIN_PART_NBYTES} bytes for S3")
-    views = _flat_views(buffers)
-    total = sum(v.nbytes for v in views)
+    views: Iterable[memoryview]
+    if total is None:
+        views = _flat_views(buffers)
+        total = sum(v.nbytes for v in views)
+    else:
+        views = (v for b in buffers for v in _flat_views([b]))
     obs = _obstore()
     store = store_for(target, storage_options)
     if total <= part_nbytes:
+        views = list(views)
         payload: Any = views[0] if len(views) == 1 else b"".join(views)
         _call(target.url, obs.put, store, target.key, payload, use_multipart=False)
         return

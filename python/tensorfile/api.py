@@ -22,10 +22,14 @@ def save(
     durable: bool = True,
     num_threads: int | None = None,
     metadata: dict[str, str] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Saves `obj` (tensors, arrays, containers of them, plain values) to `f`.
 
-    `f` is a path or a writable binary file-like object. For a path, the file is written
+    `f` is a path, a writable binary file-like object, or an object-store URL
+    (s3://bucket/key, gs://, az://; configured as the cloud's own tools are, overridden by
+    `storage_options`), written by one multipart upload that completes only when whole
+    (the old object stays until then; a failure aborts it). For a path, the file is written
     beside the target under a temporary name, then renamed over it, so `f` holds the
     old file or the new one and never a mix; with `durable=True` (the default) the data
     and the rename are fsynced before this returns, so the file survives power loss.
@@ -35,7 +39,14 @@ def save(
     or the core count.
     """
     with no_gc():
-        _io.save(obj, f, durable=durable, num_threads=num_threads, metadata=metadata)
+        _io.save(
+            obj,
+            f,
+            durable=durable,
+            num_threads=num_threads,
+            metadata=metadata,
+            storage_options=storage_options,
+        )
 
 
 def save_safetensors(
@@ -46,6 +57,7 @@ def save_safetensors(
     copy_shared: bool = False,
     durable: bool = True,
     num_threads: int | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Writes a flat dict of str -> tensor (torch, or numpy arrays) as a safetensors file,
     atomically like `save` (a temporary file, fsync, rename). Bytes go to the file
@@ -64,6 +76,7 @@ def save_safetensors(
             plan.regions,
             durable=durable,
             threads=_config.num_threads(num_threads),
+            storage_options=storage_options,
         )
         del plan
 
@@ -79,6 +92,7 @@ def load(
     verify: bool = True,
     num_threads: int | None = None,
     pin_memory: bool = False,
+    storage_options: dict[str, Any] | None = None,
     **pickle_load_args: Any,
 ) -> Any:
     """Loads what `save` wrote: the same containers, tensors, sharing and plain values.
@@ -107,6 +121,11 @@ def load(
     tensor's memory, on its device, and the result holds those very tensors; a key path
     whose dtype or shape differs raises ValueError naming every mismatch before any byte
     is read. Tensors not in `into` are allocated as usual; other values come from the file.
+
+    `f` may be an object-store URL (s3://bucket/key, gs://, az://, http(s)://): the header
+    comes with the first ranged GET, the storages by concurrent ranged GETs straight into
+    their destinations (TENSORFILE_REMOTE_PART_NBYTES, TENSORFILE_REMOTE_CONCURRENCY);
+    `storage_options` override the store's configuration.
     """
     use_mmap = _torch_load_args(pickle_module, weights_only, mmap, pickle_load_args)
     if pin_memory:
@@ -117,7 +136,7 @@ def load(
                 "tensorfile.load: pin_memory=True needs CUDA, which is not available here"
             )
     with no_gc():
-        reader = open_reader(f, verify)
+        reader = open_reader(f, verify, storage_options=storage_options)
         reader.pin_memory = pin_memory
         try:
             dests, direct = (
@@ -215,9 +234,11 @@ class TensorFile:
     """A lazily read file: `keys()`, `get(key)`, `metadata()`, `load()`; reads only the
     bytes asked for. Use as a context manager, or call close()."""
 
-    def __init__(self, f: FileLike, *, verify: bool = True) -> None:
+    def __init__(
+        self, f: FileLike, *, verify: bool = True, storage_options: dict[str, Any] | None = None
+    ) -> None:
         with no_gc():
-            self._reader = open_reader(f, verify)
+            self._reader = open_reader(f, verify, storage_options=storage_options)
         self._verify = verify
 
     def keys(self) -> list[str]:
@@ -277,6 +298,9 @@ class TensorFile:
         self.close()
 
 
-def open(f: FileLike, *, verify: bool = True) -> TensorFile:
-    """Opens a file for lazy reading; see TensorFile."""
-    return TensorFile(f, verify=verify)
+def open(
+    f: FileLike, *, verify: bool = True, storage_options: dict[str, Any] | None = None
+) -> TensorFile:
+    """Opens a file (or an object-store URL, whose `get` fetches only the byte ranges of
+    the tensors asked for) for lazy reading; see TensorFile."""
+    return TensorFile(f, verify=verify, storage_options=storage_options)

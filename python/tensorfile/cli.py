@@ -225,6 +225,27 @@ def _format_label(info: dict[str, Any]) -> str:
     return f"{fmt} {version}"
 
 
+class _PathOrURL(click.ParamType):
+    """An existing path, or an object-store URL (s3://, gs://, az://, http(s)://)."""
+
+    name = "path_or_url"
+    _path = click.Path(exists=True)
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from . import _remote
+
+        if _remote.has_url_scheme(value):
+            try:
+                _remote.resolve(value)
+            except ValueError as e:
+                self.fail(str(e), param, ctx)
+            return value
+        return self._path.convert(value, param, ctx)
+
+
+_PATH_OR_URL = _PathOrURL()
+
+
 def _is_checkpoint_dir(path: str) -> bool:
     return os.path.isdir(path)
 
@@ -345,7 +366,7 @@ def verify(files: tuple[str, ...]) -> None:
                     f"{info['nbytes']:,} bytes checked)"
                 )
                 continue
-            total = os.path.getsize(path)
+            total = os.path.getsize(path) if os.path.isfile(path) else 0
             with _progress(total, os.path.basename(path)) as update:
                 info = _convert.verify(path, update)
         except (FormatError, OSError, ImportError, ValueError) as e:
@@ -368,7 +389,7 @@ _TARGET_BY_SUFFIX = {".safetensors": "safetensors", ".pt": "torch", ".pth": "tor
 
 
 @main.command()
-@click.argument("src", metavar="IN", type=click.Path(exists=True))
+@click.argument("src", metavar="IN", type=_PATH_OR_URL)
 @click.argument("dst", metavar="OUT", type=click.Path())
 @click.option(
     "--to",
@@ -420,8 +441,8 @@ def convert(src: str, dst: str, to: str | None, skip_non_tensors: bool) -> None:
 
 
 @main.command()
-@click.argument("a", metavar="A", type=click.Path(exists=True))
-@click.argument("b", metavar="B", type=click.Path(exists=True))
+@click.argument("a", metavar="A", type=_PATH_OR_URL)
+@click.argument("b", metavar="B", type=_PATH_OR_URL)
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("--all", "show_all", is_flag=True, help="List identical tensors too.")
 @click.option(

@@ -400,7 +400,9 @@ def _bounded_text(k: Any) -> str:
             return str(k)
         except ValueError:
             return f"<int of {k.bit_length()} bits>"
-    if type(k) is tuple:  # tuples in keys are nested at most MAX_DEPTH deep (picklebounds.Budget.check_key)
+    if (
+        type(k) is tuple
+    ):  # tuples in keys are nested at most MAX_DEPTH deep (picklebounds.Budget.check_key)
         inner = ", ".join(map(_bounded_text, k))
         return f"({inner},)" if len(k) == 1 else f"({inner})"
     return repr(k)
