@@ -272,6 +272,31 @@ def test_a_save_that_does_not_commit_leaves_the_old_checkpoint(
     assert torch.equal(out["w"], torch.full((4,), 1.0))
 
 
+@single_process
+def test_large_rank_file_goes_up_in_parts_and_a_failed_part_commits_nothing(
+    s3: S3Bucket, s3_proxy: S3Proxy
+) -> None:
+    url = s3.url("ck")
+    small = {"w": torch.full((4,), 1.0)}
+    tdcp.state_dict_to_dcp(small, url)
+    big = {"w": torch.full((4,), 2.0), "big": torch.randn(20 * MiB // 4)}  # over one part
+    tag = "partNumber=2&"
+    s3_proxy.fail = lambda method, path: 400 if method == "PUT" and tag in path + "&" else None
+    with pytest.raises(CheckpointException, match="InjectedFault"):
+        tdcp.state_dict_to_dcp(big, url)
+    assert s3.incomplete_uploads() == []
+    out = {"w": torch.zeros(4)}
+    dcp.load(out, storage_reader=tdcp.StorageReader(url), no_dist=True)
+    assert torch.equal(out["w"], small["w"])  # the old checkpoint, whole
+    s3_proxy.fail = lambda method, path: None
+    tdcp.state_dict_to_dcp(big, url)
+    (key,) = _data_keys(s3, "ck")
+    assert s3.client.head_object(Bucket=s3.name, Key=key)["ETag"].strip('"').endswith("-2")
+    out = {"w": torch.zeros(4), "big": torch.zeros_like(big["big"])}
+    dcp.load(out, storage_reader=tdcp.StorageReader(url), no_dist=True)
+    assert torch.equal(out["w"], big["w"]) and torch.equal(out["big"], big["big"])
+
+
 def test_unknown_scheme_is_a_value_error() -> None:
     with pytest.raises(ValueError, match=r"foo://b/ck: unsupported URL scheme 'foo'"):
         tdcp.StorageWriter("foo://b/ck")
