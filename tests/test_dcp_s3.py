@@ -342,3 +342,22 @@ def test_two_gloo_ranks_save_and_load(s3: S3Bucket, tmp_path: Path, monkeypatch:
     for k, v in full["model"].items():
         assert torch.equal(out["model"][k], v), k
     assert os.environ["TENSORFILE_TEST_DCP_URL"] == url
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@single_process
+def test_cuda_tensors_save_and_load_through_host_memory(s3: S3Bucket) -> None:
+    sd = {"w": torch.randn(300, 70, device="cuda"), "big": torch.randn(1024, 1024, device="cuda")}
+    url = s3.url("gpu")
+    dcp.save(sd, storage_writer=tdcp.StorageWriter(url), no_dist=True)
+    out = {k: torch.zeros_like(v) for k, v in sd.items()}
+    dcp.load(out, storage_reader=tdcp.StorageReader(url), no_dist=True)
+    for k, v in sd.items():
+        assert out[k].device.type == "cuda" and torch.equal(out[k], v), k
+    rows = {"big": torch.zeros(200, 1024, device="cuda")}
+    reader = tdcp.StorageReader(url)
+    reader.set_up_storage_reader(reader.read_metadata(), True)
+    planner = _Collect(rows)
+    reader.read_data(_slice_plan("big", 2, [100, 0], [200, 1024]), planner).wait()  # type: ignore[arg-type]
+    assert torch.equal(rows["big"], sd["big"][100:300])
