@@ -78,9 +78,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
-    import torch
-
     import tensorfile
+    import torch
     from tensorfile.benchmarks import workloads
 
     with tempfile.TemporaryDirectory(dir=args.dir) as d:

@@ -19,8 +19,7 @@ import tempfile
 import atheris
 import tensorfile
 from tensorfile import FormatError
-from tensorfile._layout import layout_difference
-from tensorfile.formats import native
+from tensorfile.formats import layout_difference, native
 
 _DIR = tempfile.mkdtemp(prefix="tensorfile-fuzz-")
 _PATH = os.path.join(_DIR, "input.tf")

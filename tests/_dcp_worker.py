@@ -175,6 +175,12 @@ def _run(scenario: str, rank: int, world: int, root: str) -> None:
 
             tensorfile._files.phase = die  # type: ignore[assignment]
         dcp.save(sharded_state(mesh, 3), storage_writer=tdcp.StorageWriter(f"{root}/C"))
+    elif scenario == "s3":
+        # An object-store checkpoint: the URL in TENSORFILE_TEST_DCP_URL, the store's
+        # configuration in the standard AWS environment.
+        url = os.environ["TENSORFILE_TEST_DCP_URL"]
+        dcp.save(sharded_state(mesh, 5), storage_writer=tdcp.StorageWriter(url))
+        check(load(url), 5, rank)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     dist.barrier()

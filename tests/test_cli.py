@@ -188,6 +188,7 @@ def test_inspect_table_and_json(tmp_path: Path) -> None:
         "shape": [3],
         "nbytes": 6,
         "file_offset": 8192,
+        "held_in": None,
         "device": "cpu",
         "storage": 1,
     }

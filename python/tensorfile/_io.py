@@ -516,7 +516,10 @@ def _remote_storages(
         elif nb:
             ranges.append((off, raw_view(p, nb)))
     remote.read_ranges_into(
-        ranges, part_nbytes=_config.remote_part_nbytes(), concurrency=_config.remote_concurrency()
+        ranges,
+        part_nbytes=_config.remote_part_nbytes(),
+        concurrency=_config.remote_concurrency(),
+        max_gap=native.ALIGN,  # storages are 4096-aligned: runs of small ones share GETs
     )
     if verify:
         _verify(reader, idx, ptrs, threads, None)
@@ -888,6 +891,7 @@ def _write_remote(
     native.set_checksums(header, crc_pos, crcs)
     head = native.make_preamble(header, total) + bytes(header)
     base = native.data_start(len(header))
+    step = _config.remote_part_nbytes()  # a chunk per part: parts go up as they are made
 
     def pieces() -> Iterator[bytes]:
         # The header goes first, so each chunk is copied and checked against the checksums
@@ -903,8 +907,8 @@ def _write_remote(
             if base + off > cursor:
                 yield bytes(base + off - cursor)
             crc = 0
-            for k in range(0, nb, _STREAM_CHUNK):
-                chunk = bytes(raw_view(ptr + k, min(_STREAM_CHUNK, nb - k)))
+            for k in range(0, nb, step):
+                chunk = bytes(raw_view(ptr + k, min(step, nb - k)))
                 crc = _engine.crc32c(chunk, crc)
                 yield chunk
             if crc != int(crcs[s]):

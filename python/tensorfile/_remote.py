@@ -538,36 +538,52 @@ class RemoteReader:
         *,
         part_nbytes: int = DEFAULT_PART_NBYTES,
         concurrency: int = DEFAULT_CONCURRENCY,
+        max_gap: int = 0,
     ) -> None:
         """Fill every ``(file_offset, buffer)`` of `ranges` exactly, by ranged GETs of at
-        most `part_nbytes` bytes, `concurrency` of them in flight. The GIL is released
+        most `part_nbytes` bytes, `concurrency` of them in flight. Ranges whose bytes lie
+        at most `max_gap` apart are fetched by one GET when it stays within `part_nbytes`
+        (many small tensors cost few requests; the gap bytes are fetched and dropped). The GIL is released
         during the transfers and the copies. The first failure wins: no new GET starts,
         those in flight finish, then it is raised (mapped, naming the URL). A range beyond
         the object's end raises FormatError (the object is shorter than its header says)."""
         if part_nbytes <= 0 or concurrency <= 0:
             raise ValueError("part_nbytes and concurrency must be positive")
-        pieces: list[tuple[int, np.ndarray]] = []
-        for file_offset, buffer in ranges:
-            dst = _as_bytes_array(buffer)
+        # spans: [start, end, [(file offset, destination)]], each one GET
+        spans: list[list[Any]] = []
+        order = sorted(((off, _as_bytes_array(b)) for off, b in ranges), key=lambda r: r[0])
+        for file_offset, dst in order:
             for start in range(0, dst.nbytes, part_nbytes):
-                pieces.append((file_offset + start, dst[start : start + part_nbytes]))
-        if not pieces:
+                off, piece = file_offset + start, dst[start : start + part_nbytes]
+                last = spans[-1] if spans else None
+                if (
+                    last is not None
+                    and 0 <= off - last[1] <= max_gap
+                    and off + piece.nbytes - last[0] <= part_nbytes
+                ):
+                    last[1] = off + piece.nbytes
+                    last[2].append((off, piece))
+                else:
+                    spans.append([off, off + piece.nbytes, [(off, piece)]])
+        if not spans:
             return
         obs = _obstore()
         store, key, url = self._store, self.url.key, self.url.url
 
-        def fetch(piece: tuple[int, np.ndarray]) -> None:
-            off, dst = piece
-            data = _call(url, obs.get_range, store, key, start=off, length=dst.nbytes)
-            if len(data) != dst.nbytes:
+        def fetch(span: list[Any]) -> None:
+            begin, end, targets = span
+            data = _call(url, obs.get_range, store, key, start=begin, length=end - begin)
+            if len(data) != end - begin:
                 raise FormatError(
-                    f"{url}: object ends before byte {off + dst.nbytes} (got {len(data)} of "
-                    f"{dst.nbytes} bytes at offset {off}); it is truncated or not the object "
-                    "its header describes"
+                    f"{url}: object ends before byte {end} (got {len(data)} of "
+                    f"{end - begin} bytes at offset {begin}); it is truncated or not the "
+                    "object its header describes"
                 )
-            np.copyto(dst, np.frombuffer(data, dtype=np.uint8))  # numpy drops the GIL
+            src = np.frombuffer(data, dtype=np.uint8)
+            for off, dst in targets:
+                np.copyto(dst, src[off - begin : off - begin + dst.nbytes])  # drops the GIL
 
-        _run_all(fetch, pieces, concurrency, url)
+        _run_all(fetch, spans, concurrency, url)
 
 
 def _run_all(fn: Any, items: Sequence[Any], concurrency: int, url: str) -> None:
@@ -725,16 +741,26 @@ def _boto_client(target: ObjectURL, storage_options: Mapping[str, Any] | None) -
             "aws_secret_access_key": c["secret_access_key"],
             "aws_session_token": c["token"],
         }
-    session = botocore.session.get_session()
-    return session.create_client(
-        "s3",
-        endpoint_url=config.get("endpoint"),
-        region_name=config.get("region") or "us-east-1",
-        config=botocore.config.Config(
-            connect_timeout=5, read_timeout=60, retries={"max_attempts": 5, "mode": "standard"}
-        ),
-        **creds,
-    )
+    key = (config.get("endpoint"), config.get("region"), tuple(sorted(creds.items())))
+    with _stores_lock:
+        client = _boto_clients.get(key)
+        if client is None:  # a client costs about 0.1 s to make: one per configuration
+            session = botocore.session.get_session()
+            client = _boto_clients[key] = session.create_client(
+                "s3",
+                endpoint_url=config.get("endpoint"),
+                region_name=config.get("region") or "us-east-1",
+                config=botocore.config.Config(
+                    connect_timeout=5,
+                    read_timeout=60,
+                    retries={"max_attempts": 5, "mode": "standard"},
+                ),
+                **creds,
+            )
+    return client
+
+
+_boto_clients: dict[Any, Any] = {}
 
 
 def abort_incomplete_uploads(

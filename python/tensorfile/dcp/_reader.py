@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import io
 import math
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,6 +33,7 @@ from .._config import hugepages
 from .._config import num_threads as resolve_threads
 from .._errors import FormatError
 from .._io import advise_willneed, check_bool_bytes, check_checksums, read_host
+from . import _objects
 from ._common import (
     ADVISE_GAP,
     BATCH_STAGING_NBYTES,
@@ -38,6 +41,7 @@ from ._common import (
     Location,
     contiguous_strides,
     is_local_path,
+    metadata_name,
 )
 from ._record import open_native, read_metadata
 
@@ -47,7 +51,12 @@ class StorageReader(_storage.StorageReader):
     chunks its plan asks for, straight into the destination tensors where their layout
     allows, checking CRC32C checksums (per storage, or per 1 MiB block for a slice of a
     large chunk). `verify=False` skips the checksums, never the structural checks.
-    A directory whose save did not commit raises IncompleteCheckpointError."""
+    A directory whose save did not commit raises IncompleteCheckpointError.
+
+    `path` may be an object URL (``s3://bucket/prefix``, gs://, az://, https://): the
+    commit record is fetched whole, each data object's header and then the byte ranges
+    the plan needs by concurrent ranged GETs, checked as for files. `storage_options`
+    configures the store (see tensorfile._remote.store_for)."""
 
     def __init__(
         self,
@@ -55,15 +64,22 @@ class StorageReader(_storage.StorageReader):
         *,
         verify: bool = True,
         num_threads: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.path = os.fspath(path)
+        self.storage_options = storage_options
+        self._set_path(path)
         self.verify = verify
         self.num_threads = num_threads
         self.storage_data: dict[MetadataIndex, Location] = {}
+        self.file_nbytes: dict[str, int] = {}
         self.load_id = secrets.token_hex(8)
         self.rank: int | None = None
         self.use_collectives = True
+
+    def _set_path(self, path: str | os.PathLike[str]) -> None:
+        self.target = _objects.object_target(path)
+        self.path = self.target.url if self.target is not None else _objects.local_path(path)
 
     @property
     def checkpoint_id(self) -> str:
@@ -74,11 +90,17 @@ class StorageReader(_storage.StorageReader):
     ) -> None:
         self.storage_data = {}
         if checkpoint_id:
-            self.path = os.fspath(checkpoint_id)
+            self._set_path(checkpoint_id)
         self.load_id = secrets.token_hex(8)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        md, _ = read_metadata(self.path, rank=kwargs.get("rank"))
+        rank = kwargs.get("rank")
+        if self.target is not None:
+            md, self.file_nbytes = _objects.read_metadata(
+                self.target, metadata_name(rank), rank, self.storage_options
+            )
+        else:
+            md, _ = read_metadata(self.path, rank=rank)
         if md.storage_meta is None:
             md.storage_meta = StorageMeta()
         md.storage_meta.load_id = self.load_id
@@ -118,7 +140,26 @@ class StorageReader(_storage.StorageReader):
             by_file.setdefault(loc.file, []).append((req, loc))
         threads = resolve_threads(self.num_threads)
         for name in sorted(by_file):
-            _read_file(self.path, name, by_file[name], planner, self.verify, threads)
+            if self.target is not None:
+                if name not in self.file_nbytes:  # read_data without read_metadata first
+                    self.read_metadata(rank=None if self.use_collectives else self.rank)
+                nbytes = self.file_nbytes.get(name)
+                if nbytes is None:
+                    raise FormatError(
+                        f"{self.path}: the metadata names data file {name!r}, which its "
+                        "commit record does not list"
+                    )
+                opener = functools.partial(
+                    _objects.open_native,
+                    self.target,
+                    name,
+                    nbytes,
+                    self.verify,
+                    self.storage_options,
+                )
+                _read_file(self.path, name, by_file[name], planner, self.verify, threads, opener)
+            else:
+                _read_file(self.path, name, by_file[name], planner, self.verify, threads)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
@@ -160,9 +201,13 @@ def _read_file(
     planner: LoadPlanner,
     verify: bool,
     threads: int,
+    opener: Callable[[], Any] | None = None,
 ) -> None:
-    path = os.path.join(directory, name)
-    reader = open_native(directory, name, verify)
+    """Reads `reqs` from rank file `name` of `directory`; `opener` opens it elsewhere
+    (an object in a store) instead."""
+    remote = opener is not None
+    path = f"{directory.rstrip('/')}/{name}" if remote else os.path.join(directory, name)
+    reader = opener() if opener is not None else open_native(directory, name, verify)
     try:
         lay = reader.layout
         keys = reader.key_index()
@@ -191,9 +236,9 @@ def _read_file(
                     batch, path, lay, s, off, loc, req, planner, verify, dtype, shape, strides
                 )
             if batch.staged >= BATCH_STAGING_NBYTES:
-                _flush(batch, reader, path, verify, threads)
+                _flush_any(batch, reader, path, verify, threads, remote)
                 batch = _Batch()
-        _flush(batch, reader, path, verify, threads)
+        _flush_any(batch, reader, path, verify, threads, remote)
     finally:
         reader.close()
 
@@ -329,6 +374,15 @@ def _plan_range(
     batch.staged += snb
     batch.add(whole.ctypes.data, snb, base, int(lay.storage_crcs[s]), label)
     batch.copies.append((ptr, whole.ctypes.data + a, b - a))
+
+
+def _flush_any(
+    batch: _Batch, reader: Any, path: str, verify: bool, threads: int, remote: bool
+) -> None:
+    if remote:
+        _objects.flush(batch, reader, verify, threads)
+    else:
+        _flush(batch, reader, path, verify, threads)
 
 
 def _flush(batch: _Batch, reader: Any, path: str, verify: bool, threads: int) -> None:

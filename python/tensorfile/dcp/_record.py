@@ -56,12 +56,7 @@ def read_metadata(
             blob = f.read()
     finally:
         os.close(fd)
-    check_json_depth(blob, MAX_JSON_DEPTH, where)
-    try:
-        doc = json.loads(blob, object_pairs_hook=_unique_pairs)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise FormatError(f"{where}: not valid JSON ({e}); the metadata file is damaged") from None
-    md, files = decode_metadata(doc, where)
+    md, files = decode_record(blob, where)
     problems = []
     for fname, want in files.items():
         try:
@@ -83,6 +78,20 @@ def read_metadata(
             + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else "")
         )
     return md, files
+
+
+def decode_record(blob: bytes, where: str) -> tuple[Metadata, dict[str, int]]:
+    """Parses and checks the bytes of a commit record (`where` names it in errors);
+    returns DCP's Metadata and {data file: byte count}. The files themselves are not
+    looked at."""
+    if len(blob) > MAX_METADATA_NBYTES:
+        raise FormatError(f"{where}: {len(blob)} bytes, over the {MAX_METADATA_NBYTES}-byte limit")
+    check_json_depth(blob, MAX_JSON_DEPTH, where)
+    try:
+        doc = json.loads(blob, object_pairs_hook=_unique_pairs)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise FormatError(f"{where}: not valid JSON ({e}); the metadata file is damaged") from None
+    return decode_metadata(doc, where)
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from .. import api
 from .._config import num_threads as resolve_threads
 from .._files import atomic_file, clean, pwrite_all
 from .._io import checksum_host
+from . import _objects
 from ._clean import hold, release, remove_dead
 from ._common import (
     BLOCK_NBYTES,
@@ -54,6 +56,11 @@ class StorageWriter(_storage.StorageWriter):
     TENSORFILE_NUM_THREADS or the core count. `overwrite=False` refuses a directory that
     already holds a committed checkpoint. Files of an older checkpoint in the same
     directory stay untouched until the new commit; the commit then removes them.
+
+    `path` may be an object URL (``s3://bucket/prefix``, gs://, az://): each rank's file
+    is then one object, uploaded from the tensors' memory, and the commit record one PUT
+    written last (docs/dcp.md, "Object stores"). `storage_options` configures the store
+    (see tensorfile._remote.store_for); `durable` has no effect there.
     """
 
     def __init__(
@@ -65,9 +72,11 @@ class StorageWriter(_storage.StorageWriter):
         num_threads: int | None = None,
         thread_count: int | None = None,
         overwrite: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.path = os.fspath(path)
+        self.storage_options = storage_options
+        self._set_path(path)
         self.durable = sync_files if durable is None else durable
         self.num_threads = num_threads if num_threads is not None else thread_count
         if self.num_threads is not None:
@@ -78,6 +87,12 @@ class StorageWriter(_storage.StorageWriter):
         self.is_coordinator = False
         self.use_collectives = True
 
+    def _set_path(self, path: str | os.PathLike[str]) -> None:
+        self.target = _objects.object_target(path)
+        if self.target is not None and self.target.kind == "http":
+            raise ValueError(f"{self.target.url}: http(s) URLs are read-only; save elsewhere")
+        self.path = self.target.url if self.target is not None else _objects.local_path(path)
+
     @property
     def checkpoint_id(self) -> str:
         return self.path
@@ -86,7 +101,7 @@ class StorageWriter(_storage.StorageWriter):
         self, checkpoint_id: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any
     ) -> None:
         if checkpoint_id:
-            self.path = os.fspath(checkpoint_id)
+            self._set_path(checkpoint_id)
         self.save_id = secrets.token_hex(8)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -98,10 +113,15 @@ class StorageWriter(_storage.StorageWriter):
         return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
 
     def prepare_local_plan(self, plan: SavePlan, *args: Any, **kwargs: Any) -> SavePlan:
-        os.makedirs(self.path, exist_ok=True)
+        if self.target is None:
+            os.makedirs(self.path, exist_ok=True)
         if not self.overwrite:
             own = metadata_name(None if self.use_collectives else self.rank)
-            if os.path.exists(os.path.join(self.path, own)):
+            if (
+                os.path.exists(os.path.join(self.path, own))
+                if self.target is None
+                else _objects.exists(self.target.child(own), self.storage_options)
+            ):
                 raise FileExistsError(
                     17,
                     f"tensorfile.dcp: {self.path} already holds a checkpoint and overwrite=False",
@@ -160,7 +180,14 @@ class StorageWriter(_storage.StorageWriter):
                     t = t.contiguous()
             tensors[key] = t
         block_crcs = _block_checksums(tensors, self.num_threads)
-        if tensors:  # a rank the planner gave nothing to write leaves no file
+        if tensors and self.target is not None:
+            _objects.upload_rank_file(
+                self.target.child(sp.file),
+                tensors,
+                resolve_threads(self.num_threads),
+                self.storage_options,
+            )
+        elif tensors:  # a rank the planner gave nothing to write leaves no file
             # Held until the commit: `tensorfile clean` leaves the file of a live save alone.
             hold(self.path, sp.file)
             try:
@@ -204,15 +231,25 @@ class StorageWriter(_storage.StorageWriter):
         metadata.version = DCP_VERSION
         files = sorted({loc.file for loc in storage_md.values()})
         sizes = {}
+        listed = _objects.object_sizes(self.target, self.storage_options) if self.target else {}
         for name in files:
             try:
-                sizes[name] = os.stat(os.path.join(self.path, name)).st_size
-            except FileNotFoundError:
+                sizes[name] = (
+                    listed[name]
+                    if self.target is not None
+                    else os.stat(os.path.join(self.path, name)).st_size
+                )
+            except (FileNotFoundError, KeyError):
                 raise IncompleteCheckpointError(
                     f"{self.path}: rank file {name} is missing at commit time; the checkpoint was not committed"
                 ) from None
         doc = encode_metadata(metadata, sizes)
         rank = None if self.use_collectives else self.rank
+        if self.target is not None:
+            blob = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+            _objects.commit(self.target, metadata_name(rank), blob, self.storage_options)
+            _objects.remove_replaced(self.target, set(files), rank, self.storage_options)
+            return
         _commit(self.path, metadata_name(rank), doc, self.durable)
         release(self.path, files, remove=True)
         _remove_replaced(self.path, set(files), rank)
