@@ -312,3 +312,24 @@ def test_damaged_and_oversized_records_are_reported_not_trusted(s3: S3Bucket) ->
     assert "step 4 in s3://" in said[1] and "over the 16777216-byte limit" in said[1]
     with pytest.raises(tensorfile.FormatError, match="step 3 is damaged"):
         reader.load(3)
+
+
+def test_a_killed_writers_lock_blocks_until_deleted_and_is_never_taken_over(
+    s3: S3Bucket,
+) -> None:
+    lock = s3.url("run/.tensorfile-manager.lock")
+    _remote.put_bytes(lock, b"pid 4242 on elsewhere since 2026-01-01T00:00:00+00:00 token 0\n")
+    with pytest.raises(
+        BlockingIOError, match=r"pid 4242 on elsewhere.*delete s3://.*/run/\.tensorfile"
+    ):
+        tensorfile.CheckpointManager(s3.url("run"))
+    assert b"pid 4242" in _remote.get_bytes(lock)  # the refused manager left it alone
+    _remote.delete(lock)
+    mgr = tensorfile.CheckpointManager(s3.url("run"))
+    ours = _remote.get_bytes(lock)
+    assert b"pid 4242" not in ours
+    # A lock replaced under a manager (deleted by hand, taken by another) is not its own
+    # to delete at close().
+    _remote.put_bytes(lock, b"pid 7 on another\n")
+    mgr.close()
+    assert _remote.get_bytes(lock) == b"pid 7 on another\n"
