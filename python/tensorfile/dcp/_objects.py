@@ -16,11 +16,15 @@ from typing import Any, cast
 
 import numpy as np
 
-from .. import _io, _remote, _torch
 from .._errors import FormatError
-from .._io import check_checksums, checksum_host
+from .._io import check_checksums, check_padding, checksum_host, raw_view
 from .._plan import plan_and_encode
 from .._reader import Reader
+from .._remote import ObjectURL, RemoteReader, get_bytes, list_objects, put_bytes, upload
+from .._remote import delete as delete_object
+from .._remote import exists as object_exists
+from .._remote import resolve as resolve_url
+from .._torch import host_copies
 from .._tree import no_gc
 from ..formats import native
 from ._common import DATA_NAME, METADATA_NAME, RANK_RECORD_NAME, IncompleteCheckpointError
@@ -29,18 +33,18 @@ from ._record import decode_record
 Options = Mapping[str, Any] | None
 
 
-def object_target(path: Any) -> _remote.ObjectURL | None:
+def object_target(path: Any) -> ObjectURL | None:
     """The object URL `path` names, or None for a local path (``file://`` included).
     Raises ValueError for a URL with a scheme tensorfile does not serve."""
-    target = _remote.resolve(path)
-    return target if isinstance(target, _remote.ObjectURL) else None
+    target = resolve_url(path)
+    return target if isinstance(target, ObjectURL) else None
 
 
 def local_path(path: Any) -> str:
     """`path` as a local path str (``file://`` URLs decoded)."""
     import os
 
-    target = _remote.resolve(path)
+    target = resolve_url(path)
     return os.fspath(target)
 
 
@@ -53,21 +57,21 @@ def is_store_url(checkpoint_id: Any, write: bool = False) -> bool:
     return target is not None and not (write and target.kind == "http")
 
 
-def exists(target: _remote.ObjectURL, options: Options) -> bool:
-    return _remote.exists(target, storage_options=options)
+def exists(target: ObjectURL, options: Options) -> bool:
+    return object_exists(target, storage_options=options)
 
 
 # --------------------------------------------------------------------------- saving
 
 
 def upload_rank_file(
-    target: _remote.ObjectURL, tensors: dict[str, Any], threads: int, options: Options
+    target: ObjectURL, tensors: dict[str, Any], threads: int, options: Options
 ) -> None:
     """Uploads `tensors` (a flat dict) as the tensorfile object `target`: the header
     (checksums set) and every storage's memory in file order, zero padding between."""
     with no_gc():
         plan, header, crc_pos = plan_and_encode(tensors, None)
-    ptrs, keep = _torch.host_copies(plan.devices, plan.ptrs, plan.nbytes, plan.keepalive)
+    ptrs, keep = host_copies(plan.devices, plan.ptrs, plan.nbytes, plan.keepalive)
     crcs = checksum_host(ptrs, plan.nbytes, threads=threads)
     native.set_checksums(header, crc_pos, crcs)
     total = native.file_nbytes(len(header), plan.offsets, plan.nbytes)
@@ -83,41 +87,39 @@ def upload_rank_file(
         at = base + int(plan.offsets[s])
         if at > cursor:
             buffers.append(bytes(at - cursor))
-        buffers.append(_io.raw_view(int(ptrs[s]), nb))
+        buffers.append(raw_view(int(ptrs[s]), nb))
         cursor = at + nb
     if total > cursor:
         buffers.append(bytes(total - cursor))
-    _remote.upload(target, buffers, storage_options=options)
+    upload(target, buffers, storage_options=options)
     # The parts were read from the tensors' memory while they went up: a tensor another
     # thread changed meanwhile would leave an object that fails its checksums on load.
     full = plan.nbytes > 0
     after = checksum_host(ptrs[full], plan.nbytes[full], threads=threads)
     del keep
     if not np.array_equal(after, crcs[full]):
-        _remote.delete(target, storage_options=options)
+        delete_object(target, storage_options=options)
         raise RuntimeError(
             f"tensorfile.dcp: {target.url}: a tensor changed while it was being uploaded "
             "(another thread wrote to it); the object was removed and nothing was committed"
         )
 
 
-def object_sizes(target: _remote.ObjectURL, options: Options) -> dict[str, int]:
+def object_sizes(target: ObjectURL, options: Options) -> dict[str, int]:
     """{name: byte count} of the objects directly under `target` taken as a directory."""
     prefix = target.key.rstrip("/") + "/" if target.key else ""
     out = {}
-    for info in _remote.list_objects(target, recursive=False, storage_options=options):
+    for info in list_objects(target, recursive=False, storage_options=options):
         out[info.key[len(prefix) :]] = info.nbytes
     return out
 
 
-def commit(target: _remote.ObjectURL, name: str, blob: bytes, options: Options) -> None:
+def commit(target: ObjectURL, name: str, blob: bytes, options: Options) -> None:
     """Writes the commit record `name` in one PUT: readers see the old record or the new."""
-    _remote.put_bytes(target.child(name), blob, storage_options=options)
+    put_bytes(target.child(name), blob, storage_options=options)
 
 
-def remove_replaced(
-    target: _remote.ObjectURL, keep: set[str], rank: int | None, options: Options
-) -> None:
+def remove_replaced(target: ObjectURL, keep: set[str], rank: int | None, options: Options) -> None:
     """After a commit: deletes the data objects under `target` that the new record does
     not list (with per-rank commits, only this rank's) and that no other commit record
     under it names. Failures are ignored: the commit stands, a later one retries."""
@@ -127,7 +129,7 @@ def remove_replaced(
         for other in others:
             try:
                 _, files = decode_record(
-                    _remote.get_bytes(target.child(other), storage_options=options),
+                    get_bytes(target.child(other), storage_options=options),
                     target.child(other).url,
                 )
             except (OSError, ValueError):
@@ -137,7 +139,7 @@ def remove_replaced(
             m = DATA_NAME.match(n)
             if m is None or n in keep or (rank is not None and int(m.group(1)) != rank):
                 continue
-            _remote.delete(target.child(n), storage_options=options)
+            delete_object(target.child(n), storage_options=options)
     except OSError:
         pass
 
@@ -146,14 +148,14 @@ def remove_replaced(
 
 
 def read_metadata(
-    target: _remote.ObjectURL, name: str, rank: int | None, options: Options
+    target: ObjectURL, name: str, rank: int | None, options: Options
 ) -> tuple[Any, dict[str, int]]:
     """Reads and checks commit record `name` under `target`, and that every data object
     it lists exists with the recorded byte count; as `_record.read_metadata` does for a
     directory, with the same errors."""
     record = target.child(name)
     try:
-        blob = _remote.get_bytes(record, storage_options=options)
+        blob = get_bytes(record, storage_options=options)
     except FileNotFoundError:
         names = object_sizes(target, options)
         if rank is not None and METADATA_NAME in names:
@@ -197,7 +199,7 @@ class _ObjectSource:
 
     fd = None
 
-    def __init__(self, remote: _remote.RemoteReader, nbytes: int) -> None:
+    def __init__(self, remote: RemoteReader, nbytes: int) -> None:
         self.remote = remote
         self.name = remote.url.url
         self.nbytes = nbytes
@@ -210,17 +212,17 @@ class _ObjectSource:
 
 
 def open_native(
-    target: _remote.ObjectURL, name: str, nbytes: int, verify: bool, options: Options
+    target: ObjectURL, name: str, nbytes: int, verify: bool, options: Options
 ) -> Reader:
     """tensorfile's reader over data object `name` (its header read by ranged GETs and
     validated as for a file); reads go through `reader.src.remote`."""
-    remote = _remote.RemoteReader(target.child(name), options)
+    remote = RemoteReader(target.child(name), options)
     src = _ObjectSource(remote, nbytes)
     head = src.read(native.PREAMBLE_NBYTES, 0)
     if not head.startswith(native.MAGIC):
         raise FormatError(f"{src.name}: not a tensorfile; the checkpoint's rank files must be")
     layout, pad = native.read_layout(src.read, nbytes, head, src.name, verify)
-    _io.check_padding(src.name, pad, layout.header_end)
+    check_padding(src.name, pad, layout.header_end)
     if layout.storage_refs:
         raise FormatError(
             f"{src.name}: its storages refer to other files; a rank file holds its own"
