@@ -241,6 +241,24 @@ def test_a_tensor_changed_during_an_incremental_save_fails_it(
         assert set(os.listdir(tmp_path)) == _needed(tmp_path)
 
 
+def test_a_tensor_changed_during_a_first_incremental_save_fails_it(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    # Nothing to refer to yet, but the digests recorded must still be of the bytes written.
+    state = {"w": torch.zeros(8192)}
+    real = _io.write_storages
+
+    def racing(*args: Any, **kwargs: Any) -> Any:
+        state["w"].add_(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_io, "write_storages", racing)
+    with tensorfile.CheckpointManager(tmp_path, durable=False) as mgr:
+        with pytest.raises(RuntimeError, match="changed while it was being saved"):
+            mgr.save(0, state)
+        assert mgr.steps() == []
+
+
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -868,7 +868,9 @@ def save(
     nbytes[list(refs)] = 0  # held elsewhere
     total = native.file_nbytes(len(header), plan.offsets, nbytes)
     if isinstance(f, (str, os.PathLike)):
-        crcs = _write_path(os.fspath(f), plan, header, crc_pos, total, threads, durable, refs)
+        crcs = _write_path(
+            os.fspath(f), plan, header, crc_pos, total, threads, durable, refs, reuse is not None
+        )
         if reuse is not None:
             reuse.crcs = crcs
     else:
@@ -973,12 +975,13 @@ def _write_path(
     threads: int,
     durable: bool,
     refs: dict[int, Held],
+    digested: bool = False,
 ) -> np.ndarray:
     base = np.uint64(native.data_start(len(header)))
     keep = np.ones(len(plan.nbytes), dtype=bool)
     keep[list(refs)] = False
     before = None
-    if refs:
+    if digested:
         # An incremental save records the digest taken before the write as the identity of
         # the bytes written: a storage changed by another thread in between would give a
         # later save a wrong match, so the bytes written must have the checksum they had.
