@@ -14,6 +14,7 @@
 #include <memory>
 #include <numeric>
 
+#include "crc32c.hpp"
 #include "errors.hpp"
 #include "file.hpp"
 #include "thread_pool.hpp"
@@ -384,15 +385,34 @@ std::vector<uint32_t> checksum_regions(const std::vector<Region>& input, const T
   return fold_chunks(regions, plan, chunk_crcs, std::move(crcs), options);
 }
 
-std::vector<Digest128> hash_regions(const std::vector<Region>& regions, size_t num_threads) {
+std::vector<Digest128> hash_regions(const std::vector<Region>& regions, size_t num_threads,
+                                    std::vector<uint32_t>* crcs) {
   std::vector<size_t> order(regions.size());
   std::iota(order.begin(), order.end(), size_t{0});
   std::stable_sort(order.begin(), order.end(),
                    [&](size_t a, size_t b) { return regions[a].nbytes > regions[b].nbytes; });
   std::vector<Digest128> digests(regions.size());
+  if (crcs != nullptr) crcs->assign(regions.size(), 0);
   default_pool().parallel_for(order.size(), num_threads, [&](size_t, size_t k) {
     const Region& r = regions[order[k]];
-    digests[order[k]] = xxh3_128(reinterpret_cast<const void*>(r.ptr), static_cast<size_t>(r.nbytes));
+    const auto* p = reinterpret_cast<const uint8_t*>(r.ptr);
+    const auto n = static_cast<size_t>(r.nbytes);
+    if (crcs == nullptr) {
+      digests[order[k]] = xxh3_128(p, n);
+      return;
+    }
+    // Both in one pass over memory: each block is hashed, then checksummed while it is
+    // still in cache.
+    constexpr size_t kBlock = 64 << 10;
+    Xxh3State state;
+    uint32_t crc = 0;
+    for (size_t at = 0; at < n; at += kBlock) {
+      const size_t len = std::min(kBlock, n - at);
+      state.update(p + at, len);
+      crc = crc32c(p + at, len, crc);
+    }
+    digests[order[k]] = state.digest();
+    (*crcs)[order[k]] = crc;
   });
   return digests;
 }

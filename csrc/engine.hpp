@@ -46,6 +46,8 @@ std::vector<uint32_t> checksum_regions(const std::vector<Region>& regions, const
 // num_threads workers (the calling thread included). A region is hashed whole by one
 // worker, since XXH3 digests of parts do not combine; the largest regions start first so
 // that one large region does not run alone at the end. Call without the GIL.
-std::vector<Digest128> hash_regions(const std::vector<Region>& regions, size_t num_threads);
+// With `crcs`, also the CRC32C of each region, in the same pass over memory.
+std::vector<Digest128> hash_regions(const std::vector<Region>& regions, size_t num_threads,
+                                    std::vector<uint32_t>* crcs = nullptr);
 
 }  // namespace tensorfile

@@ -197,3 +197,18 @@ def test_hash_speed_bench_runs():
     assert ratios["hash_regions[2] / hash_regions[1]"] == pytest.approx(
         gbps["hash_regions[2]"] / gbps["hash_regions[1]"]
     )
+
+
+def test_hash_and_checksum_regions_is_both_in_one_pass() -> None:
+    rng = np.random.default_rng(5)
+    buf = rng.integers(0, 256, 3 << 20, dtype=np.uint8)
+    sizes = [0, 1, 17, 240, 241, 65535, 65536, 65537, 1 << 20, (1 << 20) + 3]
+    starts = np.cumsum([0, *sizes[:-1]])
+    addrs = np.array([buf.ctypes.data + int(s) for s in starts], dtype=np.uint64)
+    nb = np.array(sizes, dtype=np.uint64)
+    for threads in (1, 2, 3):
+        digests, crcs = _engine.hash_and_checksum_regions(
+            addresses=addrs, nbytes=nb, num_threads=threads
+        )
+        assert digests == [xxhash.xxh3_128_digest(buf[s : s + n]) for s, n in zip(starts, sizes)]
+        assert crcs.tolist() == [_engine.crc32c(buf[s : s + n]) for s, n in zip(starts, sizes)]

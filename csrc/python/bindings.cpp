@@ -124,6 +124,21 @@ PYBIND11_MODULE(_engine, m) {
       "XXH3-128 digest (16 bytes, canonical order) of each host memory region, in the order given; regions are "
       "hashed in parallel, each whole by one thread.");
 
+  m.def(
+      "hash_and_checksum_regions",
+      [](const U64Array& addresses, const U64Array& nbytes, size_t num_threads) {
+        const auto regions = to_regions(addresses, nbytes);
+        std::vector<Digest128> digests;
+        std::vector<uint32_t> crcs;
+        {
+          py::gil_scoped_release release;
+          digests = hash_regions(regions, num_threads, &crcs);
+        }
+        return py::make_tuple(to_bytes_list(digests), to_array(crcs));
+      },
+      py::kw_only(), py::arg("addresses"), py::arg("nbytes"), py::arg("num_threads"),
+      "hash_regions and the CRC32C of each region (a uint32 array), in one pass over memory.");
+
   m.def("preallocate", &preallocate, py::arg("fd"), py::arg("nbytes"), py::arg("path"),
         py::call_guard<py::gil_scoped_release>(), "Reserves nbytes of disk for fd (a no-op where unsupported).");
 

@@ -815,13 +815,18 @@ class Reuse:
         self.refs: dict[int, Held] = {}
         self.nbytes = np.zeros(0, dtype=np.uint64)
         self.crcs = np.zeros(0, dtype=np.uint32)
+        self.hashed = np.zeros(0, dtype=np.int64)  # the storages digested ...
+        self.hashed_crcs = np.zeros(0, dtype=np.uint32)  # ... and their CRC32C then
 
     def choose(self, plan: SavePlan, threads: int) -> dict[int, tuple[str, int]]:
         dev = np.array(plan.devices, dtype=object)
         hashed = np.flatnonzero((plan.nbytes > 0) & (dev == "cpu"))
-        digests = _engine.hash_regions(
+        # The CRC32C comes in the same pass: the write checks its bytes against it.
+        digests, crcs = _engine.hash_and_checksum_regions(
             addresses=_u64(plan.ptrs[hashed]), nbytes=_u64(plan.nbytes[hashed]), num_threads=threads
         )
+        self.hashed = hashed
+        self.hashed_crcs = crcs
         self.digests = [None] * len(plan.nbytes)
         self.nbytes = plan.nbytes.copy()
         for s, d in zip(hashed.tolist(), digests):
@@ -868,9 +873,7 @@ def save(
     nbytes[list(refs)] = 0  # held elsewhere
     total = native.file_nbytes(len(header), plan.offsets, nbytes)
     if isinstance(f, (str, os.PathLike)):
-        crcs = _write_path(
-            os.fspath(f), plan, header, crc_pos, total, threads, durable, refs, reuse is not None
-        )
+        crcs = _write_path(os.fspath(f), plan, header, crc_pos, total, threads, durable, reuse)
         if reuse is not None:
             reuse.crcs = crcs
     else:
@@ -974,20 +977,12 @@ def _write_path(
     total: int,
     threads: int,
     durable: bool,
-    refs: dict[int, Held],
-    digested: bool = False,
+    reuse: Reuse | None,
 ) -> np.ndarray:
     base = np.uint64(native.data_start(len(header)))
+    refs = reuse.refs if reuse is not None else {}
     keep = np.ones(len(plan.nbytes), dtype=bool)
     keep[list(refs)] = False
-    before = None
-    if digested:
-        # An incremental save records the digest taken before the write as the identity of
-        # the bytes written: a storage changed by another thread in between would give a
-        # later save a wrong match, so the bytes written must have the checksum they had.
-        dev = np.array(plan.devices, dtype=object)
-        host = keep & (plan.nbytes > 0) & (dev == "cpu")
-        before = (host, checksum_host(plan.ptrs[host], plan.nbytes[host], threads=threads))
     with atomic_file(path, total, durable) as fd:
         crcs = np.zeros(len(plan.nbytes), dtype=np.uint32)
         crcs[keep] = write_storages(
@@ -1001,7 +996,10 @@ def _write_path(
             threads,
             writeback=durable,
         )
-        if before is not None and not np.array_equal(crcs[before[0]], before[1]):
+        # An incremental save records the digest taken before the write as the identity of
+        # the bytes written: a storage changed by another thread in between would give a
+        # later save a wrong match, so the bytes written must have the checksum they had.
+        if reuse is not None and not _same_as_digested(reuse, crcs, keep):
             raise RuntimeError(
                 f"tensorfile.save: {path}: a tensor changed while it was being saved "
                 "(another thread wrote to it); nothing was written"
@@ -1013,6 +1011,11 @@ def _write_path(
         phase("header")
         pwrite_all(fd, head, 0)
     return crcs
+
+
+def _same_as_digested(reuse: Reuse, written: np.ndarray, keep: np.ndarray) -> bool:
+    mask = keep[reuse.hashed]
+    return bool(np.array_equal(written[reuse.hashed[mask]], reuse.hashed_crcs[mask]))
 
 
 def write_storages(
