@@ -87,3 +87,18 @@ def test_the_host_write_checksums_the_bytes_it_wrote(tmp_path):
                 if _engine.crc32c(raw[o : o + t.nbytes]) != c
             ]
             assert wrong == [], f"regions {wrong} were written with another checksum"
+
+
+def test_a_save_to_a_stream_fails_when_a_tensor_changes_during_it():
+    import io
+
+    w = torch.zeros(1 << 20)
+
+    class Racing(io.BytesIO):
+        def write(self, data):  # the header went first; the data's first chunk races
+            if self.tell() > 0:
+                w.add_(1)
+            return super().write(data)
+
+    with pytest.raises(RuntimeError, match="storage 0 changed while it was being written"):
+        tensorfile.save({"w": w}, Racing())

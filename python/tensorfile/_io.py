@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import fcntl
 import functools
+import itertools
 import mmap as _mmap
 import os
 import stat
@@ -895,35 +896,19 @@ def _write_remote(
     crcs = checksum_host(ptrs, plan.nbytes, threads=threads)
     native.set_checksums(header, crc_pos, crcs)
     head = native.make_preamble(header, total) + bytes(header)
-    base = native.data_start(len(header))
-    step = _config.remote_part_nbytes()  # a chunk per part: parts go up as they are made
 
-    def pieces() -> Iterator[bytes]:
-        # The header goes first, so each chunk is copied and checked against the checksums
-        # again: a tensor changed by another thread during the save aborts the upload
-        # instead of completing an object that does not load.
-        yield head
-        cursor = len(head)
-        for s, (ptr, nb, off) in enumerate(
-            zip(ptrs.tolist(), plan.nbytes.tolist(), plan.offsets.tolist())
-        ):
-            if nb == 0:
-                continue
-            if base + off > cursor:
-                yield bytes(base + off - cursor)
-            crc = 0
-            for k in range(0, nb, step):
-                chunk = bytes(raw_view(ptr + k, min(step, nb - k)))
-                crc = _engine.crc32c(chunk, crc)
-                yield chunk
-            if crc != int(crcs[s]):
-                raise RuntimeError(
-                    f"tensorfile.save: {target.url}: a tensor changed while it was being "
-                    "saved (another thread wrote to it); the upload was aborted"
-                )
-            cursor = base + off + nb
+    def changed(s: int) -> RuntimeError:
+        return RuntimeError(
+            f"tensorfile.save: {target.url}: a tensor changed while it was being saved "
+            f"(storage {s}; another thread wrote to it); the upload was aborted"
+        )
 
-    _upload(target, pieces(), total, storage_options)
+    # A chunk per part, so that parts go up as they are made.
+    chunks = _checked_chunks(
+        ptrs, plan, crcs, native.data_start(len(header)), len(head),
+        _config.remote_part_nbytes(), changed,
+    )  # fmt: skip
+    _upload(target, itertools.chain([head], chunks), total, storage_options)
 
 
 def upload_file(
@@ -1076,15 +1061,36 @@ def _write_stream(
     ptrs, _host = _torch.host_copies(plan.devices, plan.ptrs, plan.nbytes, plan.keepalive)
     crcs = checksum_host(ptrs, plan.nbytes, threads=threads)
     native.set_checksums(header, crc_pos, crcs)
+    head = native.make_preamble(header, total) + bytes(header)
+    f.write(head)
+
+    def changed(s: int) -> RuntimeError:
+        return RuntimeError(
+            f"tensorfile.save: storage {s} changed while it was being written to the stream; "
+            "the stream holds a damaged file. Save from a snapshot (tensorfile.async_save takes "
+            "one) or stop other threads from changing the tensors during the save"
+        )
+
     base = native.data_start(len(header))
-    f.write(native.make_preamble(header, total))
-    f.write(bytes(header))
-    cursor = native.PREAMBLE_NBYTES + len(header)
-    zeros = bytes(native.ALIGN)
-    # The header (with the checksums) goes first in a stream, so each chunk is copied and
-    # checked against them again before it is written: a tensor changed by another thread
-    # during the save makes it fail instead of writing a file that does not load.
-    bounce = np.empty(min(_STREAM_CHUNK, int(plan.nbytes.max(initial=0))), dtype=np.uint8)
+    for piece in _checked_chunks(ptrs, plan, crcs, base, len(head), _STREAM_CHUNK, changed):
+        f.write(piece)
+
+
+def _checked_chunks(
+    ptrs: np.ndarray,
+    plan: SavePlan,
+    crcs: np.ndarray,
+    base: int,
+    cursor: int,
+    step: int,
+    changed: Callable[[int], Exception],
+) -> Iterator[bytes]:
+    """The data section from `cursor` on, in file order: the zero padding, and each
+    storage copied in chunks of `step` bytes. Where the header (with the checksums) must
+    go out first, as in a stream or an upload, each chunk is checked against them again
+    as it is copied: a storage whose bytes changed since its checksum was taken (another
+    thread writing to a tensor during the save) raises `changed(storage)` instead of
+    letting a file that does not load be completed."""
     for s, (ptr, nb, off) in enumerate(
         zip(ptrs.tolist(), plan.nbytes.tolist(), plan.offsets.tolist())
     ):
@@ -1092,20 +1098,14 @@ def _write_stream(
             continue
         at = base + off
         if at > cursor:
-            f.write(zeros[: at - cursor])
+            yield bytes(at - cursor)
         crc = 0
-        for k in range(0, nb, len(bounce)):
-            n = min(len(bounce), nb - k)
-            chunk = bounce[:n]
-            ctypes.memmove(chunk.ctypes.data, ptr + k, n)
+        for k in range(0, nb, step):
+            chunk = bytes(raw_view(ptr + k, min(step, nb - k)))
             crc = _engine.crc32c(chunk, crc)
-            f.write(chunk.data)
+            yield chunk
         if crc != int(crcs[s]):
-            raise RuntimeError(
-                f"tensorfile.save: storage {s} changed while it was being written to the stream; "
-                "the stream holds a damaged file. Save from a snapshot (tensorfile.async_save takes "
-                "one) or stop other threads from changing the tensors during the save"
-            )
+            raise changed(s)
         cursor = at + nb
 
 
