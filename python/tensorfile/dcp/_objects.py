@@ -17,15 +17,12 @@ from typing import Any, cast
 import numpy as np
 
 from .._errors import FormatError
-from .._io import check_checksums, check_padding, checksum_host, raw_view
-from .._plan import plan_and_encode
+from .._io import check_checksums, check_padding, checksum_host
 from .._reader import Reader
-from .._remote import ObjectURL, RemoteReader, get_bytes, list_objects, put_bytes, upload
+from .._remote import ObjectURL, RemoteReader, get_bytes, list_objects, put_bytes
 from .._remote import delete as delete_object
 from .._remote import exists as object_exists
 from .._remote import resolve as resolve_url
-from .._torch import host_copies
-from .._tree import no_gc
 from ..formats import native
 from ._common import DATA_NAME, METADATA_NAME, RANK_RECORD_NAME, IncompleteCheckpointError
 from ._record import decode_record
@@ -62,47 +59,6 @@ def exists(target: ObjectURL, options: Options) -> bool:
 
 
 # --------------------------------------------------------------------------- saving
-
-
-def upload_rank_file(
-    target: ObjectURL, tensors: dict[str, Any], threads: int, options: Options
-) -> None:
-    """Uploads `tensors` (a flat dict) as the tensorfile object `target`: the header
-    (checksums set) and every storage's memory in file order, zero padding between."""
-    with no_gc():
-        plan, header, crc_pos = plan_and_encode(tensors, None)
-    ptrs, keep = host_copies(plan.devices, plan.ptrs, plan.nbytes, plan.keepalive)
-    crcs = checksum_host(ptrs, plan.nbytes, threads=threads)
-    native.set_checksums(header, crc_pos, crcs)
-    total = native.file_nbytes(len(header), plan.offsets, plan.nbytes)
-    base = native.data_start(len(header))
-    head = native.make_preamble(header, total) + bytes(header)
-    buffers: list[Any] = [head]
-    cursor = len(head)
-    order = np.argsort(plan.offsets, kind="stable").tolist()
-    for s in order:
-        nb = int(plan.nbytes[s])
-        if nb == 0:
-            continue
-        at = base + int(plan.offsets[s])
-        if at > cursor:
-            buffers.append(bytes(at - cursor))
-        buffers.append(raw_view(int(ptrs[s]), nb))
-        cursor = at + nb
-    if total > cursor:
-        buffers.append(bytes(total - cursor))
-    upload(target, buffers, storage_options=options)
-    # The parts were read from the tensors' memory while they went up: a tensor another
-    # thread changed meanwhile would leave an object that fails its checksums on load.
-    full = plan.nbytes > 0
-    after = checksum_host(ptrs[full], plan.nbytes[full], threads=threads)
-    del keep
-    if not np.array_equal(after, crcs[full]):
-        delete_object(target, storage_options=options)
-        raise RuntimeError(
-            f"tensorfile.dcp: {target.url}: a tensor changed while it was being uploaded "
-            "(another thread wrote to it); the object was removed and nothing was committed"
-        )
 
 
 def object_sizes(target: ObjectURL, options: Options) -> dict[str, int]:

@@ -75,7 +75,7 @@ class StorageWriter(_storage.StorageWriter):
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.storage_options = storage_options
+        self.storage_options = dict(storage_options) if storage_options is not None else None
         self._set_path(path)
         self.durable = sync_files if durable is None else durable
         self.num_threads = num_threads if num_threads is not None else thread_count
@@ -181,11 +181,13 @@ class StorageWriter(_storage.StorageWriter):
             tensors[key] = t
         block_crcs = _block_checksums(tensors, self.num_threads)
         if tensors and self.target is not None:
-            _objects.upload_rank_file(
-                self.target.child(sp.file),
+            # One multipart upload, each part checked against the header's checksums as
+            # it goes up (a tensor changed meanwhile aborts it).
+            api.save(
                 tensors,
-                resolve_threads(self.num_threads),
-                self.storage_options,
+                self.target.child(sp.file).url,
+                num_threads=self.num_threads,
+                storage_options=self.storage_options,
             )
         elif tensors:  # a rank the planner gave nothing to write leaves no file
             # Held until the commit: `tensorfile clean` leaves the file of a live save alone.
