@@ -15,7 +15,7 @@ import itertools
 import mmap as _mmap
 import os
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
@@ -681,7 +681,7 @@ class Source:
         self,
         f: FileLike,
         nofollow: bool = False,
-        storage_options: dict[str, Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         """`nofollow`: a path that is a symbolic link is refused. A str with a URL scheme
         is an object (s3://, gs://, az://, http(s)://; file:// is a local path), read by

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from .._errors import FormatError
-from .._io import check_checksums, check_padding, checksum_host
+from .._io import Source, check_checksums, check_padding, checksum_host, raw_view
 from .._reader import Reader
-from .._remote import ObjectURL, RemoteReader, get_bytes, list_objects, put_bytes
+from .._remote import ObjectURL, get_bytes, list_objects, put_bytes
 from .._remote import delete as delete_object
 from .._remote import exists as object_exists
 from .._remote import resolve as resolve_url
@@ -150,30 +150,12 @@ def read_metadata(
     return md, files
 
 
-class _ObjectSource:
-    """What Reader needs of a source, for an object read by ranged GETs."""
-
-    fd = None
-
-    def __init__(self, remote: RemoteReader, nbytes: int) -> None:
-        self.remote = remote
-        self.name = remote.url.url
-        self.nbytes = nbytes
-
-    def read(self, nbytes: int, offset: int) -> bytes:
-        return self.remote.read(offset, nbytes)
-
-    def close(self) -> None:
-        pass
-
-
 def open_native(
     target: ObjectURL, name: str, nbytes: int, verify: bool, options: Options
 ) -> Reader:
     """tensorfile's reader over data object `name` (its header read by ranged GETs and
     validated as for a file); reads go through `reader.src.remote`."""
-    remote = RemoteReader(target.child(name), options)
-    src = _ObjectSource(remote, nbytes)
+    src = Source(target.child(name).url, storage_options=options)  # one GET brings the header
     head = src.read(native.PREAMBLE_NBYTES, 0)
     if not head.startswith(native.MAGIC):
         raise FormatError(f"{src.name}: not a tensorfile; the checkpoint's rank files must be")
@@ -183,16 +165,17 @@ def open_native(
         raise FormatError(
             f"{src.name}: its storages refer to other files; a rank file holds its own"
         )
-    return Reader(cast(Any, src), layout)
+    return Reader(src, layout)
 
 
 def flush(batch: Any, reader: Reader, verify: bool, threads: int) -> None:
     """Fetches a read batch's regions by concurrent ranged GETs, checks them, then runs
     the batch's copies and completions (the counterpart of the local `_flush`)."""
-    src = cast(_ObjectSource, reader.src)
+    src = reader.src
+    assert src.remote is not None
     if batch.ptrs:
         ranges = [
-            (int(off), _writable_view(int(ptr), int(n)))
+            (int(off), raw_view(int(ptr), int(n)))
             for ptr, n, off in zip(batch.ptrs, batch.nbytes, batch.offsets)
         ]
         src.remote.read_ranges_into(ranges)
@@ -217,7 +200,3 @@ def flush(batch: Any, reader: Reader, verify: bool, threads: int) -> None:
         ctypes.memmove(dst, s, n)
     for fn in batch.after:
         fn()
-
-
-def _writable_view(ptr: int, nbytes: int) -> np.ndarray:
-    return np.ctypeslib.as_array((ctypes.c_ubyte * nbytes).from_address(ptr))
